@@ -1,0 +1,3 @@
+from onnxqat.cli import main
+
+main()

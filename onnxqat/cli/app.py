@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from onnxqat.errors import OnnxqatError
+
+app = typer.Typer(
+    name="onnxqat",
+    help="Quantization-aware training for ONNX models: insert quantizers, train, fuse to integers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# One module per command group; each registers its commands on `app` when imported.
+_COMMAND_MODULES = ("insert", "train", "fuse")
+
+
+def _register_commands() -> None:
+    for name in _COMMAND_MODULES:
+        try:
+            importlib.import_module(f"onnxqat.cli.{name}")
+        except ModuleNotFoundError as exc:  # a command group not written yet
+            if exc.name != f"onnxqat.cli.{name}":
+                raise
+
+
+_register_commands()
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except OnnxqatError as exc:
+        print(f"onnxqat: error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except (typer.Abort, KeyboardInterrupt):
+        print("onnxqat: aborted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        raise

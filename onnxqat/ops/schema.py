@@ -1,0 +1,78 @@
+"""The contract of the quantizer op library: domain, op names, input order.
+
+Every per-node value (range R, mode, fan-out, signedness, gradient scale,
+channel axis) is a constant *input*, never an attribute: ORT fixes a gradient
+node's attributes when the gradient is registered per op type, so attributes
+could not differ between two nodes of the same type (ORT training notes).
+
+The C++ kernels (custom_ops/cpu, custom_ops/cuda), the numpy reference
+(onnxqat/ops/reference.py) and the graph passes all follow this file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DOMAIN = "com.onnxqat"
+OPSET_VERSION = 1
+
+# SatWeightQuant mode input values (N2D2 ApplyQuantization / QuantMode).
+SAT_MODE_CLAMP = 0  # ApplyQuantization=0: Wq = tanh(W)/max|tanh(W)|
+SAT_MODE_DOREFA = 1  # ApplyQuantization=1, QuantMode=Default: R+1 levels in [-1, 1]
+SAT_MODE_SYMMETRIC = 2  # ApplyQuantization=1, QuantMode=Symmetric: 2*floor(R/2)+1 levels
+
+
+@dataclass(frozen=True)
+class OpSignature:
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    # Gradient op: takes GO(0) then every forward input; returns one gradient
+    # per trainable forward input (listed in `grad_of`, by forward input index).
+    grad_name: str
+    grad_of: tuple[int, ...]
+
+
+SAT_WEIGHT = OpSignature(
+    name="SatWeightQuant",
+    # W: float32 any shape; range: float32 scalar R >= 1;
+    # mode: int64 scalar (SAT_MODE_*); scale_fan_out: int64 scalar, 0 = no
+    # ApplyScaling, n > 0 = ApplyScaling with fan-out n.
+    inputs=("W", "range", "mode", "scale_fan_out"),
+    outputs=("Wq",),
+    grad_name="SatWeightQuantGrad",
+    grad_of=(0,),
+)
+
+SAT_ACT = OpSignature(
+    name="SatActQuant",
+    # x: float32 any shape; alpha: float32 scalar (shape [] or [1]), > 0;
+    # range: float32 scalar R >= 1.
+    inputs=("x", "alpha", "range"),
+    outputs=("y",),
+    grad_name="SatActQuantGrad",
+    grad_of=(0, 1),
+)
+
+LSQ = OpSignature(
+    name="LsqQuant",
+    # v: float32 any shape; step: float32, shape [] or [1] (per tensor) or
+    # [C] with C == v.shape[axis] (per channel), every element > 0;
+    # range: float32 scalar R >= 1; signed: int64 scalar (1: Qn=-(R+1)/2,
+    # Qp=(R-1)/2, weights; 0: Qn=0, Qp=R, activations); grad_scale: float32
+    # scalar g; axis: int64 scalar channel axis (ignored per tensor).
+    inputs=("v", "step", "range", "signed", "grad_scale", "axis"),
+    outputs=("y",),
+    grad_name="LsqQuantGrad",
+    grad_of=(0, 1),
+)
+
+ALL_OPS = (SAT_WEIGHT, SAT_ACT, LSQ)
+QUANTIZER_OP_TYPES = frozenset(op.name for op in ALL_OPS)
+
+
+def signature(op_type: str) -> OpSignature:
+    for op in ALL_OPS:
+        if op.name == op_type:
+            return op
+    raise KeyError(op_type)
