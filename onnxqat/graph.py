@@ -1,0 +1,307 @@
+"""Graph utilities shared by the passes: load/save, an index of producers and
+consumers, constant tensors (initializers, Constant nodes, constant
+expressions such as ConstantOfShape), shape inference, node naming, and the
+onnx.defs schemas of the quantizer ops."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxqat.errors import ModelError
+from onnxqat.ops.schema import ALL_OPS, DOMAIN, OPSET_VERSION
+
+# ops whose output is not a function of their inputs: never constant
+_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+# ------------------------------------------------------------------ load/save
+
+def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` (a ModelProto or a path); ModelError when missing or not ONNX."""
+    if isinstance(model, onnx.ModelProto):
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        return out
+    path = Path(model)
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    try:
+        out = onnx.load(str(path))
+    except Exception as exc:  # protobuf's DecodeError, OSError ...
+        raise ModelError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
+    if not out.graph.node:
+        raise ModelError(f"{path}: not an ONNX model (no graph nodes)")
+    return out
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write atomically: a temporary file in the same folder, then rename (no partial output on failure)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------ schemas
+
+def register_quantizer_schemas() -> None:
+    """Register the com.onnxqat ops with onnx.defs so that onnx.checker validates their inputs.
+
+    onnx's Python API cannot attach a shape-inference function to a schema, so
+    the passes also write value_info for every quantizer output (same type and
+    shape as its input); with it, full shape inference runs through the graph."""
+    P = onnx.defs.OpSchema.FormalParameter
+    types = {
+        "W": "T", "x": "T", "v": "T", "Wq": "T", "y": "T",
+        "range": "tensor(float)", "alpha": "tensor(float)", "step": "tensor(float)", "grad_scale": "tensor(float)",
+        "mode": "tensor(int64)", "scale_fan_out": "tensor(int64)", "signed": "tensor(int64)", "axis": "tensor(int64)",
+    }
+    for op in ALL_OPS:
+        try:
+            onnx.defs.get_schema(op.name, OPSET_VERSION, DOMAIN)
+            continue  # already registered (by us or by the op library)
+        except onnx.defs.SchemaError:
+            pass
+        schema = onnx.defs.OpSchema(
+            op.name, DOMAIN, OPSET_VERSION, f"onnxqat quantizer {op.name} (see onnxqat/ops/schema.py)",
+            inputs=[P(n, types[n]) for n in op.inputs],
+            outputs=[P(n, types[n]) for n in op.outputs],
+            type_constraints=[("T", ["tensor(float)"], "float32 values")],
+        )
+        try:
+            onnx.defs.register_schema(schema)
+        except Exception:  # registered concurrently by someone else: fine
+            pass
+
+
+def ensure_opset(model: onnx.ModelProto) -> None:
+    for imp in model.opset_import:
+        if imp.domain == DOMAIN:
+            imp.version = max(imp.version, OPSET_VERSION)
+            return
+    model.opset_import.append(helper.make_opsetid(DOMAIN, OPSET_VERSION))
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 1
+
+
+# ------------------------------------------------------------------ naming
+
+def name_unnamed_nodes(graph: onnx.GraphProto) -> int:
+    """Give every unnamed node a unique name `<op_type>_<index>`; returns how many were named."""
+    taken = {n.name for n in graph.node if n.name}
+    count = 0
+    for i, node in enumerate(graph.node):
+        if node.name:
+            continue
+        base = f"{node.op_type}_{i}"
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        node.name = name
+        taken.add(name)
+        count += 1
+    return count
+
+
+def unique_name(base: str, taken: set[str]) -> str:
+    name, k = base, 1
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    taken.add(name)
+    return name
+
+
+# ------------------------------------------------------------------ index
+
+@dataclass
+class ConstantValue:
+    """A constant tensor known by shape, with its values computed on demand.
+
+    ConstantOfShape keeps its fill value instead of materialising the tensor
+    (the light model zoo stores every weight that way)."""
+
+    shape: tuple[int, ...]
+    fill: float | None = None
+    _array: np.ndarray | None = field(default=None, repr=False)
+    _compute: object = field(default=None, repr=False)
+
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            if self.fill is not None:
+                self._array = np.full(self.shape, self.fill, dtype=np.float32)
+            else:
+                self._array = self._compute()
+        return self._array
+
+    def mean_abs(self, axis: int | None = None) -> np.ndarray:
+        """mean|W| over the tensor (axis None) or per index of `axis`."""
+        if self.fill is not None:
+            n = 1 if axis is None else self.shape[axis]
+            return np.full((n,), abs(self.fill), dtype=np.float64)
+        a = np.abs(self.array().astype(np.float64))
+        if axis is None:
+            return np.array([a.mean()])
+        other = tuple(i for i in range(a.ndim) if i != axis)
+        return a.mean(axis=other)
+
+
+class GraphIndex:
+    """Producers, consumers and constants of a graph (main graph only)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        g = model.graph
+        self.graph = g
+        self.initializers = {t.name: t for t in g.initializer}
+        self.graph_inputs = [i.name for i in g.input if i.name not in self.initializers]
+        self.graph_outputs = [o.name for o in g.output]
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for node in g.node:
+            for o in node.output:
+                if o:
+                    self.producer[o] = node
+            for port, i in enumerate(node.input):
+                if i:
+                    self.consumers.setdefault(i, []).append((node, port))
+        self.nodes_by_name = {n.name: n for n in g.node}
+        self._const: dict[str, bool] = {}
+        self._values: dict[str, ConstantValue] = {}
+
+    def is_constant(self, tensor: str) -> bool:
+        if not tensor:
+            return False
+        if tensor in self._const:
+            return self._const[tensor]
+        if tensor in self.initializers:
+            result = True
+        else:
+            node = self.producer.get(tensor)
+            if node is None or node.op_type in _NONDETERMINISTIC or node.domain not in ("", "ai.onnx"):
+                result = False
+            else:
+                self._const[tensor] = False  # guards against cycles
+                result = all(self.is_constant(i) for i in node.input if i)
+        self._const[tensor] = result
+        return result
+
+    def constant_value(self, tensor: str) -> ConstantValue:
+        """Shape and values of a constant tensor (is_constant(tensor) must hold)."""
+        if tensor in self._values:
+            return self._values[tensor]
+        if tensor in self.initializers:
+            arr = numpy_helper.to_array(self.initializers[tensor])
+            value = ConstantValue(tuple(arr.shape), _array=arr)
+        else:
+            node = self.producer[tensor]
+            if node.op_type == "Constant":
+                arr = _constant_node_value(node)
+                value = ConstantValue(tuple(arr.shape), _array=arr)
+            elif node.op_type == "ConstantOfShape" and self.is_constant(node.input[0]):
+                shape = tuple(int(d) for d in self.constant_value(node.input[0]).array().reshape(-1))
+                fill = 0.0
+                for a in node.attribute:
+                    if a.name == "value":
+                        fill = float(numpy_helper.to_array(a.t).reshape(-1)[0])
+                value = ConstantValue(shape, fill=fill)
+            else:
+                arr = self._evaluate(tensor)
+                value = ConstantValue(tuple(arr.shape), _array=arr)
+        self._values[tensor] = value
+        return value
+
+    def _evaluate(self, tensor: str) -> np.ndarray:
+        """Run the constant sub-graph that computes `tensor` with onnx.reference."""
+        from onnx.reference import ReferenceEvaluator
+
+        needed: list[onnx.NodeProto] = []
+        seen: set[str] = set()
+        inits: dict[str, onnx.TensorProto] = {}
+
+        def visit(t: str) -> None:
+            if t in seen or not t:
+                return
+            seen.add(t)
+            if t in self.initializers:
+                inits[t] = self.initializers[t]
+                return
+            node = self.producer[t]
+            for i in node.input:
+                visit(i)
+            if all(id(n) != id(node) for n in needed):
+                needed.append(node)
+
+        visit(tensor)
+        order = {id(n): k for k, n in enumerate(self.graph.node)}
+        needed.sort(key=lambda n: order[id(n)])
+        g = helper.make_graph(
+            needed, "const", [], [helper.make_tensor_value_info(tensor, onnx.TensorProto.UNDEFINED, None)],
+            initializer=list(inits.values()),
+        )
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", default_opset(self.model))])
+        m.ir_version = self.model.ir_version if self.model.ir_version >= 3 else 3
+        return np.asarray(ReferenceEvaluator(m).run(None, {})[0])
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), dtype=np.int64)
+    raise ModelError(f"Constant node {node.name!r}: unsupported value attribute")
+
+
+# ------------------------------------------------------------------ shapes
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+    """Tensor name -> shape (ints, None for unknown dims) from onnx shape inference; absent when unknown."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception:
+        inferred = model
+    shapes: dict[str, tuple] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            continue
+        shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim)
+    for t in g.initializer:
+        shapes[t.name] = tuple(t.dims)
+    return shapes
+
+
+def tensor_elem_type(model: onnx.ModelProto, tensor: str) -> int | None:
+    g = model.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if vi.name == tensor and vi.type.tensor_type.elem_type:
+            return vi.type.tensor_type.elem_type
+    for t in g.initializer:
+        if t.name == tensor:
+            return t.data_type
+    return None

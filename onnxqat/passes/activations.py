@@ -1,0 +1,112 @@
+"""Activation pass: find the activations (Relu, Clip(0, max) / ReLU6) whose
+outputs feed weighted layers.
+
+From the data input of every weighted layer, walk back through the ops that
+only move, select, pool or combine values (pooling, Flatten/Reshape, Pad,
+Resize, Transpose, Concat, residual Add/Sum, Dropout ...) until an activation is
+found. Where a walk ends on anything else (BatchNormalization, LRN, another
+weighted layer, a Sigmoid ...) the input stays float, and that is reported in
+a warning. Network inputs are left alone (the input image enters as 8-bit codes).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxqat.graph import GraphIndex
+
+# value-preserving (or quantization-grid preserving) ops the walk goes through; all non-constant inputs are followed
+TRANSPARENT_OPS = frozenset({
+    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+    "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Pad", "Resize", "Upsample", "Transpose",
+    "Concat", "Add", "Sum", "Dropout", "Identity", "Split", "Slice", "DepthToSpace", "SpaceToDepth",
+})
+ACTIVATION_OPS = ("Relu", "Clip")
+
+
+@dataclass(frozen=True)
+class Activation:
+    node: onnx.NodeProto
+    tensor: str  # its output
+    max_value: float  # upper clip of the activation (inf for Relu)
+    feeds: tuple[str, ...]  # weighted layers it reaches
+
+
+def clip_bounds(index: GraphIndex, node: onnx.NodeProto) -> tuple[float, float] | None:
+    """(min, max) of a Clip, None when they are not constants."""
+    lo, hi = -math.inf, math.inf
+    for a in node.attribute:  # opset < 11
+        if a.name == "min":
+            lo = a.f
+        elif a.name == "max":
+            hi = a.f
+    for k, name in ((1, "min"), (2, "max")):
+        if len(node.input) > k and node.input[k]:
+            if not index.is_constant(node.input[k]):
+                return None
+            v = float(np.asarray(index.constant_value(node.input[k]).array()).reshape(-1)[0])
+            lo, hi = (v, hi) if name == "min" else (lo, v)
+    return lo, hi
+
+
+def activation_max(index: GraphIndex, node: onnx.NodeProto) -> float | None:
+    """The activation's upper bound if `node` is a ReLU-like activation a SAT/LSQ quantizer can take, else None."""
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    if node.op_type == "Relu":
+        return math.inf
+    if node.op_type == "Clip":
+        bounds = clip_bounds(index, node)
+        if bounds is not None and bounds[0] == 0.0 and bounds[1] > 0:
+            return bounds[1]
+    return None
+
+
+def find_activations(
+    index: GraphIndex, layers: list, weighted_names: set[str], warnings: list[str]
+) -> list[Activation]:
+    found: dict[str, tuple[onnx.NodeProto, float, list[str]]] = {}
+    order = {n.name: k for k, n in enumerate(index.graph.node)}
+    for layer in layers:
+        start = layer.node.input[layer.data_port]
+        stack, seen = [start], set()
+        while stack:
+            t = stack.pop()
+            if t in seen or not t:
+                continue
+            seen.add(t)
+            if t in index.graph_inputs or index.is_constant(t):
+                continue  # network input: stays as it is
+            node = index.producer.get(t)
+            if node is None:
+                continue
+            amax = activation_max(index, node)
+            if amax is not None:
+                entry = found.setdefault(node.name, (node, amax, []))
+                if layer.node.name not in entry[2]:
+                    entry[2].append(layer.node.name)
+                continue
+            if node.op_type in TRANSPARENT_OPS and node.domain in ("", "ai.onnx"):
+                inputs = node.input[:1] if node.op_type in ("Reshape", "Pad", "Resize", "Upsample", "Slice", "Split",
+                                                             "Squeeze", "Unsqueeze", "Dropout") else node.input
+                stack.extend(i for i in inputs if i and not index.is_constant(i))
+                continue
+            if node.name in weighted_names:
+                why = f"comes straight from weighted layer {node.name} (no activation)"
+            else:
+                why = f"comes from {node.op_type} node {node.name}, which the activation pass cannot go through"
+            warnings.append(f"input of {layer.node.op_type} node {layer.node.name} {why}: not quantized")
+    acts = [Activation(n, n.output[0], amax, tuple(feeds)) for n, amax, feeds in found.values()]
+    acts.sort(key=lambda a: order[a.node.name])
+    return acts
+
+
+def features_per_sample(shape: tuple | None) -> int | None:
+    """Elements of one sample (all dims but the first) when known."""
+    if not shape or any(d is None or d <= 0 for d in shape[1:]):
+        return None
+    return int(np.prod(shape[1:])) if len(shape) > 1 else 1

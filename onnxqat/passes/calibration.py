@@ -1,0 +1,60 @@
+"""Calibration: run a batch through the float model with onnxruntime and collect activation tensors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxqat.errors import DataError
+
+
+def load_calibration(data, input_names: list[str]) -> dict[str, np.ndarray]:
+    """Feeds for the model from an .npz path or a dict. With one model input, any single array is taken."""
+    if isinstance(data, (str, os.PathLike)):
+        path = Path(data)
+        if not path.is_file():
+            raise DataError(f"calibration data not found: {path}")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except Exception as exc:
+            raise DataError(f"{path}: not a numpy .npz file ({type(exc).__name__})") from None
+        where = str(path)
+    else:
+        arrays = {k: np.asarray(v) for k, v in dict(data).items()}
+        where = "calibration data"
+    if len(input_names) == 1 and len(arrays) == 1:
+        return {input_names[0]: next(iter(arrays.values()))}
+    missing = [n for n in input_names if n not in arrays]
+    if missing:
+        raise DataError(f"{where}: no array for model input '{missing[0]}' (arrays: {', '.join(arrays)})")
+    return {n: arrays[n] for n in input_names}
+
+
+def collect(model: onnx.ModelProto, feeds: dict[str, np.ndarray], tensors: list[str]) -> dict[str, np.ndarray]:
+    """Values of `tensors` when the float model runs on `feeds` (onnxruntime, CPU)."""
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    present = {o.name for o in m.graph.output}
+    for t in tensors:
+        if t not in present:
+            m.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.intra_op_num_threads = 2
+    sess = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    types = {i.name: i.type for i in sess.get_inputs()}
+    cast = {}
+    for k, v in feeds.items():
+        dtype = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(double)": np.float64}.get(types.get(k))
+        cast[k] = v.astype(dtype) if dtype is not None else v
+    try:
+        values = sess.run(tensors, cast)
+    except Exception as exc:
+        raise DataError(f"calibration run failed: {str(exc).splitlines()[0]}") from None
+    return dict(zip(tensors, values))

@@ -1,0 +1,227 @@
+"""`plan()` decides where quantizers go; `insert()` applies that plan.
+
+    qat = insert("resnet18.onnx", "sat4")                      # ModelProto with quantizer nodes
+    print(plan("resnet18.onnx", "sat4").format())              # what insert would do (the --dry-run)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings as pywarnings
+
+import numpy as np
+import onnx
+
+from onnxqat.errors import ModelError, RecipeError
+from onnxqat.graph import GraphIndex, infer_shapes, load_model, name_unnamed_nodes
+from onnxqat.passes import activations as act_pass
+from onnxqat.passes import weights as w_pass
+from onnxqat.passes.apply import apply_plan
+from onnxqat.passes.plan import Plan, PlanEntry
+from onnxqat.recipes import Recipe, load_recipe
+
+
+class QuantizationWarning(UserWarning):
+    """Ops the passes could not handle (their tensors stay float)."""
+
+
+def prepare(model) -> onnx.ModelProto:
+    """A copy of the model with every node named (names are how plans, overrides and quantizers refer to nodes)."""
+    m = load_model(model)
+    name_unnamed_nodes(m.graph)
+    return m
+
+
+def _first_and_last(index: GraphIndex, weighted: set[str]) -> tuple[set[str], set[str]]:
+    """Weighted layers reached from a network input (first) or reaching a network output (last) with no other
+    weighted layer in between."""
+    first, seen = set(), set()
+    stack = list(index.graph_inputs)
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        for node, _port in index.consumers.get(t, []):
+            if node.name in weighted:
+                first.add(node.name)
+            else:
+                stack.extend(o for o in node.output if o)
+    last, seen = set(), set()
+    stack = list(index.graph_outputs)
+    while stack:
+        t = stack.pop()
+        if t in seen or index.is_constant(t):
+            continue
+        seen.add(t)
+        node = index.producer.get(t)
+        if node is None:
+            continue
+        if node.name in weighted:
+            last.add(node.name)
+        else:
+            stack.extend(i for i in node.input if i)
+    return first, last
+
+
+def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
+    index = GraphIndex(m)
+    warns: list[str] = []
+    name = m.graph.name or "model"
+    layers = w_pass.find_weighted_layers(index, warns)
+    if not layers:
+        raise ModelError(
+            f"model {name}: no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a constant weight)"
+        )
+    weighted = {layer.node.name for layer in layers}
+    acts = act_pass.find_activations(index, layers, weighted, warns)
+    act_names = {a.node.name for a in acts}
+    for node_name in recipe.nodes:
+        if node_name not in index.nodes_by_name:
+            raise RecipeError(f"{recipe.source}: key 'nodes.\"{node_name}\"' names no node of model {name}")
+        if node_name not in weighted and node_name not in act_names:
+            op = index.nodes_by_name[node_name].op_type
+            raise RecipeError(
+                f"{recipe.source}: key 'nodes.\"{node_name}\"': {op} node {node_name} gets no quantizer "
+                "(neither a weighted layer nor an activation feeding one)"
+            )
+    first, last = _first_and_last(index, weighted)
+    shapes = infer_shapes(m)
+    plan = Plan(model=name, recipe=recipe.name)
+
+    # ---- weights: one quantizer per weight tensor (a shared weight is quantized once, for all its layers)
+    by_tensor: dict[str, PlanEntry] = {}
+    for layer in layers:
+        node = layer.node
+        ws = recipe.weight_settings(node.op_type, node.name, node.name in first, node.name in last)
+        if not ws.enabled:
+            continue
+        tensor = node.input[layer.port]
+        notes = tuple(n for n, on in (("first", node.name in first), ("last", node.name in last)) if on)
+        if tensor in by_tensor:
+            prev = by_tensor[tensor]
+            by_tensor[tensor] = _with_consumer(prev, node.name)
+            continue
+        common = dict(
+            kind="weight", name=f"{node.name}_wquant", node=node.name, node_op=node.op_type, tensor=tensor,
+            port=layer.port, method=ws.method, range=ws.range, consumers=(node.name,), axis=layer.axis, notes=notes,
+        )
+        if ws.method == "sat":
+            entry = PlanEntry(
+                op_type="SatWeightQuant", mode=ws.mode, fan_out=layer.fan_out if ws.apply_scaling else 0, **common
+            )
+        else:
+            entry = PlanEntry(
+                op_type="LsqQuant", step=w_pass.weight_step_init(index, layer, ws), signed=True,
+                grad_scale=w_pass.weight_grad_scale(layer, ws), per_channel=ws.per_channel, **common,
+            )
+        by_tensor[tensor] = entry
+    weight_entries = list(by_tensor.values())
+
+    # ---- activations
+    act_entries = []
+    chosen = []
+    for a in acts:
+        s = recipe.activation_settings(a.node.name)
+        if s.enabled:
+            chosen.append((a, s))
+    calibrated: dict[str, np.ndarray] = {}
+    if chosen and calibration_data is not None:
+        from onnxqat.passes.calibration import collect, load_calibration
+
+        feeds = load_calibration(calibration_data, index.graph_inputs)
+        calibrated = collect(m, feeds, [a.tensor for a, _ in chosen])
+    for a, s in chosen:
+        consumers = tuple(n.name for n, _ in index.consumers.get(a.tensor, []))
+        common = dict(
+            kind="activation", name=f"{a.node.name}_aquant", node=a.node.name, node_op=a.node.op_type,
+            tensor=a.tensor, port=-1, method=s.method, range=s.range, axis=1,
+        )
+        notes = []
+        x = calibrated.get(a.tensor)
+        if s.method == "sat":
+            alpha = float(s.alpha)
+            if x is not None and x.size and float(np.percentile(x, s.percentile)) > 0:
+                alpha = float(np.percentile(x, s.percentile))
+                notes.append("calibrated")
+            if alpha > a.max_value:
+                alpha = a.max_value
+                notes.append(f"alpha capped at the {a.node.op_type} max")
+            entry = PlanEntry(
+                op_type="SatActQuant", alpha=float(np.float32(alpha)), consumers=consumers, notes=tuple(notes),
+                **common,
+            )
+        else:
+            qp = w_pass.lsq_qp(s.range, False)
+            step = float(s.step)
+            if x is not None and x.size and float(np.mean(np.abs(x))) > 0:
+                step = 2.0 * float(np.mean(np.abs(x))) / math.sqrt(qp)
+                notes.append("calibrated")
+            n = act_pass.features_per_sample(shapes.get(a.tensor))
+            if n is None and x is not None:
+                n = act_pass.features_per_sample(tuple(x.shape))
+            if n is None:
+                n = 1
+                warns.append(
+                    f"{a.node.op_type} node {a.node.name}: shape of {a.tensor} unknown, LSQ grad_scale uses N=1"
+                )
+            entry = PlanEntry(
+                op_type="LsqQuant", step=(float(np.float32(step)),), signed=False,
+                grad_scale=float(np.float32(1.0 / math.sqrt(n * qp))), consumers=consumers, notes=tuple(notes),
+                **common,
+            )
+        act_entries.append(entry)
+
+    plan.entries = weight_entries + act_entries
+    plan.warnings = list(dict.fromkeys(warns))
+    if not plan.entries:
+        raise ModelError(f"model {name}: recipe {recipe.name} enables no quantizer for this model")
+    return plan
+
+
+def _with_consumer(entry: PlanEntry, consumer: str) -> PlanEntry:
+    from dataclasses import replace
+
+    return replace(entry, consumers=entry.consumers + (consumer,))
+
+
+def _warn(plan: Plan) -> None:
+    if plan.warnings:
+        pywarnings.warn(
+            f"{len(plan.warnings)} place(s) not quantized: " + "; ".join(plan.warnings),
+            QuantizationWarning,
+            stacklevel=3,
+        )
+
+
+def plan(model, recipe, calibration_data=None) -> Plan:
+    """The quantizers `insert` would add (model: path or ModelProto; recipe: name, path or Recipe)."""
+    m = prepare(model)
+    p = _plan(m, load_recipe(recipe), calibration_data)
+    _warn(p)
+    return p
+
+
+def insert(model, recipe, calibration_data=None) -> onnx.ModelProto:
+    """A QAT model: `model` with the quantizers of `recipe` (see docs/CONVENTIONS.md for names and inputs).
+
+    calibration_data: an .npz path or a dict {input name: array}; activation alpha/step are then set from a
+    float run on it, else from the recipe."""
+    r = load_recipe(recipe)
+    m = prepare(model)
+    p = _plan(m, r, calibration_data)
+    _warn(p)
+    return apply_plan(m, p, r)
+
+
+def insert_file(src: str | os.PathLike, recipe, dst: str | os.PathLike, calibration_data=None) -> Plan:
+    """insert() from file to file; the output is written atomically (nothing is written on error)."""
+    from onnxqat.graph import save_model
+
+    r = load_recipe(recipe)
+    m = prepare(src)
+    p = _plan(m, r, calibration_data)
+    _warn(p)
+    save_model(apply_plan(m, p, r), dst)
+    return p

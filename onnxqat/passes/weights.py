@@ -1,0 +1,137 @@
+"""Weight pass: find the weighted layers (Conv, ConvTranspose, Gemm, MatMul with a
+constant weight) and plan one weight quantizer for each.
+
+Per layer: the weight's input port, its output-channel axis (per-channel LSQ)
+and the SAT fan-out for ApplyScaling:
+    Conv            W [C_out, C_in/g, kH, kW]   axis 0   fan-out kH*kW*C_out
+    ConvTranspose   W [C_in, C_out/g, kH, kW]   axis 1   fan-out kH*kW*C_out
+    Gemm            B [K, N] (transB=0) axis 1, [N, K] (transB=1) axis 0;  fan-out N
+    MatMul          X @ W: W [.., K, N] axis -1;  W @ X: W [.., N, K] axis -2;  fan-out N
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxqat.graph import GraphIndex
+from onnxqat.recipes import Recipe, WeightSettings
+
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# ops that carry weights but get no quantizer: listed in a warning
+UNSUPPORTED_WEIGHTED_OPS = (
+    "LSTM", "GRU", "RNN", "Einsum", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul",
+    "DeformConv", "Attention",
+)
+SAT_MODE_VALUES = {"clamp": 0, "quantize": 1, "symmetric": 2}
+
+
+@dataclass(frozen=True)
+class WeightedLayer:
+    node: onnx.NodeProto
+    port: int  # weight input index
+    data_port: int  # the activation input index
+    axis: int  # output-channel axis of the weight
+    fan_out: int
+    shape: tuple[int, ...]
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def find_weighted_layers(index: GraphIndex, warnings: list[str]) -> list[WeightedLayer]:
+    layers = []
+    for node in index.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type in UNSUPPORTED_WEIGHTED_OPS:
+            warnings.append(f"{node.op_type} node {node.name}: weights of this op type are not quantized")
+            continue
+        if node.op_type not in WEIGHTED_OPS:
+            continue
+        layer = _weighted_layer(index, node, warnings)
+        if layer is not None:
+            layers.append(layer)
+    return layers
+
+
+def _weighted_layer(index: GraphIndex, node: onnx.NodeProto, warnings: list[str]) -> WeightedLayer | None:
+    op = node.op_type
+    if op == "MatMul":
+        c0, c1 = index.is_constant(node.input[0]), index.is_constant(node.input[1])
+        if c1 and not c0:
+            port, data_port = 1, 0
+        elif c0 and not c1:
+            port, data_port = 0, 1
+        else:
+            what = "both inputs are constant" if c0 else "no input is constant"
+            warnings.append(f"MatMul node {node.name}: {what}, not quantized")
+            return None
+    else:
+        port, data_port = 1, 0
+        if len(node.input) < 2 or not index.is_constant(node.input[1]):
+            warnings.append(f"{op} node {node.name}: weight is not a constant tensor, not quantized")
+            return None
+        if index.is_constant(node.input[0]):
+            warnings.append(f"{op} node {node.name}: its data input is constant too, not quantized")
+            return None
+    shape = index.constant_value(node.input[port]).shape
+    nd = len(shape)
+    if op == "Conv":
+        if nd < 3:
+            warnings.append(f"Conv node {node.name}: weight of rank {nd}, not quantized")
+            return None
+        axis, fan_out = 0, int(np.prod(shape[2:])) * shape[0]
+    elif op == "ConvTranspose":
+        if nd < 3:
+            warnings.append(f"ConvTranspose node {node.name}: weight of rank {nd}, not quantized")
+            return None
+        group = int(_attr(node, "group", 1))
+        axis, fan_out = 1, int(np.prod(shape[2:])) * shape[1] * group
+    elif op == "Gemm":
+        if nd != 2:
+            warnings.append(f"Gemm node {node.name}: weight of rank {nd}, not quantized")
+            return None
+        axis = 0 if int(_attr(node, "transB", 0)) else 1
+        fan_out = shape[axis]
+    else:  # MatMul
+        if nd < 2:
+            warnings.append(f"MatMul node {node.name}: weight of rank {nd}, not quantized")
+            return None
+        axis = nd - 1 if port == 1 else nd - 2
+        fan_out = shape[axis]
+    return WeightedLayer(node, port, data_port, axis, int(fan_out), tuple(shape))
+
+
+def lsq_qp(r: int, signed: bool) -> float:
+    """Qp of the LSQ integer range (at least 1 so that inits stay finite at R=1)."""
+    qp = (r - 1) // 2 if signed else r
+    return float(max(qp, 1))
+
+
+def weight_step_init(index: GraphIndex, layer: WeightedLayer, ws: WeightSettings) -> tuple[float, ...]:
+    """LSQ weight step: 2*mean|W|/sqrt(Qp), per tensor or per output channel; a zero mean gives 1e-3."""
+    qp = lsq_qp(ws.range, True)
+    if ws.step is not None:
+        n = layer.shape[layer.axis] if ws.per_channel else 1
+        return (float(ws.step),) * n
+    value = index.constant_value(layer.node.input[layer.port])
+    mean_abs = value.mean_abs(layer.axis if ws.per_channel else None)
+    steps = 2.0 * mean_abs / math.sqrt(qp)
+    steps = np.where(steps > 0, steps, 1e-3).astype(np.float32)
+    return tuple(float(s) for s in steps)
+
+
+def weight_grad_scale(layer: WeightedLayer, ws: WeightSettings) -> float:
+    """g = 1/sqrt(N*Qp); N = weights in the tensor (per tensor) or in one channel (per channel)."""
+    n = int(np.prod(layer.shape))
+    if ws.per_channel:
+        n //= max(layer.shape[layer.axis], 1)
+    return float(np.float32(1.0 / math.sqrt(max(n, 1) * lsq_qp(ws.range, True))))
