@@ -1,0 +1,1 @@
+"""Training on ONNX Runtime training artifacts: data, transforms, solvers, loop, checkpoints; `run.train()`."""

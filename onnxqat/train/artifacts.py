@@ -1,0 +1,222 @@
+"""ONNX Runtime training artifacts for a (float or QAT) classification model.
+
+`plan_training(model)` finds what trains and how the graph is fed:
+- trainable (requires_grad): weights and biases of Conv/ConvTranspose/Gemm/MatMul (traced back through a weight
+  quantizer node to the initializer), BatchNormalization scale and B, and input 1 (alpha/step) of SatActQuant/LsqQuant;
+- frozen_params: BatchNormalization running mean and var (listed so that ORT's train step updates them);
+- Dropout: ORT's Dropout draws from a process-wide generator that a resumed run cannot restore, so in the training copy
+  each Dropout becomes `Mul(x, <node>.mask)` with the mask a graph input that the loop draws from the run's seed
+  (keep with probability 1-ratio, scaled by 1/(1-ratio): ORT's Dropout semantics). The eval step gets masks of ones.
+
+`generate(model, directory)` writes training_model.onnx, eval_model.onnx and checkpoint with a CrossEntropy loss over the
+model's (first) output, which is also returned by every step (additional_output_names) for accuracy. With quantizer ops
+in the graph, the op library's gradients are registered first and the library is passed to ORT (notes: both needed).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxqat.errors import ModelError, TrainingError
+from onnxqat.ops.schema import DOMAIN, QUANTIZER_OP_TYPES
+
+_WEIGHT_OPS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (0, 1)}
+_PASS_THROUGH = {"Identity"}
+
+
+def import_ort_training():
+    """Imports onnxruntime.training.{artifacts, api} without torch (ORT issue 22070: optim imports torch)."""
+    if "onnxruntime.training.optim" not in sys.modules:
+        sys.modules["onnxruntime.training.optim"] = types.ModuleType("onnxruntime.training.optim")
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(3)
+    from onnxruntime.training import artifacts
+    from onnxruntime.training.api import CheckpointState, Module
+
+    return ort, artifacts, Module, CheckpointState
+
+
+@dataclass
+class DropoutSite:
+    name: str  # the Dropout node's name; the mask input is f"{name}.mask"
+    ratio: float
+    shape: tuple  # mask shape without the batch dimension
+    mask_input: str
+
+
+@dataclass
+class TrainingPlan:
+    input_name: str
+    output_name: str
+    input_shape: tuple  # dims of the model input; None where symbolic
+    num_classes: int | None
+    trainable: list[str]
+    quantizer_params: list[str]
+    frozen: list[str]
+    dropouts: list[DropoutSite] = field(default_factory=list)
+    uses_custom_ops: bool = False
+
+
+def _dims(vi) -> tuple:
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim)
+
+
+def _is_quantizer(node) -> bool:
+    return node.domain == DOMAIN and node.op_type in QUANTIZER_OP_TYPES
+
+
+def plan_training(model: onnx.ModelProto) -> TrainingPlan:
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    graph_inputs = [i for i in g.input if i.name not in inits]
+    if len(graph_inputs) != 1:
+        raise ModelError(f"the model must have exactly one data input, found {[i.name for i in graph_inputs]}")
+    if not g.output:
+        raise ModelError("the model has no output")
+    out = g.output[0]
+    out_dims = _dims(out)
+    num_classes = out_dims[-1] if out_dims and out_dims[-1] else None
+
+    def trace(name):
+        seen = 0
+        while name not in inits and name in producers and seen < 8:
+            p = producers[name]
+            if not (_is_quantizer(p) or p.op_type in _PASS_THROUGH) or not p.input:
+                return None
+            name = p.input[0]
+            seen += 1
+        return name if name in inits else None
+
+    trainable, quant, frozen = [], [], []
+
+    def add(lst, name):
+        if name and name in inits and name not in lst and inits[name].data_type == TensorProto.FLOAT:
+            lst.append(name)
+
+    for n in g.node:
+        if _is_quantizer(n):
+            if n.op_type in ("SatActQuant", "LsqQuant") and len(n.input) > 1:
+                add(quant, n.input[1])
+        elif n.op_type in _WEIGHT_OPS:
+            for i in _WEIGHT_OPS[n.op_type]:
+                if i < len(n.input) and n.input[i]:
+                    add(trainable, trace(n.input[i]))
+        elif n.op_type == "BatchNormalization":
+            for i in (1, 2):
+                add(trainable, n.input[i])
+            for i in (3, 4):
+                add(frozen, n.input[i])
+    trainable = [t for t in trainable if t not in quant]
+    dropouts = []
+    shapes = {}
+    if any(n.op_type == "Dropout" for n in g.node):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+            shapes = {vi.name: _dims(vi) for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
+        except Exception:
+            shapes = {}
+    for n in g.node:
+        if n.op_type != "Dropout":
+            continue
+        ratio = 0.5
+        for a in n.attribute:
+            if a.name == "ratio":
+                ratio = a.f
+        if len(n.input) > 1 and n.input[1]:
+            if n.input[1] not in inits:
+                raise ModelError(f"Dropout {n.name}: ratio must be a constant initializer")
+            ratio = float(numpy_helper.to_array(inits[n.input[1]]).reshape(-1)[0])
+        dims = shapes.get(n.input[0])
+        if not dims or any(d is None for d in dims[1:]):
+            raise ModelError(f"Dropout {n.name}: input shape unknown (shape inference failed); cannot build its mask")
+        dropouts.append(DropoutSite(n.name or n.output[0], ratio, tuple(dims[1:]), f"{n.name or n.output[0]}.mask"))
+    return TrainingPlan(
+        input_name=graph_inputs[0].name, output_name=out.name, input_shape=_dims(graph_inputs[0]),
+        num_classes=num_classes, trainable=trainable, quantizer_params=quant, frozen=frozen, dropouts=dropouts,
+        uses_custom_ops=any(n.domain == DOMAIN for n in g.node),
+    )
+
+
+def training_copy(model: onnx.ModelProto, plan: TrainingPlan) -> onnx.ModelProto:
+    """The graph ORT trains: Dropout -> Mul by a mask input (see module doc); the rest unchanged."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    sites = {d.name: d for d in plan.dropouts}
+    nodes = []
+    for n in g.node:
+        key = n.name or (n.output[0] if n.output else "")
+        if n.op_type == "Dropout" and key in sites:
+            nodes.append(helper.make_node("Mul", [n.input[0], sites[key].mask_input], [n.output[0]], name=key))
+        else:
+            nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    for d in plan.dropouts:
+        g.input.append(helper.make_tensor_value_info(d.mask_input, TensorProto.FLOAT, ["mask_batch", *d.shape]))
+    used = {i for n in g.node for i in n.input}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    return m
+
+
+def generate(model: onnx.ModelProto, directory: str | os.PathLike, plan: TrainingPlan | None = None) -> dict:
+    """Writes the artifacts; returns their paths and the plan."""
+    plan = plan or plan_training(model)
+    if not plan.trainable and not plan.quantizer_params:
+        raise TrainingError("the model has no trainable parameter (no Conv/Gemm/MatMul weight, BN scale/shift or "
+                            "quantizer alpha/step initializer)")
+    ort, artifacts, _, _ = import_ort_training()
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    kwargs = {}
+    if plan.uses_custom_ops:
+        from onnxqat.ops.gradients import register_gradients
+        from onnxqat.ops.library import library_path
+
+        register_gradients()
+        kwargs["custom_op_library"] = str(library_path())
+    tm = training_copy(model, plan)
+    try:
+        artifacts.generate_artifacts(
+            tm, requires_grad=plan.trainable + plan.quantizer_params, frozen_params=plan.frozen,
+            loss=artifacts.LossType.CrossEntropyLoss, artifact_directory=str(d),
+            additional_output_names=[plan.output_name], **kwargs)
+    except Exception as exc:
+        raise TrainingError(f"ONNX Runtime could not build the training graph: {str(exc).splitlines()[0]}") from exc
+    return {"train": d / "training_model.onnx", "eval": d / "eval_model.onnx", "checkpoint": d / "checkpoint",
+            "plan": plan}
+
+
+def write_back(model: onnx.ModelProto, params: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of the forward model with initializers replaced by the trained values (by name), BN statistics included."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for init in m.graph.initializer:
+        if init.name in params:
+            arr = np.asarray(params[init.name], dtype=helper.tensor_dtype_to_np_dtype(init.data_type))
+            old = tuple(init.dims)
+            if arr.size != int(np.prod(old)):
+                raise ModelError(f"initializer {init.name}: trained value has {arr.size} elements, model has shape {old}")
+            init.CopyFrom(numpy_helper.from_array(arr.reshape(old), init.name))
+    return m
+
+
+def copy_initializers(model: onnx.ModelProto, source: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
+    """`--init-from`: copies every initializer of `source` whose name and element count match into `model`."""
+    src = {i.name: numpy_helper.to_array(i) for i in source.graph.initializer}
+    dst = {i.name: i for i in model.graph.initializer}
+    copied = [n for n in src if n in dst and src[n].size == int(np.prod(tuple(dst[n].dims)))
+              and src[n].dtype == helper.tensor_dtype_to_np_dtype(dst[n].data_type)]
+    return write_back(model, {n: src[n] for n in copied}), copied

@@ -1,0 +1,131 @@
+"""Solvers as in N2D2, done in numpy on ORT's gradients: SGD with momentum and weight decay, AdamW; LR policies.
+
+ORT's own SGD has neither momentum nor decay (training notes), so the loop reads the gradients out of the ORT
+checkpoint state, updates a flat float32 copy of the trainable parameters here, and writes it back in one
+contiguous copy (Module.copy_buffer_to_parameters).
+
+SGD (N2D2/Caffe form, lr inside the momentum buffer):
+    v <- momentum * v + lr * (g + decay * w);   w <- w - v
+AdamW (decoupled decay, PyTorch form):
+    m <- b1 m + (1-b1) g;  s <- b2 s + (1-b2) g^2;  w <- w - lr * (m_hat / (sqrt(s_hat) + eps) + decay * w)
+
+Two parameter groups: ordinary parameters (lr, decay) and quantizer parameters (SAT alpha, LSQ step) with their own
+learning rate and decay (N2D2's QActSolver / QWeightSolver), both following the same policy.
+
+Gradient accumulation (N2D2 IterationSize): gradients of `iteration_size` physical batches are summed by ORT (the
+gradient buffers are reset lazily only before the first one) and divided by iteration_size here, so with the mean
+cross-entropy a batch of 64 with iteration size 2 gives the gradient of one batch of 128 (N2D2 divides its rate by
+batch size x IterationSize: the same average). BatchNorm statistics are still those of each physical batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from onnxqat.errors import RecipeError
+
+POLICIES = ("none", "cosine", "step")
+_POLICY_ALIASES = {"none": "none", "constant": "none", "cosine": "cosine", "cosinedecay": "cosine",
+                   "cosine-decay": "cosine", "step": "step", "stepdecay": "step", "step-decay": "step"}
+
+
+def normalize_policy(policy: str) -> str:
+    key = str(policy).replace("_", "").lower() if policy else "none"
+    key = _POLICY_ALIASES.get(key, _POLICY_ALIASES.get(str(policy).lower()))
+    if key is None:
+        raise RecipeError(f"unknown learning-rate policy {policy!r} (none, cosine, step)")
+    return key
+
+
+class LRSchedule:
+    """Learning rate at optimizer update `step` (0-based).
+
+    warmup: linear from lr/warmup_steps to lr over the first warmup_steps updates (N2D2 WarmUpDuration);
+    none: constant; cosine: lr_min + (lr - lr_min) (1 + cos(pi t / T)) / 2 with t, T counted after the warmup
+    (N2D2 CosineDecay); step: lr * gamma^floor(t / step_size) (N2D2 StepDecay).
+    """
+
+    def __init__(self, lr: float, policy: str = "none", total_steps: int = 1, warmup_steps: int = 0,
+                 step_size: int | None = None, gamma: float = 0.1, lr_min: float = 0.0):
+        if lr < 0:
+            raise RecipeError(f"learning rate must be >= 0, got {lr}")
+        self.lr, self.policy = float(lr), normalize_policy(policy)
+        self.total_steps, self.warmup_steps = max(1, int(total_steps)), max(0, int(warmup_steps))
+        self.step_size = int(step_size) if step_size else max(1, (self.total_steps - self.warmup_steps) // 3)
+        self.gamma, self.lr_min = float(gamma), float(lr_min)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        t = step - self.warmup_steps
+        if self.policy == "none":
+            return self.lr
+        if self.policy == "step":
+            return self.lr * self.gamma ** (t // self.step_size)
+        span = max(1, self.total_steps - self.warmup_steps)
+        return self.lr_min + (self.lr - self.lr_min) * 0.5 * (1.0 + math.cos(math.pi * min(t, span) / span))
+
+
+class Solver:
+    """Updates a flat parameter vector in place. `quant_mask` marks the quantizer-parameter elements."""
+
+    def __init__(self, kind: str, size: int, quant_mask: np.ndarray | None = None, momentum: float = 0.9,
+                 decay: float = 0.0, quantizer_decay: float | None = None, betas=(0.9, 0.999), eps: float = 1e-8):
+        kind = str(kind).lower()
+        if kind not in ("sgd", "adamw"):
+            raise RecipeError(f"unknown solver {kind!r} (sgd, adamw)")
+        if not 0.0 <= momentum < 1.0:
+            raise RecipeError(f"momentum must be in [0, 1), got {momentum}")
+        if decay < 0 or (quantizer_decay is not None and quantizer_decay < 0):
+            raise RecipeError("weight decay must be >= 0")
+        self.kind, self.size = kind, int(size)
+        self.momentum, self.betas, self.eps = float(momentum), (float(betas[0]), float(betas[1])), float(eps)
+        self.quant_mask = np.zeros(size, bool) if quant_mask is None else np.asarray(quant_mask, bool)
+        qd = decay if quantizer_decay is None else quantizer_decay
+        self.decay_vec = np.where(self.quant_mask, np.float32(qd), np.float32(decay)).astype(np.float32)
+        self.has_quant = bool(self.quant_mask.any())
+        self.t = 0
+        self.buf = np.zeros(size, np.float32)  # SGD momentum / Adam first moment
+        self.buf2 = np.zeros(size, np.float32) if kind == "adamw" else None
+
+    def _lr_vec(self, lr: float, qlr: float):
+        if not self.has_quant or lr == qlr:
+            return np.float32(lr)
+        return np.where(self.quant_mask, np.float32(qlr), np.float32(lr)).astype(np.float32)
+
+    def step(self, w: np.ndarray, g: np.ndarray, lr: float, qlr: float | None = None) -> None:
+        lrv = self._lr_vec(lr, lr if qlr is None else qlr)
+        self.t += 1
+        if self.kind == "sgd":
+            d = g + self.decay_vec * w
+            if self.momentum:
+                self.buf *= np.float32(self.momentum)
+                self.buf += lrv * d
+                w -= self.buf
+            else:
+                w -= lrv * d
+            return
+        b1, b2 = self.betas
+        self.buf *= np.float32(b1)
+        self.buf += np.float32(1 - b1) * g
+        self.buf2 *= np.float32(b2)
+        self.buf2 += np.float32(1 - b2) * g * g
+        mhat = self.buf / np.float32(1 - b1 ** self.t)
+        shat = self.buf2 / np.float32(1 - b2 ** self.t)
+        w -= lrv * (mhat / (np.sqrt(shat) + np.float32(self.eps)) + self.decay_vec * w)
+
+    def state_dict(self) -> dict:
+        d = {"solver.t": np.array(self.t, np.int64), "solver.buf": self.buf}
+        if self.buf2 is not None:
+            d["solver.buf2"] = self.buf2
+        return d
+
+    def load_state_dict(self, d: dict) -> None:
+        if d["solver.buf"].shape != self.buf.shape:
+            raise RecipeError("the checkpoint's solver state does not match this model's parameters")
+        self.t = int(d["solver.t"])
+        self.buf = np.array(d["solver.buf"], np.float32)
+        if self.buf2 is not None:
+            self.buf2 = np.array(d["solver.buf2"], np.float32)
