@@ -1,0 +1,52 @@
+// Validation of the per-node constant inputs, shared by the CPU and CUDA kernels (host code).
+// Each returns an empty string when the value is valid, else the problem in words.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+
+namespace onnxqat {
+
+inline std::string fmt_float(float v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.9g", static_cast<double>(v));
+  return buf;
+}
+
+inline std::string check_range(float r) {
+  if (!std::isfinite(r) || !(r >= 1.0f) || r > 16777216.0f)
+    return "range R must be finite and in [1, 2^24], got " + fmt_float(r);
+  return {};
+}
+
+inline std::string check_positive(const char* what, float v) {
+  if (!std::isfinite(v) || !(v > 0.0f)) return std::string(what) + " must be finite and > 0, got " + fmt_float(v);
+  return {};
+}
+
+inline std::string check_sat_mode(int64_t mode, float r) {
+  if (mode < 0 || mode > 2)
+    return "unknown mode " + std::to_string(mode) + " (0 = clamp, 1 = quantize/DoReFa, 2 = symmetric)";
+  if (mode == 2 && std::floor(r / 2.0f) < 1.0f)
+    return "mode 2 (symmetric) needs range R >= 2 (floor(R/2) levels each side), got " + fmt_float(r);
+  return {};
+}
+
+inline std::string check_fan_out(int64_t n) {
+  if (n < 0) return "scale_fan_out must be >= 0 (0 = no ApplyScaling), got " + std::to_string(n);
+  return {};
+}
+
+inline std::string check_signed(int64_t s) {
+  if (s != 0 && s != 1) return "signed must be 0 or 1, got " + std::to_string(s);
+  return {};
+}
+
+inline std::string check_finite(const char* what, float v) {
+  if (!std::isfinite(v)) return std::string(what) + " must be finite, got " + fmt_float(v);
+  return {};
+}
+
+}  // namespace onnxqat

@@ -1,0 +1,105 @@
+// Elementwise math of the quantizer ops (../../../shared/reference/quantizer-math.md), shared by the CPU and CUDA
+// kernels. Every function evaluates in float32 in the same order as onnxqat/ops/reference.py, so results equal
+// numpy's bit for bit (given the same tanh). Compile without -ffast-math and without FMA contraction.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define OQ_HD __host__ __device__ __forceinline__
+#else
+#define OQ_HD inline
+#endif
+
+namespace onnxqat {
+
+// SatWeightQuant mode input values (schema.py SAT_MODE_*).
+constexpr int64_t kSatModeClamp = 0;
+constexpr int64_t kSatModeDorefa = 1;
+constexpr int64_t kSatModeSymmetric = 2;
+
+// Round half to even (numpy np.round / C nearbyint in the default rounding mode).
+// On the host: |x| + 2^23 - 2^23 rounds |x| < 2^23 to an integer, ties to even, in plain SSE2 arithmetic that gcc
+// vectorises (nearbyintf is a libm call without SSE4.1); |x| >= 2^23 (and inf) is already an integer; NaN stays NaN.
+OQ_HD float round_half_even(float x) {
+#if defined(__CUDA_ARCH__)
+  return rintf(x);
+#else
+  const float two23 = 8388608.0f;
+  float ax = std::fabs(x);
+  float r = ax < two23 ? (ax + two23) - two23 : ax;
+  return std::copysign(r, x);
+#endif
+}
+
+// ---- SAT weights: tn = tanh(W) / max|tanh(W)| -> unscaled quantized weight.
+struct SatWeightParams {
+  float r;      // range R
+  float half;   // floor(R/2) (symmetric mode)
+  int64_t mode;
+};
+
+OQ_HD float sat_weight_level(float tn, const SatWeightParams& p) {
+  if (p.mode == kSatModeDorefa) {
+    float u = (tn + 1.0f) * 0.5f;
+    float uq = round_half_even(p.r * u) / p.r;
+    return 2.0f * uq - 1.0f;
+  }
+  if (p.mode == kSatModeSymmetric) {
+    return round_half_even(p.half * tn) / p.half;
+  }
+  return tn;  // clamp
+}
+
+// dW = dWq * (1 - t^2) / (M * S), ms = M * S (float32 product).
+OQ_HD float sat_weight_grad(float dy, float t, float ms) { return (dy * (1.0f - t * t)) / ms; }
+
+// ---- SAT activations (CG-PACT), a = |alpha| > 0.
+OQ_HD float sat_act_forward(float x, float a, float r) {
+  float xc = x < 0.0f ? 0.0f : x;
+  xc = xc > a ? a : xc;
+  return a * (round_half_even(r * xc / a) / r);
+}
+
+OQ_HD float sat_act_dx(float dy, float x, float a) { return (x > 0.0f && x <= a) ? dy : 0.0f; }
+
+// Per-element factor of dalpha: 1 if x >= a; round(R x/a)/R - x/a if 0 < x < a; 0 if x <= 0.
+OQ_HD float sat_act_dalpha_local(float x, float a, float r) {
+  float xa = x / a;
+  float middle = round_half_even(r * x / a) / r - xa;
+  return x >= a ? 1.0f : (x > 0.0f ? middle : 0.0f);
+}
+
+// ---- LSQ, bounds Qn <= 0 < ... Qp (integers stored as float).
+struct LsqBounds {
+  float qn;
+  float qp;
+};
+
+// R rounded half to even (Python round), signed: [-(R+1)//2, (R-1)//2]; unsigned: [0, R].
+OQ_HD LsqBounds lsq_bounds(float range, bool is_signed) {
+  int64_t r = static_cast<int64_t>(round_half_even(range));
+  if (is_signed) return {static_cast<float>(-((r + 1) / 2)), static_cast<float>((r - 1) / 2)};
+  return {0.0f, static_cast<float>(r)};
+}
+
+OQ_HD float lsq_forward(float v, float s, LsqBounds b) {
+  float q = v / s;
+  q = q < b.qn ? b.qn : q;
+  q = q > b.qp ? b.qp : q;
+  return round_half_even(q) * s;
+}
+
+OQ_HD float lsq_dv(float dy, float v, float s, LsqBounds b) {
+  float vs = v / s;
+  return (vs >= b.qn && vs <= b.qp) ? dy : 0.0f;
+}
+
+// Per-element factor of dstep: Qn if v/s <= Qn; Qp if v/s >= Qp; round(v/s) - v/s otherwise.
+OQ_HD float lsq_dstep_local(float v, float s, LsqBounds b) {
+  float vs = v / s;
+  return vs <= b.qn ? b.qn : (vs >= b.qp ? b.qp : round_half_even(vs) - vs);
+}
+
+}  // namespace onnxqat

@@ -1,0 +1,146 @@
+// Infrastructure of the CPU kernels: error reporting that names op and node, input access, chunked parallel loops
+// on ORT's intra-op thread pool, and the OrtCustomOp descriptor template.
+#pragma once
+
+#include <onnxruntime_cxx_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace onnxqat {
+namespace cpu {
+
+// The ORT API version this library asks for and announces on every op (runtime 1.19; headers may be newer).
+constexpr uint32_t kOrtApiVersion = 19;
+
+// Elements per parallel task: 64K floats (256 KiB) keeps scheduling overhead negligible and the caches busy.
+constexpr size_t kChunk = size_t{1} << 16;
+
+struct OpError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+std::string shape_str(const std::vector<int64_t>& shape);
+
+class KernelBase {
+ public:
+  KernelBase(const OrtKernelInfo* info, const char* op_name);
+
+  // "<Op> node '<name>': <problem>" as an OpError (turned into an ORT_INVALID_ARGUMENT status).
+  [[noreturn]] void fail(const std::string& problem) const;
+  void check(const std::string& problem) const {
+    if (!problem.empty()) fail(problem);
+  }
+
+  struct FloatIn {
+    const float* data;
+    std::vector<int64_t> shape;
+    size_t size;
+  };
+  FloatIn float_input(Ort::KernelContext& ctx, size_t index, const char* name) const;
+  float float_scalar(Ort::KernelContext& ctx, size_t index, const char* name) const;
+  int64_t int_scalar(Ort::KernelContext& ctx, size_t index, const char* name) const;
+  // Output `index` with `shape`, or nullptr when the node leaves that (optional) output out.
+  float* output(Ort::KernelContext& ctx, size_t index, const std::vector<int64_t>& shape) const;
+
+  const std::string& node_name() const { return node_; }
+  const char* op_name() const { return op_; }
+
+ private:
+  Ort::ConstValue input(Ort::KernelContext& ctx, size_t index, const char* name, ONNXTensorElementDataType type,
+                        const char* type_name) const;
+  std::string node_;
+  const char* op_;
+};
+
+// Number of tasks for n elements.
+inline size_t num_chunks(size_t n) { return n == 0 ? 0 : (n + kChunk - 1) / kChunk; }
+
+// Runs f(task) for task in [0, tasks) on ORT's intra-op pool (KernelContext_ParallelFor, API 17+), serially where
+// the pool or the API entry is missing. f must not throw.
+template <class F>
+void parallel_for(Ort::KernelContext& ctx, size_t tasks, F&& f) {
+  if (tasks == 0) return;
+#if ORT_API_VERSION >= 17
+  if (tasks > 1 && Ort::GetApi().KernelContext_ParallelFor != nullptr) {
+    using Fn = std::remove_reference_t<F>;
+    auto trampoline = [](void* data, size_t i) { (*static_cast<Fn*>(data))(i); };
+    ctx.ParallelFor(trampoline, tasks, 0, static_cast<void*>(&f));
+    return;
+  }
+#endif
+  (void)ctx;
+  for (size_t i = 0; i < tasks; ++i) f(i);
+}
+
+// ComputeV2 body: runs kernel.Compute and turns any exception into an ORT status.
+template <class K>
+OrtStatusPtr compute_with_status(K* kernel, OrtKernelContext* context) {
+  const OrtApi& api = Ort::GetApi();
+  try {
+    Ort::KernelContext ctx(context);
+    kernel->Compute(ctx);
+    return nullptr;
+  } catch (const OpError& e) {
+    return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+  } catch (const Ort::Exception& e) {
+    std::string msg = std::string(kernel->op_name()) + " node '" + kernel->node_name() + "': " + e.what();
+    return api.CreateStatus(e.GetOrtErrorCode(), msg.c_str());
+  } catch (const std::exception& e) {
+    std::string msg = std::string(kernel->op_name()) + " node '" + kernel->node_name() + "': " + e.what();
+    return api.CreateStatus(ORT_RUNTIME_EXCEPTION, msg.c_str());
+  } catch (...) {
+    std::string msg = std::string(kernel->op_name()) + " node '" + kernel->node_name() + "': unknown error";
+    return api.CreateStatus(ORT_RUNTIME_EXCEPTION, msg.c_str());
+  }
+}
+
+// OrtCustomOp descriptor of kernel K. K provides: kName, kNumInputs, kNumOutputs, kOptionalOutputs,
+// static InputType(i), a constructor (const OrtKernelInfo*), Compute(Ort::KernelContext&).
+template <class K>
+struct CpuOp : Ort::CustomOpBase<CpuOp<K>, K, /*WithStatus=*/true> {
+  CpuOp() {
+    // Announce the runtime's API version, not the headers' (else ORT 1.19: "Unsupported version '21'").
+    OrtCustomOp::version = kOrtApiVersion;
+    OrtCustomOp::CreateKernel = nullptr;
+    OrtCustomOp::KernelCompute = nullptr;
+  }
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new K(info);
+      return nullptr;
+    } catch (const std::exception& e) {
+      std::string msg = std::string(K::kName) + ": cannot create kernel: " + e.what();
+      return api.CreateStatus(ORT_RUNTIME_EXCEPTION, msg.c_str());
+    }
+  }
+  const char* GetName() const { return K::kName; }
+  size_t GetInputTypeCount() const { return K::kNumInputs; }
+  ONNXTensorElementDataType GetInputType(size_t i) const { return K::InputType(i); }
+  size_t GetOutputTypeCount() const { return K::kNumOutputs; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t) const {
+    return K::kOptionalOutputs ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+};
+
+// Kernel mix-in: the ComputeV2 entry CustomOpBase<..., true> calls.
+template <class Derived>
+struct StatusKernel : KernelBase {
+  using KernelBase::KernelBase;
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return compute_with_status(static_cast<Derived*>(this), context);
+  }
+};
+
+// Registration entry points of the three op families (cpu/*.cc).
+void AddSatWeightOps(Ort::CustomOpDomain& domain);
+void AddSatActOps(Ort::CustomOpDomain& domain);
+void AddLsqOps(Ort::CustomOpDomain& domain);
+
+}  // namespace cpu
+}  // namespace onnxqat

@@ -1,0 +1,187 @@
+// LsqQuant / LsqQuantGrad (LSQ, per-tensor or per-channel step; quantizer-math.md).
+#include <algorithm>
+#include <cmath>
+
+#include "common/checks.h"
+#include "common/quant_math.h"
+#include "cpu/kernel_base.h"
+#include "cpu/reduce.h"
+
+namespace onnxqat {
+namespace cpu {
+namespace {
+
+struct LsqParams {
+  const float* step;
+  std::vector<int64_t> step_shape;
+  size_t channels;  // 1 per tensor
+  size_t inner;     // elements of one channel row: prod(v.shape[axis+1:]) (n per tensor)
+  LsqBounds bounds;
+  float g;
+};
+
+LsqParams read_params(const KernelBase& k, Ort::KernelContext& ctx, size_t first, const KernelBase::FloatIn& v) {
+  LsqParams p;
+  KernelBase::FloatIn step = k.float_input(ctx, first, "step");
+  const float r = k.float_scalar(ctx, first + 1, "range");
+  k.check(check_range(r));
+  const int64_t sgn = k.int_scalar(ctx, first + 2, "signed");
+  k.check(check_signed(sgn));
+  p.g = k.float_scalar(ctx, first + 3, "grad_scale");
+  k.check(check_finite("grad_scale", p.g));
+  const int64_t axis_in = k.int_scalar(ctx, first + 4, "axis");
+  p.bounds = lsq_bounds(r, sgn == 1);
+  p.step = step.data;
+  p.step_shape = step.shape;
+  if (step.shape.size() > 1 || step.size == 0)
+    k.fail("step must have shape [] or [1] (per tensor) or [C] with C = v.shape[axis] (per channel), got shape " +
+           shape_str(step.shape));
+  if (step.size == 1) {
+    p.channels = 1;
+    p.inner = v.size;
+  } else {
+    const int64_t rank = static_cast<int64_t>(v.shape.size());
+    if (axis_in < -rank || axis_in >= rank || rank == 0)
+      k.fail("axis " + std::to_string(axis_in) + " is out of range for v of shape " + shape_str(v.shape));
+    const int64_t axis = axis_in < 0 ? axis_in + rank : axis_in;
+    if (static_cast<int64_t>(step.size) != v.shape[axis])
+      k.fail("per-channel step has " + std::to_string(step.size) + " elements but v.shape[" + std::to_string(axis) +
+             "] = " + std::to_string(v.shape[axis]) + " (v shape " + shape_str(v.shape) + ")");
+    p.channels = step.size;
+    size_t inner = 1;
+    for (int64_t d = axis + 1; d < rank; ++d) inner *= static_cast<size_t>(v.shape[d]);
+    p.inner = inner;
+  }
+  for (size_t c = 0; c < step.size; ++c) {
+    if (!std::isfinite(step.data[c]) || !(step.data[c] > 0.0f))
+      k.fail("step must be finite and > 0, got " + fmt_float(step.data[c]) +
+             (step.size > 1 ? " at channel " + std::to_string(c) : std::string()));
+  }
+  return p;
+}
+
+// Calls seg(begin, end, channel) for the runs of one channel inside the flat range [b, e).
+template <class Seg>
+inline void for_segments(size_t b, size_t e, const LsqParams& p, Seg&& seg) {
+  if (p.channels == 1) {
+    seg(b, e, size_t{0});
+    return;
+  }
+  if (p.inner == 1) {  // channel axis is the last one: channel = i % C
+    size_t ch = b % p.channels;
+    for (size_t i = b; i < e; ++i) {
+      seg(i, i + 1, ch);
+      if (++ch == p.channels) ch = 0;
+    }
+    return;
+  }
+  size_t i = b;
+  while (i < e) {
+    const size_t row = i / p.inner;
+    const size_t end = std::min(e, (row + 1) * p.inner);
+    seg(i, end, row % p.channels);
+    i = end;
+  }
+}
+
+struct LsqKernel : StatusKernel<LsqKernel> {
+  static constexpr const char* kName = "LsqQuant";
+  static constexpr size_t kNumInputs = 6;
+  static constexpr size_t kNumOutputs = 1;
+  static constexpr bool kOptionalOutputs = false;
+  static ONNXTensorElementDataType InputType(size_t i) {
+    return (i == 3 || i == 5) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  explicit LsqKernel(const OrtKernelInfo* info) : StatusKernel(info, kName) {}
+
+  void Compute(Ort::KernelContext& ctx) {
+    FloatIn v = float_input(ctx, 0, "v");
+    LsqParams p = read_params(*this, ctx, 1, v);
+    float* y = output(ctx, 0, v.shape);
+    const size_t n = v.size;
+    if (n == 0 || y == nullptr) return;
+    const float* vd = v.data;
+    const LsqBounds bd = p.bounds;
+    parallel_for(ctx, num_chunks(n), [&](size_t c) {
+      const size_t b = c * kChunk, e = std::min(n, b + kChunk);
+      for_segments(b, e, p, [&](size_t sb, size_t se, size_t ch) {
+        const float s = p.step[ch];
+        for (size_t i = sb; i < se; ++i) y[i] = lsq_forward(vd[i], s, bd);
+      });
+    });
+  }
+};
+
+struct LsqGradKernel : StatusKernel<LsqGradKernel> {
+  static constexpr const char* kName = "LsqQuantGrad";
+  static constexpr size_t kNumInputs = 7;   // dy, v, step, range, signed, grad_scale, axis
+  static constexpr size_t kNumOutputs = 2;  // dv, dstep
+  static constexpr bool kOptionalOutputs = true;
+  static ONNXTensorElementDataType InputType(size_t i) {
+    return (i == 4 || i == 6) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  explicit LsqGradKernel(const OrtKernelInfo* info) : StatusKernel(info, kName) {}
+
+  void Compute(Ort::KernelContext& ctx) {
+    FloatIn dy = float_input(ctx, 0, "dy");
+    FloatIn v = float_input(ctx, 1, "v");
+    LsqParams p = read_params(*this, ctx, 2, v);
+    if (dy.shape != v.shape)
+      fail("gradient dy has shape " + shape_str(dy.shape) + " but v has shape " + shape_str(v.shape));
+    float* dv = output(ctx, 0, v.shape);
+    float* dstep = output(ctx, 1, p.step_shape);
+    const size_t n = v.size;
+    const size_t C = p.channels;
+    const float* vd = v.data;
+    const float* g = dy.data;
+    const LsqBounds bd = p.bounds;
+
+    // Tasks of `chunk` elements; each keeps C double partial sums of dstep (bounded memory for large C).
+    size_t tasks = num_chunks(n);
+    size_t chunk = kChunk;
+    const size_t max_partials = size_t{1} << 22;
+    if (dstep != nullptr && tasks > 1 && tasks * C > max_partials) {
+      tasks = std::max<size_t>(1, max_partials / C);
+      chunk = (n + tasks - 1) / tasks;
+      tasks = (n + chunk - 1) / chunk;
+    }
+    std::vector<double> part(dstep != nullptr ? tasks * C : 0, 0.0);
+    parallel_for(ctx, tasks, [&](size_t t) {
+      const size_t b = t * chunk, e = std::min(n, b + chunk);
+      double* acc = dstep != nullptr ? part.data() + t * C : nullptr;
+      for_segments(b, e, p, [&](size_t sb, size_t se, size_t ch) {
+        const float s = p.step[ch];
+        if (dv != nullptr) {
+          for (size_t i = sb; i < se; ++i) dv[i] = lsq_dv(g[i], vd[i], s, bd);
+        }
+        if (acc != nullptr) {
+          const float* vb = vd + sb;
+          const float* gb = g + sb;
+          acc[ch] += lane_sum(se - sb, [&](size_t i) {
+            return static_cast<double>(gb[i]) * static_cast<double>(lsq_dstep_local(vb[i], s, bd));
+          });
+        }
+      });
+    });
+    if (dstep != nullptr) {
+      const double gs = static_cast<double>(p.g);
+      for (size_t ch = 0; ch < C; ++ch) {
+        double s = 0;
+        for (size_t t = 0; t < tasks; ++t) s += part[t * C + ch];
+        dstep[ch] = static_cast<float>(gs * s);
+      }
+    }
+  }
+};
+
+}  // namespace
+
+void AddLsqOps(Ort::CustomOpDomain& domain) {
+  static CpuOp<LsqKernel> fwd;
+  static CpuOp<LsqGradKernel> bwd;
+  domain.Add(&fwd);
+  domain.Add(&bwd);
+}
+
+}  // namespace cpu
+}  // namespace onnxqat
