@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxqat.graph import GraphIndex, ensure_opset, infer_shapes, register_quantizer_schemas
 from onnxqat.ops.schema import DOMAIN
 from onnxqat.passes.plan import Plan, PlanEntry
+from onnxqat.passes.strip import encode_replaced
 from onnxqat.passes.weights import SAT_MODE_VALUES, WEIGHTED_OPS
 from onnxqat.recipes import Recipe
 
@@ -114,6 +115,7 @@ def apply_plan(m: onnx.ModelProto, plan: Plan, recipe: Recipe) -> onnx.ModelProt
         k = position[id(act)]
         if e.op_type == "SatActQuant":
             node, inits = quantizer_node(e, act.input[0], act.output[0])
+            node.doc_string = encode_replaced(act)  # strip_quantizers restores exactly this node
             replace[k] = node
         else:
             out = e.output

@@ -225,3 +225,4 @@ def insert_file(src: str | os.PathLike, recipe, dst: str | os.PathLike, calibrat
     _warn(p)
     save_model(apply_plan(m, p, r), dst)
     return p
+from onnxqat.passes.strip import strip_quantizers  # noqa: E402  (re-exported: insert and its inverse)

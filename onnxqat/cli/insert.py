@@ -1,0 +1,99 @@
+"""`onnxqat insert`, `onnxqat recipes`, `onnxqat inspect`: thin commands over onnxqat.passes and onnxqat.recipes."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from onnxqat.cli.app import app
+from onnxqat.errors import OnnxqatError
+
+ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", show_default=False)]
+
+
+def _fail(exc: Exception) -> SystemExit:
+    """One line on stderr, exit code 1. SystemExit rather than typer.Exit: onnxqat.cli.main runs the app with
+    standalone_mode=False, where an Exit's code would be returned (and lost) instead of becoming the status."""
+    typer.echo(f"onnxqat: error: {exc}", err=True)
+    return SystemExit(1)
+
+
+def _echo_warnings(caught) -> None:
+    from onnxqat.passes.insert import QuantizationWarning
+
+    for w in caught:
+        if issubclass(w.category, QuantizationWarning):
+            typer.echo(f"onnxqat: warning: {w.message}", err=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+@app.command("insert")
+def insert_command(
+    model: ModelArg,
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Recipe name (see `onnxqat recipes`) or .toml path.")],
+    output: Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Output QAT model (required unless --dry-run).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
+    calibration_data: Annotated[
+        Optional[Path],
+        typer.Option("--calibration-data", help=".npz with a batch per model input: activation alpha/step from it."),
+    ] = None,
+) -> None:
+    """Insert SAT/LSQ quantizer nodes into MODEL as RECIPE says."""
+    from onnxqat.passes import insert as passes
+
+    if output is None and not dry_run:
+        raise _fail(OnnxqatError("missing --output/-o (or use --dry-run)"))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if dry_run:
+                plan = passes.plan(model, recipe, calibration_data)
+                typer.echo(plan.format(), nl=False)
+            else:
+                plan = passes.insert_file(model, recipe, output, calibration_data)
+        _echo_warnings(caught)
+    except OnnxqatError as exc:
+        raise _fail(exc) from None
+    if not dry_run:
+        typer.echo(
+            f"wrote {output}: {len(plan.weights)} weight quantizers, {len(plan.activations)} activation quantizers "
+            f"(recipe {plan.recipe})"
+        )
+
+
+@app.command("recipes")
+def recipes_command() -> None:
+    """List the shipped recipes, one line each."""
+    from onnxqat.recipes import list_recipes
+
+    try:
+        recipes = list_recipes()
+    except OnnxqatError as exc:
+        raise _fail(exc) from None
+    width = max((len(r.name) for r in recipes), default=0)
+    for r in recipes:
+        stage = f" (after {r.previous_stage})" if r.previous_stage else ""
+        typer.echo(f"{r.name.ljust(width)}  {r.description}{stage}")
+
+
+@app.command("inspect")
+def inspect_command(model: ModelArg) -> None:
+    """Print MODEL's quantizers (node, method, bits, parameters) and its weight memory at those bits."""
+    from onnxqat.passes.inspect import inspect
+
+    try:
+        report = inspect(model)
+    except OnnxqatError as exc:
+        raise _fail(exc) from None
+    if not report.rows:
+        typer.echo(f"onnxqat: {model}: no quantizer nodes (run `onnxqat insert` first)", err=True)
+    typer.echo(report.format(), nl=False)
+
+
+__all__ = ["insert_command", "recipes_command", "inspect_command"]
