@@ -74,6 +74,17 @@ def _is_quantizer(node) -> bool:
     return node.domain == DOMAIN and node.op_type in QUANTIZER_OP_TYPES
 
 
+def _shape_proxy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy for shape inference: quantizer nodes (shape-preserving, unknown to onnx) become Identity."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for n in m.graph.node:
+        if _is_quantizer(n):
+            x, y, name = n.input[0], n.output[0], n.name
+            n.CopyFrom(helper.make_node("Identity", [x], [y], name=name))
+    return m
+
+
 def plan_training(model: onnx.ModelProto) -> TrainingPlan:
     g = model.graph
     inits = {i.name: i for i in g.initializer}
@@ -121,7 +132,7 @@ def plan_training(model: onnx.ModelProto) -> TrainingPlan:
     shapes = {}
     if any(n.op_type == "Dropout" for n in g.node):
         try:
-            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+            inferred = onnx.shape_inference.infer_shapes(_shape_proxy(model), strict_mode=False)
             shapes = {vi.name: _dims(vi) for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
         except Exception:
             shapes = {}

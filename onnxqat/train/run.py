@@ -92,20 +92,22 @@ def _load_recipe(recipe):
     return load_recipe(recipe)
 
 
-def _insert(model: onnx.ModelProto, recipe) -> onnx.ModelProto:
-    from onnxqat.passes.insert import insert, strip_quantizers
-
-    if has_quantizers(model):
-        model = strip_quantizers(model)
-    return insert(model, recipe)
+def _strip_fn():
+    try:
+        from onnxqat.passes.insert import strip_quantizers
+    except ImportError:
+        from onnxqat.passes.strip import strip_quantizers
+    return strip_quantizers
 
 
 def _strip(model: onnx.ModelProto) -> onnx.ModelProto:
-    if not has_quantizers(model):
-        return model
-    from onnxqat.passes.insert import strip_quantizers
+    return _strip_fn()(model) if has_quantizers(model) else model
 
-    return strip_quantizers(model)
+
+def _insert(model: onnx.ModelProto, recipe) -> onnx.ModelProto:
+    from onnxqat.passes.insert import insert
+
+    return insert(_strip(model), recipe)
 
 
 def _prepare_data(data, limit_train, limit_test, validation, seed, num_classes):
