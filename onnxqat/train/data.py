@@ -96,7 +96,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 def _images_nhwc(x: np.ndarray, source: str) -> np.ndarray:
     if x.ndim == 3:
         x = x[..., None]
-    elif x.ndim == 4 and x.shape[1] in (1, 3, 4) and x.shape[3] not in (1, 3, 4):
+    elif x.ndim == 4 and x.shape[1] in (1, 2, 3, 4) and x.shape[3] not in (1, 2, 3, 4):
         x = np.transpose(x, (0, 2, 3, 1))  # NCHW -> NHWC
     if x.ndim != 4:
         raise DataError(f"{source}: images must be [N, H, W] or [N, H, W, C], got shape {tuple(x.shape)}")
