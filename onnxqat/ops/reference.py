@@ -43,6 +43,8 @@ def sat_weight_unscaled(w: np.ndarray, r: float, mode: int) -> np.ndarray:
         return (F32(2) * uq - F32(1)).astype(F32)
     if mode == SAT_MODE_SYMMETRIC:
         half = F32(np.floor(r / 2))
+        if half < 1:  # R = 1: no level besides 0, and round(0 * tn) / 0 would be NaN
+            raise ValueError(f"SAT weight mode {mode} (symmetric) needs R >= 2, got {r}")
         return (np.round(half * tn) / half).astype(F32)
     raise ValueError(f"unknown SAT weight mode {mode}")
 

@@ -1,0 +1,173 @@
+"""SatWeightQuant / SatWeightQuantGrad (C++ through onnxruntime) against the numpy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import F32, I64, run_op
+
+from onnxqat.ops import reference as ref
+from onnxqat.ops.schema import SAT_MODE_CLAMP, SAT_MODE_DOREFA, SAT_MODE_SYMMETRIC
+
+RANGES = (1, 3, 15, 255)
+MODES = (SAT_MODE_CLAMP, SAT_MODE_DOREFA, SAT_MODE_SYMMETRIC)
+
+
+def _args(w, r, mode, fan):
+    return [w.astype(F32), np.array(r, F32), np.array(mode, I64), np.array(fan, I64)]
+
+
+def _pre_round(w, r, mode):
+    """numpy's value just before rounding (None in clamp mode): the rounding boundaries are at k + 0.5."""
+    tn = (np.tanh(w.astype(F32)) / ref.sat_weight_max_tanh(w)).astype(F32)
+    if mode == SAT_MODE_DOREFA:
+        return (F32(r) * ((tn + F32(1)) * F32(0.5))).astype(F32)
+    if mode == SAT_MODE_SYMMETRIC:
+        return (F32(np.floor(F32(r) / 2)) * tn).astype(F32)
+    return None
+
+
+def _near_boundary(w, r, mode):
+    """Elements where a last-ulp difference of tanh (glibc's tanhf vs numpy's) can move the value across a
+    rounding boundary: within 8 float32 ulps (of R) of k + 0.5."""
+    z = _pre_round(w, r, mode)
+    if z is None:
+        return np.zeros(w.shape, bool)
+    dist = np.abs(z - (np.floor(z) + F32(0.5)))
+    # tanh(0) = 0 and |tanh| at the maximum (t/M = +-1) are exact in both: never uncertain
+    exact = (w == 0) | (np.abs(w) == np.abs(w).max())
+    return (dist <= 8 * 2.0**-24 * max(float(r), 1.0)) & ~exact
+
+
+def check_forward(w, r, mode, fan):
+    args = _args(w, r, mode, fan)
+    got = run_op("SatWeightQuant", args)[0]
+    want = ref.sat_weight_forward(*args)
+    assert got.shape == want.shape and got.dtype == np.float32
+    assert np.isfinite(got).all()
+    near = _near_boundary(w, r, mode)
+    assert near.sum() <= 2 + w.size // 1000, f"{near.sum()} of {w.size} elements near a rounding boundary"
+    keep = ~near
+    if mode == SAT_MODE_CLAMP:
+        # t/M: tanh differs by at most a couple of ulps between glibc and numpy; values in [-1, 1] / S
+        scale = float(np.abs(want).max()) if want.size else 1.0
+        np.testing.assert_allclose(got, want, rtol=0, atol=4e-7 * scale)
+    elif fan > 0 and w.size >= 2:
+        # a flipped element near a boundary changes S slightly for the whole tensor; the others agree to 1e-6
+        np.testing.assert_allclose(got[keep], want[keep], rtol=1e-6, atol=0)
+    else:
+        np.testing.assert_array_equal(got[keep], want[keep])
+    return got, want
+
+
+def check_backward(w, r, mode, fan, rng):
+    args = _args(w, r, mode, fan)
+    dy = rng.normal(size=w.shape).astype(F32)
+    got = run_op("SatWeightQuantGrad", [dy] + args)[0]
+    want = ref.sat_weight_backward(dy, *args)
+    assert got.shape == w.shape and got.dtype == np.float32
+    assert np.isfinite(got).all()
+    # dW = dy (1 - t^2) / (M S): a tanh ulp moves 1 - t^2 by ~2^-23 absolute; relative 2e-6 elsewhere
+    bound = np.abs(dy) * (2.0**-21) / (ref.sat_weight_max_tanh(w) * ref.sat_weight_scale(
+        ref.sat_weight_unscaled(w, r, mode), fan))
+    err = np.abs(got.astype(np.float64) - want)
+    assert (err <= 2e-6 * np.abs(want) + bound).all(), f"max err {err.max()}"
+    return got, want
+
+
+@pytest.mark.parametrize("r", RANGES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("scaled", [False, True])
+def test_forward_backward_random(r, mode, scaled):
+    rng = np.random.default_rng(1000 * r + 10 * mode + scaled)
+    w = (rng.normal(size=(16, 8, 3, 3)) * 0.7).astype(F32)
+    fan = 16 * 9 if scaled else 0
+    if mode == SAT_MODE_SYMMETRIC and r < 2:
+        pytest.skip("R=1 symmetric is rejected (tested in test_bad_inputs)")
+    got, want = check_forward(w, r, mode, fan)
+    if mode != SAT_MODE_CLAMP:
+        # the levels really are quantized: at most R+1 distinct values
+        assert len(np.unique(got)) <= r + 1
+    check_backward(w, r, mode, fan, rng)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fan", [0, 9])
+def test_all_zero_weights(mode, fan):
+    # M = 1 by definition; DoReFa: R*u = R/2, an exact tie for odd R (rounds half to even); Var = 0 -> S = 1
+    w = np.zeros((4, 9), F32)
+    for r in (3, 15, 255):
+        got, want = check_forward(w, r, mode, fan)
+        if mode == SAT_MODE_DOREFA:
+            # round(R/2) half to even: R=3 -> 2 -> 2*2/3-1 = 1/3; R=15 -> 8 -> 1/15; R=255 -> 128 -> 1/255
+            expect = {3: 2 * F32(2) / F32(3) - 1, 15: 2 * (F32(8) / F32(15)) - 1, 255: 2 * (F32(128) / F32(255)) - 1}
+            np.testing.assert_array_equal(got, np.full(w.shape, expect[r], F32))
+        else:
+            np.testing.assert_array_equal(got, np.zeros_like(w))
+        rng = np.random.default_rng(r)
+        dw, _ = check_backward(w, r, mode, fan, rng)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_one_element(mode):
+    w = np.array([0.3], F32)
+    for fan in (0, 5):
+        got, want = check_forward(w, 15, mode, fan)
+        if mode == SAT_MODE_CLAMP:
+            np.testing.assert_array_equal(got, [1.0])  # t/M with M = |t|
+        check_backward(w, 15, mode, fan, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_far_outside(mode):
+    # |W| large: tanh saturates at +-1, 1 - t^2 = 0 (no gradient), no NaN
+    w = np.array([-1e30, -50.0, -3.0, 0.0, 0.01, 3.0, 50.0, 1e30, 3e38], F32)
+    got, want = check_forward(w, 15, mode, 0)
+    assert got[0] == -1.0 and got[-1] == 1.0
+    dw, _ = check_backward(w, 15, mode, 0, np.random.default_rng(1))
+    assert dw[0] == 0 and dw[-1] == 0
+
+
+def test_scalar_weight_shape():
+    w = np.array(0.5, F32)  # rank 0
+    got = run_op("SatWeightQuant", _args(w, 15, SAT_MODE_DOREFA, 0))[0]
+    assert got.shape == () and got == 1.0
+
+
+@pytest.mark.parametrize("mode", [SAT_MODE_DOREFA, SAT_MODE_CLAMP])
+def test_large_tensor_threads(mode):
+    # > 1M elements: several parallel chunks (64K each) for tanh/max, the variance sums and the gradient
+    rng = np.random.default_rng(7)
+    w = (rng.normal(size=(1200, 1001)) * 0.5).astype(F32)
+    w[1100, 1000] = 4.0  # the max sits in the last chunk
+    check_forward(w, 15, mode, 1200)
+    check_backward(w, 15, mode, 1200, rng)
+
+
+def test_threads_agree_with_serial():
+    rng = np.random.default_rng(8)
+    w = (rng.normal(size=(1 << 20) + 17) * 0.5).astype(F32)
+    args = _args(w, 15, SAT_MODE_DOREFA, 64)
+    dy = rng.normal(size=w.shape).astype(F32)
+    a = run_op("SatWeightQuant", args, threads=1)[0]
+    b = run_op("SatWeightQuant", args, threads=2)[0]
+    np.testing.assert_array_equal(a, b)  # fixed chunks, fixed combination order: deterministic
+    a = run_op("SatWeightQuantGrad", [dy] + args, threads=1)[0]
+    b = run_op("SatWeightQuantGrad", [dy] + args, threads=2)[0]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_scaling_factor_value():
+    # ApplyScaling divides by S = sqrt(n Var(Wq)) (Bessel): check S itself from the outputs
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(32, 16)).astype(F32)
+    unscaled = run_op("SatWeightQuant", _args(w, 15, SAT_MODE_DOREFA, 0))[0]
+    scaled = run_op("SatWeightQuant", _args(w, 15, SAT_MODE_DOREFA, 32))[0]
+    s = np.sqrt(32 * np.var(unscaled.astype(np.float64), ddof=1))
+    np.testing.assert_allclose(scaled, unscaled / s, rtol=1e-6)
+    assert abs(np.std(scaled.astype(np.float64), ddof=1) * np.sqrt(32) - 1) < 1e-6
+
+
+def test_symmetric_r1_rejected_by_reference_too():
+    with pytest.raises(ValueError, match="R >= 2"):
+        ref.sat_weight_forward(np.ones(3, F32), 1.0, SAT_MODE_SYMMETRIC, 0)
