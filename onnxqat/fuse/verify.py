@@ -1,0 +1,172 @@
+"""Self-check of a fused model: the fake-quantized (QAT) model and the fused model on the same batch.
+
+The QAT model runs on onnx.reference with the numpy quantizer references (`reference_ops()`): the executable form of
+the quantizer math, independent of the compiled op library. The fused model runs on this environment's onnxruntime
+where its kernels cover the graph, else on onnx.reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnxqat.errors import DataError, FuseError
+from onnxqat.fuse.lower import OutputInfo
+
+
+@dataclass
+class Agreement:
+    samples: int
+    max_code_diff: float  # max |code(fake-quant) - code(fused)| over all output elements, in output code units
+    code_agreement: float  # fraction of output elements whose codes are identical
+    top1_agreement: float  # fraction of samples whose argmax is identical (first output, rank 2)
+    fused_engine: str
+
+    @property
+    def identical(self) -> bool:
+        return self.max_code_diff == 0 and self.top1_agreement == 1.0
+
+    def summary(self) -> str:
+        return (f"verify: {self.samples} samples, max output code difference {self.max_code_diff:g}, "
+                f"codes identical {100 * self.code_agreement:.3f}%, top-1 agreement {100 * self.top1_agreement:.2f}% "
+                f"(fused model on {self.fused_engine})")
+
+
+def run_fake_quant(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    from onnx.reference import ReferenceEvaluator
+
+    from onnxqat.ops.reference import reference_ops
+
+    sess = ReferenceEvaluator(model, new_ops=reference_ops())
+    name = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}][0]
+    return [np.asarray(o) for o in sess.run(None, {name: x})]
+
+
+def run_onnx_reference(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+    from onnx.reference import ReferenceEvaluator
+
+    sess = ReferenceEvaluator(model)
+    return [np.asarray(o) for o in sess.run(None, {model.graph.input[0].name: x})]
+
+
+def run_onnxruntime(model: onnx.ModelProto, x: np.ndarray, threads: int = 1) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return sess.run(None, {model.graph.input[0].name: x})
+
+
+def run_fused(model: onnx.ModelProto, x: np.ndarray) -> tuple[list[np.ndarray], str]:
+    try:
+        import onnxruntime as ort
+
+        return run_onnxruntime(model, x), f"onnxruntime {ort.__version__}"
+    except Exception as exc:  # an op the installed runtime lacks (e.g. 1.19.2 coverage): fall back to onnx.reference
+        if "NOT_IMPLEMENTED" not in str(exc) and "not implemented" not in str(exc).lower() and "type" not in str(exc):
+            raise
+        return run_onnx_reference(model, x), "onnx.reference"
+
+
+def _input_info(model: onnx.ModelProto):
+    inits = {t.name for t in model.graph.initializer}
+    inp = [i for i in model.graph.input if i.name not in inits][0]
+    dims = [d.dim_value if d.dim_value > 0 else None for d in inp.type.tensor_type.shape.dim]
+    return inp.name, dims
+
+
+def random_codes(qat: onnx.ModelProto, samples: int, seed: int = 0) -> np.ndarray:
+    """uint8 image codes shaped like the network input (batch = samples)."""
+    name, dims = _input_info(qat)
+    if not dims:
+        raise FuseError(f"network input '{name}' has no shape: pass verify data")
+    if any(d is None for d in dims[1:]):
+        raise FuseError(f"network input '{name}' has symbolic dimensions {dims}: pass verify data")
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=[samples] + dims[1:], dtype=np.uint8)
+
+
+def load_verify_data(path: str, samples: int | None = None) -> np.ndarray:
+    try:
+        with np.load(path) as z:
+            key = next((k for k in ("x", "images", "input", "data") if k in z.files), z.files[0] if z.files else None)
+            if key is None:
+                raise DataError(f"{path}: no array in the file")
+            x = np.asarray(z[key])
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read verify data ({exc})") from exc
+    return x[:samples] if samples else x
+
+
+def inputs_for(x: np.ndarray, input_scale: float, fused_input: str) -> tuple[np.ndarray, np.ndarray]:
+    """(QAT-model input as float, fused-model input) from codes (uint8) or float data in the input's range."""
+    if x.dtype == np.uint8:
+        xf = (x.astype(np.float32) * np.float32(input_scale)).astype(np.float32)
+        codes = x
+    else:
+        xf = x.astype(np.float32)
+        codes = np.clip(np.round(xf / np.float32(input_scale)), 0, 255).astype(np.uint8)
+    return xf, (codes if fused_input == "uint8" else xf)
+
+
+def compare(fq: list[np.ndarray], fused: list[np.ndarray], outputs: list[OutputInfo], engine: str) -> Agreement:
+    max_diff, agree, total = 0.0, 0, 0
+    for a, b, info in zip(fq, fused, outputs):
+        a = np.asarray(a, np.float64)
+        b = np.asarray(b, np.float64)
+        if a.shape != b.shape:
+            raise FuseError(f"output '{info.name}': fake-quantized shape {a.shape} vs fused {b.shape}")
+        if np.all(info.scale == 0):  # float output (QDQ logits): compare in units of 1e-6 relative to the range
+            unit = max(np.max(np.abs(a)), 1e-12) * 1e-6
+            ca, cb = np.round(a / unit), np.round(b / unit)
+        else:
+            shape = [1] * a.ndim
+            if info.scale.size > 1:
+                shape[info.axis] = info.scale.size
+            s = info.scale.reshape(shape)
+            ca, cb = (np.round(a / s), np.round(b / s)) if info.dtype == onnx.TensorProto.FLOAT else (np.round(a / s), b)
+        d = np.abs(ca - cb)
+        max_diff = max(max_diff, float(d.max()) if d.size else 0.0)
+        agree += int(np.sum(d == 0))
+        total += d.size
+    a0, b0 = np.asarray(fq[0]), np.asarray(fused[0])
+    if a0.ndim >= 2:
+        top1 = float(np.mean(np.argmax(a0.reshape(len(a0), -1), 1) == np.argmax(b0.reshape(len(b0), -1), 1)))
+    else:
+        top1 = 1.0
+    return Agreement(len(a0), max_diff, agree / max(total, 1), top1, engine)
+
+
+def verify(qat: onnx.ModelProto, fused: onnx.ModelProto, outputs: list[OutputInfo], *, input_scale: float,
+           fused_input: str, data: np.ndarray | None = None, samples: int = 64, seed: int = 0) -> Agreement:
+    x = data if data is not None else random_codes(qat, samples, seed)
+    xf, xin = inputs_for(x, input_scale, fused_input)
+    fq = run_fake_quant(qat, xf)
+    out, engine = run_fused(fused, xin)
+    return compare(fq, out, outputs, engine)
+
+
+def accuracy_check(qat, fused, images: np.ndarray, labels: np.ndarray, *, input_scale: float = 1 / 255,
+                   batch: int = 500) -> dict:
+    """Top-1 of the fake-quantized model and of the fused model on a labelled set (the trained-LeNet check).
+
+    qat / fused: ModelProto or path; images: uint8 codes or float in [0, 1] shaped like the input; labels: int.
+    Returns {"top1_fake_quant", "top1_fused", "diff_points", "top1_agreement"} in percent / fraction.
+    """
+    qat = onnx.load(qat) if isinstance(qat, str) else qat
+    fused = onnx.load(fused) if isinstance(fused, str) else fused
+    fused_input = "uint8" if fused.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8 else "float"
+    pf, pq = [], []
+    for i in range(0, len(images), batch):
+        xf, xin = inputs_for(images[i:i + batch], input_scale, fused_input)
+        pq.append(np.argmax(run_fake_quant(qat, xf)[0], 1))
+        pf.append(np.argmax(run_fused(fused, xin)[0][0], 1))
+    pq, pf = np.concatenate(pq), np.concatenate(pf)
+    labels = np.asarray(labels).reshape(-1)
+    a, b = 100 * float(np.mean(pq == labels)), 100 * float(np.mean(pf == labels))
+    return {"top1_fake_quant": a, "top1_fused": b, "diff_points": abs(a - b), "top1_agreement": float(np.mean(pq == pf))}

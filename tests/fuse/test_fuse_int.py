@@ -1,0 +1,147 @@
+"""Integer-only fusion of small QAT models: graph properties, runtimes agree bit for bit, codes equal fake-quant's."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, shape_inference
+from onnx.reference import ReferenceEvaluator
+
+import qat_models as qm
+from onnxqat.fuse.api import fuse
+from onnxqat.ops.reference import reference_ops
+from onnxqat.ops.schema import DOMAIN
+
+MODELS = {
+    "conv_bn_sat4": lambda: qm.conv_bn_sat(15, 15),
+    "conv_bn_sat8": lambda: qm.conv_bn_sat(255, 255),  # 8-bit DoReFa: codes 2k-255 need the box-sum form
+    "residual4": lambda: qm.residual(),
+    "lsq_per_channel4": lambda: qm.lsq_per_channel(15),
+    "lsq_per_channel8": lambda: qm.lsq_per_channel(255),
+}
+INTEGER = {TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT64,
+           TensorProto.UINT32, TensorProto.INT16, TensorProto.UINT16}
+N = 64
+
+
+def codes_in(model, n=N, seed=11):
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:]
+    return np.random.default_rng(seed).integers(0, 256, size=[n] + dims, dtype=np.uint8)
+
+
+def fake_quant(model, codes):
+    x = (codes.astype(np.float32) * np.float32(1 / 255)).astype(np.float32)
+    return ReferenceEvaluator(model, new_ops=reference_ops()).run(None, {"input": x})[0]
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def case(request):
+    qat = MODELS[request.param]()
+    res = fuse(qat, check=False)
+    codes_res = fuse(qat, check=False, dequantize_output=False)  # int32 output codes as the graph output
+    x = codes_in(qat)
+    return request.param, qat, res, codes_res, x, fake_quant(qat, x)
+
+
+def test_graph_is_integer_only_standard_ops(case):
+    name, qat, res, codes_res, x, fq = case
+    m = res.model
+    ops = {n.op_type for n in m.graph.node}
+    assert "BatchNormalization" not in ops
+    assert all(n.domain in ("", "ai.onnx") for n in m.graph.node)
+    assert [o.domain for o in m.opset_import] == [""]
+    assert {"ConvInteger", "MatMulInteger"} & ops
+    inferred = shape_inference.infer_shapes(codes_res.model, strict_mode=True, data_prop=True)
+    g = inferred.graph
+    assert g.input[0].type.tensor_type.elem_type == TensorProto.UINT8
+    assert g.output[0].type.tensor_type.elem_type == TensorProto.INT32
+    typed = list(g.value_info) + list(g.output)
+    assert len(typed) >= len(g.node)  # every node output got a type
+    floats = [v.name for v in typed if v.type.tensor_type.elem_type not in INTEGER]
+    assert floats == []
+    assert all(t.data_type in INTEGER for t in g.initializer)
+    # with the final dequantize, only the graph output is float
+    g2 = shape_inference.infer_shapes(m, strict_mode=True).graph
+    assert [v.name for v in list(g2.value_info) + list(g2.output) if v.type.tensor_type.elem_type not in INTEGER] == \
+        [o.name for o in g2.output]
+
+
+def test_onnxruntime_and_reference_agree_bit_for_bit(case):
+    import onnxruntime as ort
+
+    name, qat, res, codes_res, x, fq = case
+    for r in (res, codes_res):
+        sess = ort.InferenceSession(r.model.SerializeToString(), providers=["CPUExecutionProvider"])
+        a = sess.run(None, {"input": x})[0]
+        b = ReferenceEvaluator(r.model).run(None, {"input": x})[0]
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_fused_codes_equal_fake_quant(case):
+    name, qat, res, codes_res, x, fq = case
+    fused_codes = ReferenceEvaluator(codes_res.model).run(None, {"input": x})[0]  # int32 codes in last-layer steps
+    unit = codes_res.outputs[0].scale.reshape(1, -1)
+    assert fused_codes.dtype == np.int32
+    assert np.mean(np.round(fq / unit) == fused_codes) >= 0.999
+    fused = ReferenceEvaluator(res.model).run(None, {"input": x})[0]
+    assert np.array_equal(np.argmax(fused, 1), np.argmax(fq, 1))
+    # dequantized logits: within half a step of the last layer (the bias is kept to 2^-k of a step)
+    assert np.max(np.abs(fused - fq) / unit) <= 0.5 + 1e-3
+
+
+def test_activation_codes_equal_fake_quant_layer_by_layer():
+    """Every intermediate activation code of conv_bn_sat equals the fake-quantized model's, element for element."""
+    qat = qm.conv_bn_sat(15, 15)
+    res = fuse(qat, check=False)
+    x = codes_in(qat)
+    names = {"relu1_out": 2.11 / 15, "relu2_out": 2.93 / 15}
+    probe = onnx.ModelProto()
+    probe.CopyFrom(qat)
+    fused = onnx.ModelProto()
+    fused.CopyFrom(res.model)
+    for n in names:
+        probe.graph.output.append(onnx.helper.make_tensor_value_info(n, TensorProto.FLOAT, None))
+        fused.graph.output.append(onnx.helper.make_tensor_value_info(f"{n}_codes", TensorProto.UINT8, None))
+    xf = (x.astype(np.float32) / np.float32(255)).astype(np.float32)
+    fq = ReferenceEvaluator(probe, new_ops=reference_ops()).run(None, {"input": xf})
+    got = ReferenceEvaluator(fused).run(None, {"input": x})
+    for i, (n, s) in enumerate(names.items()):
+        want = np.round(fq[1 + i] / np.float32(s))
+        assert got[1 + i].dtype == np.uint8
+        assert np.mean(want == got[1 + i]) >= 0.999, n
+        assert got[1 + i].max() <= 15 and got[1 + i].max() > 0
+
+
+@pytest.mark.parametrize("rescale", ["fixed-point", "float"])
+def test_builtin_self_check_reports_agreement(rescale):
+    res = fuse(qm.residual(), rescale=rescale, verify_samples=32, strict=True)
+    a = res.agreement
+    assert a.samples == 32 and a.max_code_diff == 0 and a.top1_agreement == 1.0 and a.code_agreement == 1.0
+    assert "max output code difference 0" in res.summary()
+
+
+def test_float_input_option_quantizes_in_graph():
+    qat = qm.conv_bn_sat(15, 15)
+    res = fuse(qat, input_type="float", check=False)
+    assert res.model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT
+    assert res.model.graph.node[0].op_type == "QuantizeLinear"
+    x = codes_in(qat)
+    a = ReferenceEvaluator(res.model).run(None, {"input": (x / np.float32(255)).astype(np.float32)})[0]
+    b = ReferenceEvaluator(fuse(qat, check=False).model).run(None, {"input": x})[0]
+    assert np.array_equal(a, b)
+
+
+def test_keep_float_island():
+    """GlobalAveragePool has no integer lowering: named in the error, or kept in float between Dequantize/Quantize."""
+    b = qm.QatBuilder(5)
+    x = b.sat_act("relu1", b.bn("bn1", b.conv("conv1", "input", 3, 8), 8), "relu1_out", 1.93)
+    x = b.op("GlobalAveragePool", [x], "gap")
+    x = b.sat_act("gapq", x, "gap_q", 1.17)
+    x = b.op("Flatten", [x], "flat", axis=1)
+    qat = b.model(["N", 3, 6, 6], b.gemm("fc", x, 8, 4), ["N", 4])
+    from onnxqat.errors import FuseError
+
+    with pytest.raises(FuseError, match="GlobalAveragePool 'gap'.*keep_float"):
+        fuse(qat, check=False)
+    res = fuse(qat, keep_float=["gap"], verify_samples=32)
+    assert res.kept_float == ["gap"]
+    assert res.agreement.top1_agreement == 1.0 and res.agreement.code_agreement >= 0.999
