@@ -53,8 +53,16 @@ def collect(model: onnx.ModelProto, feeds: dict[str, np.ndarray], tensors: list[
     for k, v in feeds.items():
         dtype = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(double)": np.float64}.get(types.get(k))
         cast[k] = v.astype(dtype) if dtype is not None else v
+    # a model with a fixed batch size runs the calibration batch in chunks of that size
+    batch = {i.name: i.shape[0] for i in sess.get_inputs() if i.shape and isinstance(i.shape[0], int)}
+    n = min(v.shape[0] for v in cast.values()) if cast and all(v.ndim for v in cast.values()) else 0
+    chunk = min(batch.values()) if batch else 0
+    if chunk and n > chunk and all(cast[k].shape[0] != b for k, b in batch.items()):
+        runs = [{k: v[i : i + chunk] for k, v in cast.items()} for i in range(0, n - chunk + 1, chunk)]
+    else:
+        runs = [cast]
     try:
-        values = sess.run(tensors, cast)
+        results = [sess.run(tensors, feeds) for feeds in runs]
     except Exception as exc:
         raise DataError(f"calibration run failed: {str(exc).splitlines()[0]}") from None
-    return dict(zip(tensors, values))
+    return {t: np.concatenate([r[k] for r in results], axis=0) for k, t in enumerate(tensors)}
