@@ -85,6 +85,25 @@ def _shape_proxy(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
+def _annotate_quantizer_outputs(m: onnx.ModelProto) -> None:
+    """Adds value_info (type and shape) for the outputs of quantizer nodes, which onnx cannot infer. ORT needs it:
+    MaxPoolGrad reads its output shape from the graph and crashes (segfault) when a custom op's unknown-shape output
+    feeds the MaxPool (e.g. SatActQuant replacing the Relu before a pool)."""
+    outs = [o for n in m.graph.node if _is_quantizer(n) for o in n.output if o]
+    known = {vi.name for vi in list(m.graph.value_info) + list(m.graph.output)}
+    todo = [o for o in outs if o not in known]
+    if not todo:
+        return
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_shape_proxy(m), strict_mode=False)
+    except Exception:
+        return
+    vis = {vi.name: vi for vi in inferred.graph.value_info}
+    for o in todo:
+        if o in vis and vis[o].type.tensor_type.HasField("shape"):
+            m.graph.value_info.append(vis[o])
+
+
 def plan_training(model: onnx.ModelProto) -> TrainingPlan:
     g = model.graph
     inits = {i.name: i for i in g.initializer}
@@ -175,6 +194,7 @@ def training_copy(model: onnx.ModelProto, plan: TrainingPlan) -> onnx.ModelProto
     g.node.extend(nodes)
     for d in plan.dropouts:
         g.input.append(helper.make_tensor_value_info(d.mask_input, TensorProto.FLOAT, ["mask_batch", *d.shape]))
+    _annotate_quantizer_outputs(m)
     used = {i for n in g.node for i in n.input}
     keep = [i for i in g.initializer if i.name in used]
     del g.initializer[:]

@@ -58,10 +58,11 @@ def test_lsq_trains_steps_with_their_own_lr(tmp_path, lenet):
 
 def test_two_stage_recipe_and_init_from(tmp_path, lenet):
     said = []
-    res = train(lenet, "fashion-mnist", recipe="sat4-weights", epochs=1, out=tmp_path / "two", **DATA,
+    # sat4: SatActQuant replaces the Relus before the MaxPools (ORT needs the quantizer outputs' shapes there)
+    res = train(lenet, "fashion-mnist", recipe="sat4", epochs=1, out=tmp_path / "two", **DATA,
                 **{**QUIET, "log": said.append})
     assert (tmp_path / "two" / "stage1" / "model.onnx").is_file() and len(res.stages) == 1
-    assert any(s.startswith("stage 2: recipe sat4-weights") for s in said)
+    assert any(s.startswith("stage 2: recipe sat4 ") for s in said)
     s1 = _inits(onnx.load(str(tmp_path / "two" / "stage1" / "model.onnx")))
     m2 = onnx.load(str(res.model_path))
     modes = {n.name: int(v) for n, v in ((i, numpy_helper.to_array(i)) for i in m2.graph.initializer)
@@ -69,6 +70,10 @@ def test_two_stage_recipe_and_init_from(tmp_path, lenet):
     assert set(modes.values()) == {1}  # phase two quantizes the weights
     s1_modes = {k: int(v) for k, v in s1.items() if k.endswith("_wquant.mode")}
     assert set(s1_modes.values()) == {0}  # phase one clamps
+    alphas = [k for k in _inits(m2) if k.endswith("_aquant.alpha")]
+    assert len(alphas) == 4 and not any(k.endswith("_aquant.alpha") for k in s1)
+    assert any(float(_inits(m2)[k].reshape(-1)[0]) != 6.0 for k in alphas)  # alpha trained from its 6.0 start
+    np.testing.assert_array_equal(_inits(m2)["conv1.weight"].shape, s1["conv1.weight"].shape)
     # init-from: the phase-two model, started from phase one's weights by name, as a separate command
     from onnxqat.passes.insert import insert
 
