@@ -483,6 +483,8 @@ class Lowerer:
         with np.errstate(divide="ignore"):
             sh = np.where(amax > 0, np.floor(PRECISION_BITS - 1 - np.log2(np.where(amax > 0, amax, 1))), 0)
         sh = np.clip(sh, 0, sh_max).astype(np.int64)
+        if sh.size > 1 and sh.max() - sh.min() <= 7:  # one shift for the layer: every multiplier keeps >= 20 bits
+            sh = np.full_like(sh, sh.min())
         p2 = np.ldexp(1.0, sh)
         m = [np.round(ai * p2).astype(np.int64) for ai in a]
         lim = float(2 ** 61)
@@ -490,6 +492,8 @@ class Lowerer:
         bias_fp = np.clip(np.where(sh > 0, np.round(bq * p2) + np.ldexp(0.5, sh), np.floor(bq + 0.5)), -lim, lim)
         bias_fp = bias_fp.astype(np.int64)
         hi = ((r + 1) << sh) - 1
+        shape_sh = cshape if np.any(sh != sh.flat[0]) else ()
+        sh_c, hi_c = (sh, hi) if shape_sh else (sh[:1], hi[:1])
         y = None
         for k, ((t, _, _), mk) in enumerate(zip(v.terms, m)):
             t64 = b.cast(t, TensorProto.INT64, f"{name}_t{k}")
@@ -497,9 +501,9 @@ class Lowerer:
             y = p if y is None else b.op("Add", [y, p], f"{name}_sum")
         y = b.op("Add", [y, b.const(f"{name}_bias", bias_fp.reshape(cshape))], f"{name}_biased")
         y = b.op("Max", [y, b.const(f"{name}_lo", np.array(0, np.int64))], f"{name}_relu")
-        y = b.op("Min", [y, b.const(f"{name}_hi", hi.reshape(cshape).astype(np.int64))], f"{name}_sat")
+        y = b.op("Min", [y, b.const(f"{name}_hi", hi_c.reshape(shape_sh).astype(np.int64))], f"{name}_sat")
         y = b.cast(y, TensorProto.UINT64, f"{name}_u64")
-        y = b.op("BitShift", [y, b.const(f"{name}_shift", sh.reshape(cshape).astype(np.uint64))], f"{name}_shr",
+        y = b.op("BitShift", [y, b.const(f"{name}_shift", sh_c.reshape(shape_sh).astype(np.uint64))], f"{name}_shr",
                  direction="RIGHT")
         return Codes(b.cast(y, TensorProto.UINT8, f"{name}_codes"), s_out, r)
 
@@ -541,7 +545,10 @@ class Lowerer:
         k = int(max(0, min(16, math.floor(math.log2(room))))) if self.dequantize_output else 0
         cshape = v.cshape if n > 1 else ()
         mul = (sgn * (1 << k)).astype(np.int32)
-        y = b.op("Mul", [t, b.const(f"{name}_mul", mul.reshape(cshape))], f"{name}_acc")
+        y = t
+        if np.any(mul != 1):
+            mul_c = mul.reshape(cshape) if np.any(mul != mul[0]) else mul[:1].reshape(())
+            y = b.op("Mul", [t, b.const(f"{name}_mul", mul_c)], f"{name}_acc")
         badd = np.floor(bcode * (1 << k) + 0.5).astype(np.int32)
         out_scale = mag / (1 << k)
         if not self.dequantize_output:
