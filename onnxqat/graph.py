@@ -48,7 +48,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        onnx.save(model, tmp)
+        if model.ByteSize() > 1_900_000_000:  # protobuf's 2 GiB limit: tensors go to <name>.data beside it
+            onnx.save(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=f"{path.name}.data")
+        else:
+            onnx.save(model, tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -117,6 +117,7 @@ def apply_plan(m: onnx.ModelProto, plan: Plan, recipe: Recipe) -> onnx.ModelProt
             node, inits = quantizer_node(e, act.input[0], act.output[0])
             node.doc_string = encode_replaced(act)  # strip_quantizers restores exactly this node
             replace[k] = node
+            value_infos.append((act.output[0], act.output[0]))
         else:
             out = e.output
             node, inits = quantizer_node(e, e.tensor, out)

@@ -15,11 +15,15 @@ import onnx
 
 from onnxqat.errors import ModelError, RecipeError
 from onnxqat.graph import GraphIndex, infer_shapes, load_model, name_unnamed_nodes
+from onnxqat.ops.schema import DOMAIN
 from onnxqat.passes import activations as act_pass
 from onnxqat.passes import weights as w_pass
 from onnxqat.passes.apply import apply_plan
 from onnxqat.passes.plan import Plan, PlanEntry
+from onnxqat.passes.strip import strip_quantizers
 from onnxqat.recipes import Recipe, load_recipe
+
+__all__ = ["insert", "plan", "insert_file", "prepare", "strip_quantizers", "QuantizationWarning"]
 
 
 class QuantizationWarning(UserWarning):
@@ -69,6 +73,12 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
     index = GraphIndex(m)
     warns: list[str] = []
     name = m.graph.name or "model"
+    present = [n.name for n in m.graph.node if n.domain == DOMAIN]
+    if present:
+        raise ModelError(
+            f"model {name} already holds quantizer nodes ({present[0]}, ...): strip them first "
+            "(onnxqat.passes.strip.strip_quantizers)"
+        )
     layers = w_pass.find_weighted_layers(index, warns)
     if not layers:
         raise ModelError(
@@ -225,4 +235,3 @@ def insert_file(src: str | os.PathLike, recipe, dst: str | os.PathLike, calibrat
     _warn(p)
     save_model(apply_plan(m, p, r), dst)
     return p
-from onnxqat.passes.strip import strip_quantizers  # noqa: E402  (re-exported: insert and its inverse)

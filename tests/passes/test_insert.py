@@ -62,6 +62,9 @@ def x_input(shape=(2, 3, 8, 8), seed=0):
 def test_resblock_sat4_placement():
     q = insert(resblock(), "sat4")
     onnx.checker.check_model(q, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(q, strict_mode=True)
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in inferred.graph.value_info}
+    assert shapes["r0"] == [2, 8, 8, 8] and shapes["wt_q"] == [4, 2, 2, 2] and shapes["up"] == [2, 2, 8, 8]
     qs = quantizers(q)
     assert Counter(n.op_type for n in qs) == {"SatWeightQuant": 6, "SatActQuant": 5}
     nodes = by_name(q)
@@ -96,6 +99,7 @@ def test_resblock_lsq4_placement_and_init():
     m = resblock()
     q = insert(m, "lsq4")
     onnx.checker.check_model(q, full_check=True)
+    onnx.shape_inference.infer_shapes(q, strict_mode=True)
     qs = quantizers(q)
     assert Counter(n.op_type for n in qs) == {"LsqQuant": 11}
     nodes = by_name(q)
@@ -203,6 +207,11 @@ def test_no_quantizable_layer_is_an_error():
     m = onnx.parser.parse_model(NO_WEIGHTS)
     with pytest.raises(ModelError, match="no quantizable layer"):
         insert(m, "sat4")
+
+
+def test_already_quantized_model_is_an_error():
+    with pytest.raises(ModelError, match="already holds quantizer nodes"):
+        insert(insert(conv_gemm(), "sat4"), "lsq4")
 
 
 def test_missing_and_invalid_model_files(tmp_path):

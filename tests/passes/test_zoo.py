@@ -76,6 +76,10 @@ def test_zoo_valid_output_and_counts(name, recipe):
     m = original(name)
     q = quantize(name, recipe)
     onnx.checker.check_model(q, full_check=True)
+    # strict shape inference runs through the quantizers (their outputs carry value_info) to the network output
+    inferred = onnx.shape_inference.infer_shapes(q, strict_mode=True)
+    known = {vi.name for vi in inferred.graph.value_info}
+    assert all(n.output[0] in known for n in q.graph.node if n.domain == DOMAIN)
     r = load_recipe(recipe)
     weighted, feeding, relus = expected_counts(m)
     ops = Counter((n.domain, n.op_type) for n in q.graph.node)
