@@ -20,6 +20,7 @@ import onnx
 from onnxqat.graph import GraphIndex
 
 # value-preserving (or quantization-grid preserving) ops the walk goes through; all non-constant inputs are followed
+# (Add/Sum only when they add activations: a residual, not a constant shift)
 TRANSPARENT_OPS = frozenset({
     "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
     "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Pad", "Resize", "Upsample", "Transpose",
@@ -90,13 +91,16 @@ def find_activations(
                 if layer.node.name not in entry[2]:
                     entry[2].append(layer.node.name)
                 continue
-            if node.op_type in TRANSPARENT_OPS and node.domain in ("", "ai.onnx"):
+            shifted = node.op_type in ("Add", "Sum") and any(index.is_constant(i) for i in node.input if i)
+            if node.op_type in TRANSPARENT_OPS and node.domain in ("", "ai.onnx") and not shifted:
                 inputs = node.input[:1] if node.op_type in ("Reshape", "Pad", "Resize", "Upsample", "Slice", "Split",
                                                              "Squeeze", "Unsqueeze", "Dropout") else node.input
                 stack.extend(i for i in inputs if i and not index.is_constant(i))
                 continue
             if node.name in weighted_names:
                 why = f"comes straight from weighted layer {node.name} (no activation)"
+            elif shifted:
+                why = f"comes from {node.op_type} node {node.name}, which adds a constant"
             else:
                 why = f"comes from {node.op_type} node {node.name}, which the activation pass cannot go through"
             warnings.append(f"input of {layer.node.op_type} node {layer.node.name} {why}: not quantized")

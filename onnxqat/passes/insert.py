@@ -184,10 +184,27 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
         act_entries.append(entry)
 
     plan.entries = weight_entries + act_entries
+    _check_names(m, plan)
     plan.warnings = list(dict.fromkeys(warns))
     if not plan.entries:
         raise ModelError(f"model {name}: recipe {recipe.name} enables no quantizer for this model")
     return plan
+
+
+def _check_names(m: onnx.ModelProto, plan: Plan) -> None:
+    """The names the quantizers take (CONVENTIONS.md) must be free in the model."""
+    g = m.graph
+    nodes = {n.name for n in g.node}
+    tensors = {t for n in g.node for t in list(n.input) + list(n.output)}
+    tensors |= {t.name for t in g.initializer} | {i.name for i in g.input} | {o.name for o in g.output}
+    for e in plan.entries:
+        if e.name in nodes and not (e.op_type == "SatActQuant" and e.name == e.node):
+            raise ModelError(f"model {plan.model}: a node is already named {e.name}, the name of a quantizer")
+        if e.output != e.tensor and e.output in tensors:
+            raise ModelError(f"model {plan.model}: a tensor is already named {e.output}, the name of a quantizer output")
+        for suffix in ("alpha", "step", "range", "mode", "fan_out", "signed", "grad_scale", "axis"):
+            if f"{e.name}.{suffix}" in tensors:
+                raise ModelError(f"model {plan.model}: a tensor is already named {e.name}.{suffix}")
 
 
 def _with_consumer(entry: PlanEntry, consumer: str) -> PlanEntry:

@@ -51,6 +51,9 @@ def find_weighted_layers(index: GraphIndex, warnings: list[str]) -> list[Weighte
     for node in index.graph.node:
         if node.domain not in ("", "ai.onnx"):
             continue
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            warnings.append(f"{node.op_type} node {node.name}: its subgraphs are not quantized")
+            continue
         if node.op_type in UNSUPPORTED_WEIGHTED_OPS:
             warnings.append(f"{node.op_type} node {node.name}: weights of this op type are not quantized")
             continue

@@ -377,3 +377,59 @@ def test_shared_weight_gets_one_quantizer():
     wq = [n for n in quantizers(q) if n.input[0] == "w"]
     assert len(wq) == 1 and wq[0].name == "MatMul_0_wquant"
     assert [n.input[1] for n in q.graph.node if n.op_type == "MatMul"] == ["w_q", "w_q"]
+
+
+def test_opset9_clip_attributes_relu6_and_constant_shift():
+    """Clip(0, 6) as attributes (opset < 11) is a ReLU6; Clip(-1, 1) is not; Add of a constant stops the walk."""
+    text = """
+    <ir_version: 4, opset_import: ["" : 9]>
+    old (float[1,3,4,4] x, float[4,3,1,1] w0, float[4,4,1,1] w1, float[4,4,1,1] w2, float[4,4,1,1] w3, float c)
+        => (float[1,4,4,4] y)
+    {
+      c0 = Conv(x, w0)
+      r6 = Clip<min=0.0, max=6.0>(c0)
+      c1 = Conv(r6, w1)
+      s = Clip<min=-1.0, max=1.0>(c1)
+      c2 = Conv(s, w2)
+      r = Relu(c2)
+      shifted = Add(r, c)
+      y = Conv(shifted, w3)
+    }
+    """
+    m = model_from_text(text, values={"c": np.array(0.5, np.float32)})
+    with pytest.warns(QuantizationWarning) as rec:
+        q = insert(m, "sat4")
+    msg = str(rec[0].message)
+    assert "Clip node Clip_3" in msg and "Add node Add_6, which adds a constant" in msg
+    sat = [n for n in quantizers(q) if n.op_type == "SatActQuant"]
+    assert [n.name for n in sat] == ["Clip_1_aquant"]
+    assert init(q, "Clip_1_aquant.alpha").tolist() == [6.0]
+    onnx.checker.check_model(q, full_check=True)
+
+
+def test_subgraphs_are_reported():
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    sub (float[1,4] x, float[4,4] w, bool cond) => (float[1,4] y)
+    {
+      h = MatMul(x, w)
+      y = If(cond) <then_branch = g1 () => (float[1,4] a) { a = Relu(h) },
+                    else_branch = g2 () => (float[1,4] b) { b = Identity(h) }>
+    }
+    """
+    m = model_from_text(text, data=("x", "cond"))
+    with pytest.warns(QuantizationWarning, match="If node If_1: its subgraphs are not quantized"):
+        p = plan(m, "lsq8")
+    assert len(p.weights) == 1
+
+
+def test_names_already_taken_are_an_error():
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    taken (float[1,4] x, float[4,4] w) => (float[1,4] w_q)
+    {
+      w_q = MatMul(x, w)
+    }
+    """
+    with pytest.raises(ModelError, match="a tensor is already named w_q"):
+        insert(model_from_text(text), "sat8")

@@ -147,3 +147,26 @@ def test_zoo_runs_in_onnxruntime(name, recipe):
     ) if (LIGHT / f"light_{name}_output_0.pb").is_file() else None
     if expected is not None:
         assert out.shape == expected.shape
+
+
+def test_inspect_weight_memory_resnet50_sat4():
+    """Memory at the recipe's bits, recomputed from the original graph: conv/fc weights at 4 bits except the first
+    conv and the fc (8 bits); fc bias and BatchNorm parameters as float32."""
+    from onnxqat.passes.inspect import inspect
+
+    m = original("resnet50")
+    inferred = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    shapes = {vi.name: [d.dim_value for d in vi.type.tensor_type.shape.dim] for vi in inferred.graph.value_info}
+    shapes.update({t.name: list(t.dims) for t in m.graph.initializer})
+    weighted = [n for n in m.graph.node if n.op_type in WEIGHTED]
+    sizes = [int(np.prod(shapes[n.input[1]])) for n in weighted]
+    bits = [8 if k in (0, len(weighted) - 1) else 4 for k in range(len(weighted))]
+    other = sum(int(np.prod(shapes[i])) for n in weighted for i in n.input[2:])
+    other += sum(int(np.prod(shapes[i])) for n in m.graph.node if n.op_type == "BatchNormalization" for i in n.input[1:])
+    report = inspect(quantize("resnet50", "sat4"))
+    assert len(report.rows) == 54 + 49
+    assert report.total_params == sum(sizes) + other
+    assert report.memory_bytes == (sum(s * b for s, b in zip(sizes, bits)) + 32 * other) / 8
+    assert report.float_memory_bytes == 4 * (sum(sizes) + other)
+    text = report.format()
+    assert "54 weight quantizers, 49 activation quantizers" in text
