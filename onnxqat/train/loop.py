@@ -178,7 +178,7 @@ class FitResult:
 
 
 METRIC_FIELDS = ("epoch", "iterations", "lr", "quantizer_lr", "train_loss", "train_top1", "val_loss", "val_top1",
-                 "test_loss", "test_top1", "images_per_s", "epoch_seconds")
+                 "test_loss", "test_top1", "images_per_s", "epoch_seconds", "cpu_seconds")
 
 
 def _write_metrics(out: Path, history: list[dict]) -> None:
@@ -247,7 +247,7 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
     for epoch in range(start_epoch, epochs):
         if step >= total:
             break
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         tot_loss, correct, n_seen = 0.0, 0, 0
         accum = 0
         bar = None
@@ -293,10 +293,11 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
                 break
         if bar is not None:
             bar.close()
-        train_s = time.perf_counter() - t0
+        train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
         row = {"epoch": epoch + 1, "iterations": step, "lr": lr, "quantizer_lr": qlr,
                "train_loss": tot_loss / max(n_seen, 1), "train_top1": 100.0 * correct / max(n_seen, 1),
-               "images_per_s": n_seen / max(train_s, 1e-9), "epoch_seconds": train_s}
+               "images_per_s": n_seen / max(train_s, 1e-9), "epoch_seconds": train_s,
+               "cpu_seconds": train_cpu}
         if val_batches is not None:
             row["val_loss"], row["val_top1"] = evaluate(engine, val_batches)
         last = epoch == epochs - 1 or step >= total

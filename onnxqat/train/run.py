@@ -176,12 +176,20 @@ def train(model, data="fashion-mnist", *, epochs: int | None = None, out: str | 
                            res.best_metric)
 
     stages: list[TrainResult] = []
+    copied: set[str] = set()
     if rec is None:
         m = base
+        if init_model is not None:
+            m, c = art.copy_initializers(m, init_model)
+            copied.update(c)
     else:
         prev = getattr(rec, "previous_stage", None)
         float_model = _strip(base)
-        if prev is not None and init_model is None:
+        if init_model is not None:
+            # weights first, so that insert's data-dependent initialisation (LSQ steps) sees the trained ones
+            float_model, c = art.copy_initializers(float_model, init_model)
+            copied.update(c)
+        elif prev is not None:
             prev_rec = _load_recipe(prev)
             s1_out = out / "stage1"
             if resume and (s1_out / "done.json").is_file() and (s1_out / "model.onnx").is_file():
@@ -193,14 +201,17 @@ def train(model, data="fashion-mnist", *, epochs: int | None = None, out: str | 
                 s1 = run_stage(_insert(float_model, prev_rec), prev_rec, s1_out)
                 s1_model = onnx.load(str(s1.model_path))
             stages.append(s1)
-            float_model, copied = art.copy_initializers(float_model, s1_model)
-            log(f"stage 2: recipe {getattr(rec, 'name', recipe)} from stage 1's weights ({len(copied)} tensors)")
+            float_model, c = art.copy_initializers(float_model, s1_model)
+            log(f"stage 2: recipe {getattr(rec, 'name', recipe)} from stage 1's weights ({len(c)} tensors)")
         m = _insert(float_model, rec)
+        if init_model is not None:  # quantizer parameters of a model quantized the same way (same names)
+            m, c = art.copy_initializers(m, init_model)
+            copied.update(c)
     if init_model is not None:
-        m, copied = art.copy_initializers(m, init_model)
         if not copied:
             raise ModelError("--init-from: no initializer of that model matches this one by name and size")
-        log(f"initialised {len(copied)} tensors from {init_from if not isinstance(init_from, onnx.ModelProto) else 'model'}")
+        src = init_from if not isinstance(init_from, onnx.ModelProto) else "model"
+        log(f"initialised {len(copied)} tensors from {src}")
     final = run_stage(m, rec, out)
     final.stages = stages
     return final

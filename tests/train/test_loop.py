@@ -186,3 +186,12 @@ def test_bad_inputs(tmp_path, npz):
 
     with pytest.raises(ModelError, match="model not found"):
         train(tmp_path / "none.onnx", npz, epochs=1, out=tmp_path / "d", **QUIET)
+
+
+def test_public_api_callable_after_submodule_import(tmp_path, npz):
+    import onnxqat
+    import onnxqat.train.data  # noqa: F401  (binds the package to onnxqat.train)
+
+    res = onnxqat.train(small_cnn(0), npz, epochs=1, out=tmp_path, batch_size=64, validation=0.0, transforms=[],
+                        **QUIET)
+    assert res.model_path.is_file() and len(res.metrics) == 1
