@@ -55,6 +55,7 @@ class ActivationSettings:
     alpha: float = 1.0  # SAT initial alpha without calibration data (N2D2 code default)
     step: float = 0.05  # LSQ initial step without calibration data
     percentile: float = 99.99  # SAT alpha from calibration: this percentile of the activation
+    linear: bool = False  # LSQ: also quantize (signed) inputs no ReLU produced (BatchNorm outputs, residual sums ...)
 
 
 # key -> (accepted python types, check, description of the check)
@@ -83,6 +84,7 @@ ACTIVATION_KEYS = {
     "alpha": ((int, float), _positive, "> 0"),
     "step": ((int, float), _positive, "> 0"),
     "percentile": ((int, float), lambda v: 0 < v <= 100, "in (0, 100]"),
+    "linear": ((bool,), None, ""),
 }
 NODE_KEYS = {**WEIGHT_KEYS, **ACTIVATION_KEYS}
 TOP_KEYS = (
@@ -136,6 +138,8 @@ class Recipe:
             )
         if node_over:
             acts = dataclasses.replace(acts, **dict(node_over))
+            if acts.enabled and acts.linear and acts.method != "lsq":
+                raise RecipeError(f"{self.source}: key 'nodes.\"{node}\".linear' needs method \"lsq\"")
         return acts
 
 
@@ -228,6 +232,8 @@ def parse_recipe(text: str, source: str = "<string>", default_name: str = "recip
 
     weights = WeightSettings(**check_table(data.get("weights", {}), "weights", WEIGHT_KEYS))
     activations = ActivationSettings(**check_table(data.get("activations", {}), "activations", ACTIVATION_KEYS))
+    if activations.linear and activations.method != "lsq":
+        raise fail("activations.linear", "needs method \"lsq\" (SAT's quantizer includes the ReLU)")
 
     op_types_raw = data.get("op_types", {})
     if not isinstance(op_types_raw, dict):

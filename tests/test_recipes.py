@@ -29,6 +29,7 @@ def test_shipped_recipes():
     assert recipes["sat8"].weights.range == 255 and recipes["sat8"].activations.range == 255
     for name, r in (("lsq4", 15), ("lsq8", 255)):
         assert recipes[name].weights.method == "lsq" and recipes[name].weights.range == r
+        assert recipes[name].activations.linear
         assert recipes[name].activations.method == "lsq" and recipes[name].activations.range == r
     assert "[weights]" in sat4.toml_text
 
@@ -84,6 +85,7 @@ def test_resolution_order_op_type_then_first_last_then_node():
         ("train = 3\n", "key 'train' must be a table"),
         ("name = 3\n", "key 'name' must be a string"),
         ("[weights\n", "not valid TOML"),
+        ("[activations]\nlinear = true\n", "key 'activations.linear' needs method \"lsq\""),
     ],
 )
 def test_bad_recipes_name_key_and_file(text, message):

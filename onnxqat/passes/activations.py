@@ -31,10 +31,18 @@ ACTIVATION_OPS = ("Relu", "Clip")
 
 @dataclass(frozen=True)
 class Activation:
-    node: onnx.NodeProto
-    tensor: str  # its output
-    max_value: float  # upper clip of the activation (inf for Relu)
+    node: onnx.NodeProto  # the activation (Relu/Clip), or for a linear source the node that produced the tensor
+    tensor: str  # its output that is quantized
+    max_value: float  # upper clip of the activation (inf for Relu and linear sources)
     feeds: tuple[str, ...]  # weighted layers it reaches
+    signed: bool = False  # a linear source: values of both signs (BatchNorm output, residual sum, ...)
+    reasons: tuple[str, ...] = ()  # linear source: the warnings to give when it is not quantized
+    output_index: int = 0
+
+    @property
+    def quantizer_name(self) -> str:
+        suffix = "" if self.output_index == 0 else str(self.output_index)
+        return f"{self.node.name}_aquant{suffix}"
 
 
 def clip_bounds(index: GraphIndex, node: onnx.NodeProto) -> tuple[float, float] | None:
@@ -67,10 +75,11 @@ def activation_max(index: GraphIndex, node: onnx.NodeProto) -> float | None:
     return None
 
 
-def find_activations(
-    index: GraphIndex, layers: list, weighted_names: set[str], warnings: list[str]
-) -> list[Activation]:
+def find_activations(index: GraphIndex, layers: list, weighted_names: set[str]) -> list[Activation]:
+    """Activations (Relu/Clip) feeding the weighted layers, then the linear sources (where a walk ended on another
+    op: BatchNormalization, LRN, a weighted layer, an Add of a constant ...), in graph order."""
     found: dict[str, tuple[onnx.NodeProto, float, list[str]]] = {}
+    linear: dict[str, tuple[onnx.NodeProto, list[str], list[str]]] = {}
     order = {n.name: k for k, n in enumerate(index.graph.node)}
     for layer in layers:
         start = layer.node.input[layer.data_port]
@@ -102,11 +111,20 @@ def find_activations(
             elif shifted:
                 why = f"comes from {node.op_type} node {node.name}, which adds a constant"
             else:
-                why = f"comes from {node.op_type} node {node.name}, which the activation pass cannot go through"
-            warnings.append(f"input of {layer.node.op_type} node {layer.node.name} {why}: not quantized")
+                why = f"comes from {node.op_type} node {node.name} (no ReLU-like activation)"
+            entry = linear.setdefault(t, (node, [], []))
+            if layer.node.name not in entry[1]:
+                entry[1].append(layer.node.name)
+                entry[2].append(f"input of {layer.node.op_type} node {layer.node.name} {why}")
     acts = [Activation(n, n.output[0], amax, tuple(feeds)) for n, amax, feeds in found.values()]
     acts.sort(key=lambda a: order[a.node.name])
-    return acts
+    lin = [
+        Activation(n, t, math.inf, tuple(feeds), signed=True, reasons=tuple(reasons),
+                   output_index=list(n.output).index(t))
+        for t, (n, feeds, reasons) in linear.items()
+    ]
+    lin.sort(key=lambda a: (order[a.node.name], a.output_index))
+    return acts + lin
 
 
 def features_per_sample(shape: tuple | None) -> int | None:

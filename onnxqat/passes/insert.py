@@ -85,7 +85,7 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
             f"model {name}: no quantizable layer (Conv, ConvTranspose, Gemm or MatMul with a constant weight)"
         )
     weighted = {layer.node.name for layer in layers}
-    acts = act_pass.find_activations(index, layers, weighted, warns)
+    acts = act_pass.find_activations(index, layers, weighted)
     act_names = {a.node.name for a in acts}
     for node_name in recipe.nodes:
         if node_name not in index.nodes_by_name:
@@ -133,9 +133,15 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
     act_entries = []
     chosen = []
     for a in acts:
-        s = recipe.activation_settings(a.node.name)
-        if s.enabled:
-            chosen.append((a, s))
+        # a linear source produced by a weighted layer: its node override holds weight keys, [activations] applies
+        s = recipe.activations if a.node.name in weighted else recipe.activation_settings(a.node.name)
+        if not s.enabled:
+            continue
+        if a.signed and not (s.method == "lsq" and s.linear):
+            hint = "" if s.method == "sat" else " (LSQ: set activations.linear = true to quantize it)"
+            warns.extend(f"{r}: not quantized{hint}" for r in a.reasons)
+            continue
+        chosen.append((a, s))
     calibrated: dict[str, np.ndarray] = {}
     if chosen and calibration_data is not None:
         from onnxqat.passes.calibration import collect, load_calibration
@@ -145,7 +151,7 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
     for a, s in chosen:
         consumers = tuple(n.name for n, _ in index.consumers.get(a.tensor, []))
         common = dict(
-            kind="activation", name=f"{a.node.name}_aquant", node=a.node.name, node_op=a.node.op_type,
+            kind="activation", name=a.quantizer_name, node=a.node.name, node_op=a.node.op_type,
             tensor=a.tensor, port=-1, method=s.method, range=s.range, axis=1,
         )
         notes = []
@@ -163,7 +169,7 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
                 **common,
             )
         else:
-            qp = w_pass.lsq_qp(s.range, False)
+            qp = w_pass.lsq_qp(s.range, a.signed)
             step = float(s.step)
             if x is not None and x.size and float(np.mean(np.abs(x))) > 0:
                 step = 2.0 * float(np.mean(np.abs(x))) / math.sqrt(qp)
@@ -177,7 +183,7 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
                     f"{a.node.op_type} node {a.node.name}: shape of {a.tensor} unknown, LSQ grad_scale uses N=1"
                 )
             entry = PlanEntry(
-                op_type="LsqQuant", step=(float(np.float32(step)),), signed=False,
+                op_type="LsqQuant", step=(float(np.float32(step)),), signed=a.signed,
                 grad_scale=float(np.float32(1.0 / math.sqrt(n * qp))), consumers=consumers, notes=tuple(notes),
                 **common,
             )

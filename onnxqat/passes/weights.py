@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from onnxqat.graph import GraphIndex
-from onnxqat.recipes import Recipe, WeightSettings
+from onnxqat.recipes import WeightSettings
 
 WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # ops that carry weights but get no quantizer: listed in a warning

@@ -227,7 +227,8 @@ def test_missing_and_invalid_model_files(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "model_name,recipe", [("resblock", "sat4"), ("resblock", "lsq4"), ("convnet", "sat4-clamp"), ("unhandled", "lsq8")]
+    "model_name,recipe", [("resblock", "sat4"), ("resblock", "lsq4"), ("convnet", "sat4-clamp"), ("unhandled", "lsq8"),
+     ("unhandled", "sat4")]
 )
 def test_golden_plan(model_name, recipe):
     model = {"resblock": resblock, "convnet": conv_gemm, "unhandled": unhandled}[model_name]()

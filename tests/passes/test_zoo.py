@@ -92,12 +92,37 @@ def test_zoo_valid_output_and_counts(name, recipe):
         assert ops[(DOMAIN, "SatActQuant")] == n_act
         assert ops[("", "Relu")] == relus - n_act  # SAT replaces the Relus it quantizes
     else:
-        assert sum(1 for n in q.graph.node if n.op_type == "LsqQuant" and n.name.endswith("_aquant")) == n_act
+        signed = {t.name: int(onnx.numpy_helper.to_array(t)) for t in q.graph.initializer if t.name.endswith(".signed")}
+        lsq_acts = [n for n in q.graph.node if n.op_type == "LsqQuant" and "_aquant" in n.name]
+        assert sum(1 for n in lsq_acts if signed[f"{n.name}.signed"] == 0) == n_act
         assert ops[("", "Relu")] == relus
+        if r.activations.linear:
+            assert_every_weighted_input_quantized(q)
     # the original ops are all still there (BatchNormalization kept for training)
     for (domain, op), k in Counter((n.domain, n.op_type) for n in m.graph.node).items():
         if op != "Relu":
             assert ops[(domain, op)] == k, op
+
+
+def assert_every_weighted_input_quantized(q: onnx.ModelProto) -> None:
+    """With activations.linear, every path back from a weighted layer's data input through ops that move or combine
+    values ends at a quantizer output or a network input."""
+    producer = {o: n for n in q.graph.node for o in n.output}
+    inits = {t.name for t in q.graph.initializer}
+    inputs = {i.name for i in q.graph.input} - inits
+    through = {"MaxPool", "AveragePool", "GlobalAveragePool", "Concat", "Sum", "Add", "Reshape", "Flatten",
+               "Transpose", "Dropout"}
+    for n in q.graph.node:
+        if n.op_type not in WEIGHTED:
+            continue
+        stack = [n.input[0]]
+        while stack:
+            t = stack.pop()
+            p = producer.get(t)
+            if t in inputs or t in inits or (p is not None and p.domain == DOMAIN):
+                continue
+            assert p is not None and p.op_type in through, f"input of {n.name} reaches {p.op_type if p else t} unquantized"
+            stack.extend(i for i in p.input[:1 if p.op_type in ("Reshape", "Dropout") else None] if i not in inits)
 
 
 HAND_COUNTS = {  # (weighted layers, activations feeding them) read off the models by hand
