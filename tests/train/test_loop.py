@@ -195,3 +195,14 @@ def test_public_api_callable_after_submodule_import(tmp_path, npz):
     res = onnxqat.train(small_cnn(0), npz, epochs=1, out=tmp_path, batch_size=64, validation=0.0, transforms=[],
                         **QUIET)
     assert res.model_path.is_file() and len(res.metrics) == 1
+
+
+def test_max_iterations_adamw_warmup(tmp_path, npz):
+    res = train(small_cnn(0), npz, epochs=5, max_iterations=3, out=tmp_path, batch_size=32, solver="adamw", lr=0.01,
+                decay=0.01, warmup=1.0, lr_policy="step", validation=0.0, transforms=[], **QUIET)
+    assert len(res.metrics) == 1 and res.metrics[0]["iterations"] == 3
+    # warmup over one epoch (8 updates): the third update used lr * 3/8
+    assert res.metrics[0]["lr"] == pytest.approx(0.01 * 3 / 8)
+    res2 = train(small_cnn(0), npz, epochs=1, out=tmp_path / "it2", batch_size=32, iteration_size=3,
+                 validation=0.0, transforms=[], **QUIET)
+    assert res2.metrics[0]["iterations"] == 3  # 8 batches in groups of 3: 3 updates (the last one of 2 batches)
