@@ -8,11 +8,12 @@ Steps (all files under examples/02_efficientnet_lite0_lsq/work/, which git ignor
    (nothing is imported from foolbox); label = last number of the file name. Shorter side resized to 256 (bilinear),
    centre crop 224, RGB / 255 -> float32 NCHW in [0, 1] (the exported graph normalises with (255x - 127)/128 itself).
 2. FP32: onnxruntime on the exported model (first checked against torch's logits saved by export_onnx.py).
-3. insert, twice:
+3. insert, twice (both quantize every layer input: ReLU6 outputs unsigned [0, 255], the inputs no ReLU produced --
+   linear bottlenecks, residual sums, the normalised image -- signed [-128, 127]: activations.linear = true):
    a. recipe lsq8 as shipped: one weight step per tensor, LSQ's init 2*mean|W|/sqrt(Qp) from the pretrained weights,
       activation steps 2*mean|x|/sqrt(Qp) calibrated on the 20 images (insert's calibration_data);
    b. recipe lsq8_per_channel.toml (this folder), then every step set from the data: weights max|W_c|/127 per output
-      channel (pretrained weights), activations max(x)/255 over the 20 images (float run of the FP32 model).
+      channel (pretrained weights), activations max(x)/255 (signed: max|x|/127) over the 20 images (FP32 run).
 4. fake-quant: both QAT models in onnxruntime with the quantizer op library.
 5. fuse (model b) to the integer model, run with onnxruntime (no op library); when fuse refuses the graph, the table
    says why (see fuse_blockers.py for one tiny graph per refused pattern).
@@ -114,7 +115,8 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def set_steps(qat, fp32, x: np.ndarray) -> tuple[int, int]:
     """Post-training steps for an 8-bit LSQ model: weights max|W_c|/Qp per step entry (per channel or per tensor),
-    activations max(x)/R over the calibration batch (FP32 run). Returns (weight steps set, activation steps set)."""
+    activations max(x)/Qp (unsigned: Qp = R) or max|x|/Qp (signed) over the calibration batch (FP32 run).
+    Returns (weight steps set, activation steps set)."""
     from onnx import numpy_helper
 
     from onnxqat.ops.reference import lsq_bounds
@@ -140,8 +142,9 @@ def set_steps(qat, fp32, x: np.ndarray) -> tuple[int, int]:
                 m = np.array([np.abs(w).max()])
             new = np.where(m > 0, m / qp, old.reshape(-1))  # an all-zero channel keeps insert's step
             nw += 1
-        else:  # activation (unsigned, after ReLU6): the largest calibration value lands on code R
-            m = float(np.max(values[n.input[0]]))
+        else:  # activation: the largest calibration value (|value| when signed) lands on code Qp
+            v = values[n.input[0]]
+            m = float(np.max(np.abs(v)) if signed else np.max(v))
             if not m > 0:
                 continue
             new = np.array([m / qp])
@@ -150,50 +153,7 @@ def set_steps(qat, fp32, x: np.ndarray) -> tuple[int, int]:
     return nw, na
 
 
-def add_signed_quantizers(qat, fp32, x: np.ndarray) -> int:
-    """Signed LsqQuant (codes [-128, 127], step max|v|/127 on the calibration batch) on every Conv/Gemm input that
-    insert leaves float because it comes straight from BatchNormalization, a residual Add or the input normalisation
-    (MobileNetV2's linear bottlenecks, the stem). Example-local: shows what full W8A8 costs; names follow
-    docs/CONVENTIONS.md (node <consumer>_aquant, output <tensor>_q). Returns how many were added."""
-    from onnx import helper, numpy_helper
-
-    from onnxqat.passes.calibration import collect
-
-    g = qat.graph
-    producer = {o: n for n in g.node for o in n.output}
-    targets: dict[str, list] = {}
-    for n in g.node:
-        if n.op_type in ("Conv", "Gemm") and n.input[0] in producer and \
-                producer[n.input[0]].op_type in ("BatchNormalization", "Add", "Sub"):
-            targets.setdefault(n.input[0], []).append(n)
-    if not targets:
-        return 0
-    values = collect(fp32, {"image": x}, list(targets))
-    new_nodes = []
-    for tensor, consumers in targets.items():
-        q = f"{consumers[0].name}_aquant"
-        v = values[tensor]
-        step = max(float(np.max(np.abs(v))), 1e-8) / 127
-        n_feat = int(np.prod(v.shape[1:]))
-        g.initializer.extend([
-            numpy_helper.from_array(np.array([step], np.float32), f"{q}.step"),
-            numpy_helper.from_array(np.array(255, np.float32), f"{q}.range"),
-            numpy_helper.from_array(np.array(1, np.int64), f"{q}.signed"),
-            numpy_helper.from_array(np.array(1 / np.sqrt(n_feat * 127), np.float32), f"{q}.grad_scale"),
-            numpy_helper.from_array(np.array(1, np.int64), f"{q}.axis"),
-        ])
-        out = f"{tensor}_q"
-        new_nodes.append((producer[tensor], helper.make_node(
-            "LsqQuant", [tensor] + [f"{q}.{k}" for k in ("step", "range", "signed", "grad_scale", "axis")], [out],
-            name=q, domain="com.onnxqat")))
-        for c in consumers:
-            c.input[0] = out
-    for prod, node in new_nodes:  # keep the node list topologically sorted: right after the producer
-        g.node.insert(list(g.node).index(prod) + 1, node)
-    return len(new_nodes)
-
-
-def quantize(fp32_path: Path, recipe: str, x: np.ndarray, data_steps: bool, out: Path, signed: bool = False):
+def quantize(fp32_path: Path, recipe: str, x: np.ndarray, data_steps: bool, out: Path):
     """insert(recipe, calibration on x) [+ set_steps]; saves the QAT model to `out`, prints insert's warnings."""
     import onnx
 
@@ -207,15 +167,18 @@ def quantize(fp32_path: Path, recipe: str, x: np.ndarray, data_steps: bool, out:
         if msg not in _SEEN:  # the same warning for every variant: print it once
             _SEEN.add(msg)
             print(f"insert: warning: {msg[:240]}{' ...' if len(msg) > 240 else ''}")
-    nq = sum(1 for n in qat.graph.node if n.domain == "com.onnxqat")
+    qs = [n for n in qat.graph.node if n.domain == "com.onnxqat"]
+    inits = {t.name for t in qat.graph.initializer}
+    nw = sum(1 for n in qs if n.input[0] in inits)
+    ns = sum(1 for n in qs if n.input[0] not in inits and n.op_type == "LsqQuant" and
+             any(t.name == n.input[3] and onnx.numpy_helper.to_array(t).reshape(-1)[0] for t in qat.graph.initializer))
+    nq = f"{len(qs)} quantizer nodes ({nw} weight, {len(qs) - nw - ns} activation, {ns} signed activation)"
     how = "LSQ init from insert"
     if data_steps:
         nw, na = set_steps(qat, onnx.load(str(fp32_path)), x)
-        how = f"steps set from data: {nw} weight (max|W_c|/127), {na} activation (max/255)"
-    if signed:
-        how += f", {add_signed_quantizers(qat, onnx.load(str(fp32_path)), x)} signed activation quantizers added"
+        how = f"steps set from data: {nw} weight (max|W_c|/127), {na} activation (max/Qp)"
     onnx.save(qat, str(out))
-    print(f"insert: {Path(recipe).name}: {nq} quantizer nodes, {how} -> {out.name}")
+    print(f"insert: {Path(recipe).name}: {nq}; {how} -> {out.name}")
     return qat
 
 
@@ -258,13 +221,9 @@ def main() -> int:
     qat_b_path = work / "efficientnet_lite0_lsq8pc_qat.onnx"
     qat_b = quantize(fp32_path, recipe_b, x, True, qat_b_path)
     y_b = run_logits(session(qat_b, library=True), x)
-    qat_c_path = work / "efficientnet_lite0_lsq8pc_full_qat.onnx"
-    qat_c = quantize(fp32_path, recipe_b, x, True, qat_c_path, signed=True)
-    y_c = run_logits(session(qat_c, library=True), x)
     rows = [("FP32 (onnxruntime)", y_fp32, fp32_path),
             ("lsq8 fake-quant", y_a, work / "efficientnet_lite0_lsq8_qat.onnx"),
-            ("lsq8-pc fake-quant", y_b, qat_b_path),
-            ("lsq8-pc full A8 fake-q", y_c, qat_c_path)]
+            ("lsq8-pc fake-quant", y_b, qat_b_path)]
 
     # ---- fuse (model b)
     fused_path = work / "efficientnet_lite0_lsq8pc_int.onnx"
