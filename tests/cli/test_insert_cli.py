@@ -114,3 +114,16 @@ def test_insert_requires_output_unless_dry_run(model_path):
     result = runner.invoke(app, ["insert", str(model_path), "-r", "sat4"])
     assert result.exit_code == 1
     assert "missing --output/-o" in result.stderr
+
+
+def test_inspect_float_model_says_no_quantizers(model_path):
+    result = runner.invoke(app, ["inspect", str(model_path)])
+    assert result.exit_code == 0
+    assert "no quantizer nodes" in result.stderr
+    assert "0 weight quantizers, 0 activation quantizers" in result.stdout
+
+
+def test_inspect_missing_file():
+    result = runner.invoke(app, ["inspect", "nothere.onnx"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "onnxqat: error: model file not found: nothere.onnx"

@@ -434,3 +434,11 @@ def test_names_already_taken_are_an_error():
     """
     with pytest.raises(ModelError, match="a tensor is already named w_q"):
         insert(model_from_text(text), "sat8")
+
+
+def test_insert_leaves_its_input_untouched():
+    m = conv_gemm()
+    before = m.SerializeToString()
+    insert(m, "lsq4")
+    strip_quantizers(insert(m, "sat4"))
+    assert m.SerializeToString() == before
