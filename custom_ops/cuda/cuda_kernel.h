@@ -1,0 +1,151 @@
+// ORT-facing infrastructure of the CUDA kernels: errors that name op and node (CUDA errors included), inputs on the
+// device or (per-node constants) in host memory, the compute stream, scratch memory from ORT's CUDA allocator, and
+// the OrtCustomOp descriptor (CUDAExecutionProvider, op version 19). Mirrors cpu/kernel_base.h.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <onnxruntime_cxx_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace onnxqat {
+namespace cuda {
+
+// The ORT API version announced on every op (runtime 1.19; headers may be newer).
+constexpr uint32_t kOrtApiVersion = 19;
+
+struct OpError : std::runtime_error {  // invalid input: ORT_INVALID_ARGUMENT
+  using std::runtime_error::runtime_error;
+};
+struct CudaCallError : std::runtime_error {  // a CUDA call failed: ORT_EP_FAIL
+  using std::runtime_error::runtime_error;
+};
+
+// Device scratch memory for one Compute call: from ORT's allocator of the device (its arena), else
+// cudaMallocAsync on the stream. Freed at scope exit; stream order makes that safe for the queued kernels.
+class Scratch {
+ public:
+  Scratch(Ort::KernelContext& ctx, int device_id, cudaStream_t stream, size_t bytes);
+  ~Scratch();
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  void* get() const { return ptr_; }
+  cudaError_t error() const { return error_; }
+
+ private:
+  OrtAllocator* ort_ = nullptr;
+  cudaStream_t stream_ = nullptr;
+  void* ptr_ = nullptr;
+  cudaError_t error_ = cudaSuccess;
+};
+
+class CudaKernel {
+ public:
+  CudaKernel(const OrtKernelInfo* info, const char* op_name);
+
+  [[noreturn]] void fail(const std::string& problem) const;
+  void check(const std::string& problem) const {
+    if (!problem.empty()) fail(problem);
+  }
+  // Throws CudaCallError "<Op> node '<name>': CUDA error in <what>: <cuda message>" unless err is cudaSuccess.
+  void cuda_check(cudaError_t err, const char* what) const;
+
+  struct DeviceIn {
+    const float* data;
+    std::vector<int64_t> shape;
+    int64_t size;
+    int device_id;
+  };
+  DeviceIn float_input(Ort::KernelContext& ctx, size_t index, const char* name) const;
+  // Scalars of the per-node constant inputs, which the op declares as host-memory (CPU) inputs.
+  float float_scalar(Ort::KernelContext& ctx, size_t index, const char* name) const;
+  int64_t int_scalar(Ort::KernelContext& ctx, size_t index, const char* name) const;
+  // Output `index` with `shape`, or nullptr when the node leaves that (optional) output out.
+  float* output(Ort::KernelContext& ctx, size_t index, const std::vector<int64_t>& shape) const;
+  // The compute stream ORT hands the kernel; makes the input's device current.
+  cudaStream_t stream(Ort::KernelContext& ctx, int device_id) const;
+  // Copies n device floats to the host (waits for the stream: alpha/step values are checked on the host).
+  std::vector<float> to_host(const float* device, size_t n, cudaStream_t stream) const;
+
+  const std::string& node_name() const { return node_; }
+  const char* op_name() const { return op_; }
+
+ private:
+  Ort::ConstValue input(Ort::KernelContext& ctx, size_t index, const char* name, ONNXTensorElementDataType type,
+                        const char* type_name) const;
+  std::string node_;
+  const char* op_;
+};
+
+// ComputeV2 body: runs kernel.Compute and turns any exception into an ORT status naming op and node.
+template <class K>
+OrtStatusPtr compute_with_status(K* kernel, OrtKernelContext* context) {
+  const OrtApi& api = Ort::GetApi();
+  const std::string prefix = std::string(kernel->op_name()) + " node '" + kernel->node_name() + "': ";
+  try {
+    Ort::KernelContext ctx(context);
+    kernel->Compute(ctx);
+    return nullptr;
+  } catch (const OpError& e) {
+    return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+  } catch (const CudaCallError& e) {
+    return api.CreateStatus(ORT_EP_FAIL, e.what());
+  } catch (const Ort::Exception& e) {
+    return api.CreateStatus(e.GetOrtErrorCode(), (prefix + e.what()).c_str());
+  } catch (const std::exception& e) {
+    return api.CreateStatus(ORT_RUNTIME_EXCEPTION, (prefix + e.what()).c_str());
+  } catch (...) {
+    return api.CreateStatus(ORT_RUNTIME_EXCEPTION, (prefix + "unknown error").c_str());
+  }
+}
+
+template <class Derived>
+struct StatusKernel : CudaKernel {
+  using CudaKernel::CudaKernel;
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    return compute_with_status(static_cast<Derived*>(this), context);
+  }
+};
+
+// OrtCustomOp descriptor of CUDA kernel K. K provides what the CPU kernels do (kName, kNumInputs, kNumOutputs,
+// kOptionalOutputs, InputType(i), a constructor (const OrtKernelInfo*), Compute(Ort::KernelContext&)) and
+// OnHost(i): whether input i is a per-node constant read on the host.
+template <class K>
+struct CudaOp : Ort::CustomOpBase<CudaOp<K>, K, /*WithStatus=*/true> {
+  CudaOp() {
+    OrtCustomOp::version = kOrtApiVersion;
+    OrtCustomOp::CreateKernel = nullptr;
+    OrtCustomOp::KernelCompute = nullptr;
+  }
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new K(info);
+      return nullptr;
+    } catch (const std::exception& e) {
+      std::string msg = std::string(K::kName) + " (CUDA): cannot create kernel: " + e.what();
+      return api.CreateStatus(ORT_RUNTIME_EXCEPTION, msg.c_str());
+    }
+  }
+  const char* GetName() const { return K::kName; }
+  const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
+  size_t GetInputTypeCount() const { return K::kNumInputs; }
+  ONNXTensorElementDataType GetInputType(size_t i) const { return K::InputType(i); }
+  OrtMemType GetInputMemoryType(size_t i) const { return K::OnHost(i) ? OrtMemTypeCPUInput : OrtMemTypeDefault; }
+  size_t GetOutputTypeCount() const { return K::kNumOutputs; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t) const {
+    return K::kOptionalOutputs ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+};
+
+// Registration of the three op families (*_def.cc).
+void AddSatWeightOps(Ort::CustomOpDomain& domain);
+void AddSatActOps(Ort::CustomOpDomain& domain);
+void AddLsqOps(Ort::CustomOpDomain& domain);
+
+}  // namespace cuda
+}  // namespace onnxqat

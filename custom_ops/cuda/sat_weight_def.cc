@@ -1,0 +1,87 @@
+// SatWeightQuant / SatWeightQuantGrad for the CUDAExecutionProvider (kernels: sat_weight_impl.cu).
+#include "cuda/cuda_kernel.h"
+#include "cuda/params.h"
+#include "cuda/sat_weight_impl.cuh"
+
+namespace onnxqat {
+namespace cuda {
+namespace {
+
+struct SatArgs {
+  float r;
+  int64_t mode;
+  int64_t fan_out;
+};
+
+SatArgs read_args(const CudaKernel& k, Ort::KernelContext& ctx, size_t first) {
+  SatArgs a;
+  a.r = k.float_scalar(ctx, first, "range");
+  k.check(check_range(a.r));
+  a.mode = k.int_scalar(ctx, first + 1, "mode");
+  k.check(check_sat_mode(a.mode, a.r));
+  a.fan_out = k.int_scalar(ctx, first + 2, "scale_fan_out");
+  k.check(check_fan_out(a.fan_out));
+  return a;
+}
+
+struct SatWeightKernel : StatusKernel<SatWeightKernel> {
+  static constexpr const char* kName = "SatWeightQuant";
+  static constexpr size_t kNumInputs = 4;  // W, range, mode, scale_fan_out
+  static constexpr size_t kNumOutputs = 1;
+  static constexpr bool kOptionalOutputs = false;
+  static ONNXTensorElementDataType InputType(size_t i) {
+    return i >= 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  static bool OnHost(size_t i) { return i >= 1; }
+  explicit SatWeightKernel(const OrtKernelInfo* info) : StatusKernel(info, kName) {}
+
+  void Compute(Ort::KernelContext& ctx) {
+    DeviceIn w = float_input(ctx, 0, "W");
+    const SatArgs a = read_args(*this, ctx, 1);
+    float* y = output(ctx, 0, w.shape);
+    if (w.size == 0 || y == nullptr) return;
+    cudaStream_t s = stream(ctx, w.device_id);
+    Scratch scratch(ctx, w.device_id, s, sat_weight_scratch_bytes());
+    cuda_check(scratch.error(), "scratch allocation");
+    cuda_check(sat_weight_forward(s, w.data, w.size, a.r, a.mode, a.fan_out, y, scratch.get()), "kernel launch");
+  }
+};
+
+struct SatWeightGradKernel : StatusKernel<SatWeightGradKernel> {
+  static constexpr const char* kName = "SatWeightQuantGrad";
+  static constexpr size_t kNumInputs = 5;  // dWq, W, range, mode, scale_fan_out
+  static constexpr size_t kNumOutputs = 1;  // dW
+  static constexpr bool kOptionalOutputs = true;
+  static ONNXTensorElementDataType InputType(size_t i) {
+    return i >= 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  static bool OnHost(size_t i) { return i >= 2; }
+  explicit SatWeightGradKernel(const OrtKernelInfo* info) : StatusKernel(info, kName) {}
+
+  void Compute(Ort::KernelContext& ctx) {
+    DeviceIn dy = float_input(ctx, 0, "dWq");
+    DeviceIn w = float_input(ctx, 1, "W");
+    const SatArgs a = read_args(*this, ctx, 2);
+    if (dy.shape != w.shape)
+      fail("gradient dWq has shape " + shape_str(dy.shape) + " but W has shape " + shape_str(w.shape));
+    float* dw = output(ctx, 0, w.shape);
+    if (w.size == 0 || dw == nullptr) return;
+    cudaStream_t s = stream(ctx, w.device_id);
+    Scratch scratch(ctx, w.device_id, s, sat_weight_scratch_bytes());
+    cuda_check(scratch.error(), "scratch allocation");
+    cuda_check(sat_weight_backward(s, dy.data, w.data, w.size, a.r, a.mode, a.fan_out, dw, scratch.get()),
+               "kernel launch");
+  }
+};
+
+}  // namespace
+
+void AddSatWeightOps(Ort::CustomOpDomain& domain) {
+  static CudaOp<SatWeightKernel> fwd;
+  static CudaOp<SatWeightGradKernel> bwd;
+  domain.Add(&fwd);
+  domain.Add(&bwd);
+}
+
+}  // namespace cuda
+}  // namespace onnxqat

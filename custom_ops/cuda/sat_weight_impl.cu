@@ -1,0 +1,166 @@
+// SAT weight quantizer kernels. Passes: (1) M = max|tanh W| = tanh(max|W|) (tanh is odd and increasing: the pass
+// is a plain max|W|, no tanh per element) as per-block partial maxima + a one-block final pass;
+// (2) only with ApplyScaling: the variance of the unscaled levels as per-block double sums + a final pass;
+// (3) the elementwise output. M, S and M*S stay on the device (no host round trip).
+#include "cuda/sat_weight_impl.cuh"
+
+#include <cmath>
+
+#include "common/quant_math.h"
+#include "cuda/common.cuh"
+
+namespace onnxqat {
+namespace cuda {
+
+namespace {
+
+// Scratch layout: double stats[2 * kMaxBlocks] | float maxima[kMaxBlocks] | float consts[4].
+// consts: [0] M, [1] K = level of W[0] (shift of the variance sums), [2] S, [3] M * S.
+struct Scratch {
+  double* stats;
+  float* maxima;
+  float* consts;
+  explicit Scratch(void* p)
+      : stats(static_cast<double*>(p)),
+        maxima(reinterpret_cast<float*>(stats + 2 * kMaxBlocks)),
+        consts(maxima + kMaxBlocks) {}
+};
+
+SatWeightParams make_params(float range, int64_t mode) {
+  SatWeightParams p;
+  p.r = range;
+  p.half = std::floor(range / 2.0f);
+  p.mode = mode;
+  return p;
+}
+
+__global__ void max_abs_kernel(const float* __restrict__ w, int64_t n, bool vec, float* __restrict__ maxima) {
+  NanMaxOp op;
+  float m = 0.0f;
+  map1(w, nullptr, n, vec, [&](int64_t, float v) {
+    m = op(m, fabsf(v));
+    return 0.0f;
+  });
+  m = block_reduce(m, op, 0.0f);
+  if (threadIdx.x == 0) maxima[blockIdx.x] = m;
+}
+
+// One block: M = tanh(max|W|) from the partial maxima of |W| (NaN stays NaN, then M = 1 as in the reference);
+// K; S = 1 and M * S = M until the variance pass says otherwise.
+__global__ void max_final_kernel(const float* __restrict__ maxima, int parts, const float* __restrict__ w,
+                                 SatWeightParams p, float* __restrict__ consts) {
+  NanMaxOp op;
+  float m = 0.0f;
+  for (int i = threadIdx.x; i < parts; i += blockDim.x) m = op(m, maxima[i]);
+  m = block_reduce(m, op, 0.0f);
+  if (threadIdx.x == 0) {
+    const float t = tanhf(m);
+    const float M = t > 0.0f ? t : 1.0f;  // reference: 1 when every weight is zero (or NaN)
+    consts[0] = M;
+    consts[1] = sat_weight_level(tanhf(w[0]) / M, p);
+    consts[2] = 1.0f;
+    consts[3] = M;
+  }
+}
+
+// Shifted sums of the unscaled levels x: sum(x - K), sum((x - K)^2) in double (K = the first level keeps the
+// sums small: no cancellation for a constant tensor).
+__global__ void level_stats_kernel(const float* __restrict__ w, int64_t n, bool vec, SatWeightParams p,
+                                   const float* __restrict__ consts, double* __restrict__ stats) {
+  const float M = consts[0];
+  const double K = consts[1];
+  double s1 = 0.0;
+  double s2 = 0.0;
+  map1(w, nullptr, n, vec, [&](int64_t, float v) {
+    const double d = static_cast<double>(sat_weight_level(tanhf(v) / M, p)) - K;
+    s1 += d;
+    s2 += d * d;
+    return 0.0f;
+  });
+  s1 = block_reduce(s1, SumOp{}, 0.0);
+  s2 = block_reduce(s2, SumOp{}, 0.0);
+  if (threadIdx.x == 0) {
+    stats[2 * blockIdx.x] = s1;
+    stats[2 * blockIdx.x + 1] = s2;
+  }
+}
+
+// One block: S = sqrt(fan_out * Var) with Bessel's correction (numpy: var(ddof=1) in float64), 1 if not > 0.
+__global__ void stats_final_kernel(const double* __restrict__ stats, int parts, int64_t n, int64_t fan_out,
+                                   float* __restrict__ consts) {
+  double s1 = 0.0;
+  double s2 = 0.0;
+  for (int i = threadIdx.x; i < parts; i += blockDim.x) {
+    s1 += stats[2 * i];
+    s2 += stats[2 * i + 1];
+  }
+  s1 = block_reduce(s1, SumOp{}, 0.0);
+  s2 = block_reduce(s2, SumOp{}, 0.0);
+  if (threadIdx.x == 0) {
+    const double nn = static_cast<double>(n);
+    const double var = (s2 - s1 * s1 / nn) / (nn - 1.0);
+    const double s = sqrt(static_cast<double>(fan_out) * var);
+    const float S = s > 0.0 ? static_cast<float>(s) : 1.0f;
+    consts[2] = S;
+    consts[3] = consts[0] * S;
+  }
+}
+
+__global__ void sat_weight_forward_kernel(const float* __restrict__ w, float* __restrict__ wq, int64_t n, bool vec,
+                                          SatWeightParams p, const float* __restrict__ consts) {
+  const float M = consts[0];
+  const float S = consts[2];
+  map1(w, wq, n, vec, [&](int64_t, float v) { return sat_weight_level(tanhf(v) / M, p) / S; });
+}
+
+__global__ void sat_weight_backward_kernel(const float* __restrict__ dwq, const float* __restrict__ w,
+                                           float* __restrict__ dw, int64_t n, bool vec,
+                                           const float* __restrict__ consts) {
+  const float ms = consts[3];
+  map2(dwq, w, dw, n, vec, [&](int64_t, float g, float v) { return sat_weight_grad(g, tanhf(v), ms); });
+}
+
+// Passes (1) and (2): consts filled on the device.
+cudaError_t compute_constants(cudaStream_t stream, const float* w, int64_t n, const SatWeightParams& p,
+                              int64_t fan_out, const Scratch& s) {
+  const int grid = grid_for(n);
+  const bool vec = aligned16(w);
+  max_abs_kernel<<<grid, kThreads, 0, stream>>>(w, n, vec, s.maxima);
+  max_final_kernel<<<1, kThreads, 0, stream>>>(s.maxima, grid, w, p, s.consts);
+  if (fan_out > 0 && n >= 2) {
+    level_stats_kernel<<<grid, kThreads, 0, stream>>>(w, n, vec, p, s.consts, s.stats);
+    stats_final_kernel<<<1, kThreads, 0, stream>>>(s.stats, grid, n, fan_out, s.consts);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+size_t sat_weight_scratch_bytes() { return sizeof(double) * 2 * kMaxBlocks + sizeof(float) * (kMaxBlocks + 4); }
+
+cudaError_t sat_weight_forward(cudaStream_t stream, const float* w, int64_t n, float range, int64_t mode,
+                               int64_t fan_out, float* wq, void* scratch) {
+  if (n <= 0) return cudaSuccess;
+  const SatWeightParams p = make_params(range, mode);
+  const Scratch s(scratch);
+  cudaError_t err = compute_constants(stream, w, n, p, fan_out, s);
+  if (err != cudaSuccess) return err;
+  sat_weight_forward_kernel<<<grid_for(n), kThreads, 0, stream>>>(w, wq, n, aligned16(w) && aligned16(wq), p,
+                                                                   s.consts);
+  return cudaGetLastError();
+}
+
+cudaError_t sat_weight_backward(cudaStream_t stream, const float* dwq, const float* w, int64_t n, float range,
+                                int64_t mode, int64_t fan_out, float* dw, void* scratch) {
+  if (n <= 0) return cudaSuccess;
+  const SatWeightParams p = make_params(range, mode);
+  const Scratch s(scratch);
+  cudaError_t err = compute_constants(stream, w, n, p, fan_out, s);
+  if (err != cudaSuccess) return err;
+  const bool vec = aligned16(dwq) && aligned16(w) && aligned16(dw);
+  sat_weight_backward_kernel<<<grid_for(n), kThreads, 0, stream>>>(dwq, w, dw, n, vec, s.consts);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace onnxqat
