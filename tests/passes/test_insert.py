@@ -442,3 +442,55 @@ def test_insert_leaves_its_input_untouched():
     insert(m, "lsq4")
     strip_quantizers(insert(m, "sat4"))
     assert m.SerializeToString() == before
+
+
+def test_fan_out_and_axis_per_op():
+    """ApplyScaling fan-out: Conv kH*kW*C_out, ConvTranspose kH*kW*C_out (C_out = W.shape[1]*group), Gemm/MatMul
+    C_out; LSQ axis: the output-channel axis of each weight layout."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    fans (float[1,4,4,4] x, float[6,4,3,3] wc, float[6,3,2,2] wt, float[150,5] wg, float[5,7] wm) => (float[1,7] y)
+    {
+      c = Conv<pads=[1,1,1,1]>(x, wc)
+      r = Relu(c)
+      t = ConvTranspose<group=2, strides=[1,1]>(r, wt)
+      r2 = Relu(t)
+      f = Flatten(r2)
+      g = Gemm(f, wg)
+      r3 = Relu(g)
+      y = MatMul(r3, wm)
+    }
+    """
+    m = model_from_text(text)
+    scaled = parse_recipe("[weights]\napply_scaling = true\n")
+    q = insert(m, scaled)
+    fan = {n.name: int(init(q, f"{n.name}.fan_out")) for n in quantizers(q) if n.op_type == "SatWeightQuant"}
+    assert fan == {"Conv_0_wquant": 3 * 3 * 6, "ConvTranspose_2_wquant": 2 * 2 * 3 * 2, "Gemm_5_wquant": 5,
+                   "MatMul_7_wquant": 7}
+    q = insert(m, parse_recipe('[weights]\nmethod = "lsq"\nper_channel = true\n'))
+    axis = {n.name: int(init(q, f"{n.name}.axis")) for n in quantizers(q) if n.name.endswith("_wquant")}
+    steps = {n.name: init(q, f"{n.name}.step").shape for n in quantizers(q) if n.name.endswith("_wquant")}
+    assert axis == {"Conv_0_wquant": 0, "ConvTranspose_2_wquant": 1, "Gemm_5_wquant": 1, "MatMul_7_wquant": 1}
+    assert steps == {"Conv_0_wquant": (6,), "ConvTranspose_2_wquant": (3,), "Gemm_5_wquant": (5,),
+                     "MatMul_7_wquant": (7,)}
+    onnx.checker.check_model(q, full_check=True)
+
+    # the op library agrees on those axes: ORT's quantized weights equal the numpy reference per channel
+    library = pytest.importorskip("onnxqat.ops.library")
+    from onnxqat.errors import OpLibraryError
+
+    try:
+        so = library.session_options()
+    except OpLibraryError as exc:
+        pytest.skip(f"op library not built: {exc}")
+    import onnxruntime as ort
+
+    wq = [n for n in quantizers(q) if n.name.endswith("_wquant")]
+    for n in wq:
+        q.graph.output.append(onnx.helper.make_tensor_value_info(n.output[0], onnx.TensorProto.FLOAT, None))
+    x = x_input((1, 4, 4, 4))
+    got = ort.InferenceSession(q.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(
+        [n.output[0] for n in wq], {"x": x})
+    for n, a in zip(wq, got):
+        args = [init(q, i) for i in n.input]
+        np.testing.assert_allclose(a, ref.lsq_forward(*args), rtol=0, atol=1e-6, err_msg=n.name)
