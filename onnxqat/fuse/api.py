@@ -103,7 +103,8 @@ def fuse(model, output=None, format: str = "int", rescale: str = "fixed-point", 
             data = load_verify_data(os.fspath(data), verify_samples)
         fused_input = "uint8" if low.model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8 else "float"
         agreement = verify(qat, low.model, low.outputs, input_scale=input_scale, fused_input=fused_input,
-                           data=None if data is None else np.asarray(data), samples=verify_samples, seed=seed)
+                           data=None if data is None else np.asarray(data), samples=verify_samples, seed=seed,
+                           activation_codes=low.activation_codes)
         if strict and not agreement.identical:
             raise FuseError(f"--strict: fused and fake-quantized outputs differ (max code difference "
                             f"{agreement.max_code_diff:g}, top-1 agreement {100 * agreement.top1_agreement:.2f}%)")

@@ -73,6 +73,7 @@ class Lowered:
     weight_params: int = 0
     weight_bits: dict = field(default_factory=dict)
     kept_float: list = field(default_factory=list)
+    activation_codes: dict = field(default_factory=dict)  # quantizer output -> (fused codes tensor, scale, zp)
 
 
 def _vec(v) -> np.ndarray:
@@ -106,6 +107,7 @@ class Lowerer:
         self.weight_params = 0
         self.weight_bits: dict[str, int] = {}
         self.kept: list[str] = []
+        self.act_codes: dict[str, tuple] = {}
 
     # ------------------------------------------------------------------ walk
     def run(self) -> Lowered:
@@ -123,7 +125,13 @@ class Lowerer:
                 continue
             self._node(idx, node)
         outputs = [self._output(name) for name in g.output_names]
-        return Lowered(self._model(inp, outputs), outputs, self.weight_params, self.weight_bits, self.kept)
+        return Lowered(self._model(inp, outputs), outputs, self.weight_params, self.weight_bits, self.kept,
+                       self.act_codes)
+
+    def _record(self, out: str, v):
+        c = v.grid if isinstance(v, Float) else v
+        self.act_codes[out] = (c.name, c.scale, c.dtype)
+        return v
 
     def _index(self, node) -> int:
         for i, n in enumerate(self.g.model.graph.node):
@@ -151,7 +159,8 @@ class Lowerer:
             r = check_range(node, g.scalar(node, 2, "range"), max_r=255)
             if not alpha > 0:
                 raise FuseError(f"{node_label(node)}: alpha is 0")
-            self.val[node.output[0]] = self._requant(self._get(node.input[0], node), alpha / r, r, node.output[0])
+            self.val[node.output[0]] = self._record(node.output[0], self._requant(self._get(node.input[0], node), alpha / r,
+                                                                                  r, node.output[0]))
             return
         if node.domain == DOMAIN and op == "LsqQuant":
             r = check_range(node, g.scalar(node, 2, "range"), max_r=255)
@@ -163,7 +172,8 @@ class Lowerer:
             s = float(step.reshape(-1)[0])
             if not s > 0:
                 raise FuseError(f"{node_label(node)}: step must be > 0, is {s:g}")
-            self.val[node.output[0]] = self._requant(self._get(node.input[0], node), s, r, node.output[0])
+            self.val[node.output[0]] = self._record(node.output[0],
+                                                    self._requant(self._get(node.input[0], node), s, r, node.output[0]))
             return
         if node.domain not in ("", "ai.onnx"):
             raise FuseError(f"{node_label(node)}: op of domain '{node.domain}' has no integer lowering")
@@ -500,8 +510,12 @@ class Lowerer:
             p = b.op("Mul", [t64, b.const(f"{name}_m{k}", mk.reshape(cshape))], f"{name}_p{k}")
             y = p if y is None else b.op("Add", [y, p], f"{name}_sum")
         y = b.op("Add", [y, b.const(f"{name}_bias", bias_fp.reshape(cshape))], f"{name}_biased")
-        y = b.op("Max", [y, b.const(f"{name}_lo", np.array(0, np.int64))], f"{name}_relu")
-        y = b.op("Min", [y, b.const(f"{name}_hi", hi_c.reshape(shape_sh).astype(np.int64))], f"{name}_sat")
+        lo_t = b.const(f"{name}_lo", np.array(0, np.int64))
+        hi_t = b.const(f"{name}_hi", hi_c.reshape(shape_sh).astype(np.int64))
+        if shape_sh:  # per-channel upper bounds: Clip takes scalars only
+            y = b.op("Min", [b.op("Max", [y, lo_t], f"{name}_relu"), hi_t], f"{name}_sat")
+        else:
+            y = b.op("Clip", [y, lo_t, hi_t], f"{name}_sat")
         y = b.cast(y, TensorProto.UINT64, f"{name}_u64")
         y = b.op("BitShift", [y, b.const(f"{name}_shift", sh_c.reshape(shape_sh).astype(np.uint64))], f"{name}_shr",
                  direction="RIGHT")
