@@ -41,6 +41,18 @@ def run_onnxqat(args, out: Path) -> dict:
     lenet = build_lenet(args.seed)
     res = {}
 
+    class Done:  # a variant finished by an earlier invocation with --reuse
+        def __init__(self, d):
+            self.metrics = json.loads((d / "metrics.json").read_text())
+            self.model_path = d / "model.onnx"
+            self.test_top1 = json.loads((d / "done.json").read_text())["test_top1"]
+
+    def run(key, *a, **k):
+        d = out / key
+        if args.reuse and (d / "done.json").is_file():
+            return Done(d)
+        return onnxqat.train(*a, out=d, **k)
+
     def record(key, r):
         secs = [m["epoch_seconds"] for m in r.metrics]
         res[key] = {"test_top1": r.test_top1, "seconds_per_epoch": float(np.mean(secs)),
@@ -51,16 +63,15 @@ def run_onnxqat(args, out: Path) -> dict:
               f"(CPU {res[key]['cpu_seconds_per_epoch']:.2f} s)  {res[key]['images_per_s']:.0f} img/s", flush=True)
 
     print("onnxqat:", flush=True)
-    fp32 = onnxqat.train(lenet, "fashion-mnist", out=out / "fp32", lr=args.lr, **common)
+    fp32 = run("fp32", lenet, "fashion-mnist", lr=args.lr, **common)
     record("fp32", fp32)
-    clamp = onnxqat.train(insert(lenet, "sat4-clamp"), "fashion-mnist", out=out / "sat_clamp", lr=args.lr,
-                          quantizer_lr=args.lr, **common)
+    clamp = run("sat_clamp", insert(lenet, "sat4-clamp"), "fashion-mnist", lr=args.lr, quantizer_lr=args.lr, **common)
     record("sat_clamp", clamp)
-    sat4 = onnxqat.train(lenet, "fashion-mnist", recipe="sat4", out=out / "sat4", lr=args.lr, quantizer_lr=args.lr,
-                         init_from=clamp.model_path, **common)
+    sat4 = run("sat4", lenet, "fashion-mnist", recipe="sat4", lr=args.lr, quantizer_lr=args.lr,
+               init_from=clamp.model_path, **common)
     record("sat4", sat4)
-    lsq = onnxqat.train(lenet, "fashion-mnist", recipe="lsq4", out=out / "lsq4", lr=args.lsq_lr,
-                        quantizer_lr=args.lsq_lr, init_from=fp32.model_path, **common)
+    lsq = run("lsq4", lenet, "fashion-mnist", recipe="lsq4", lr=args.lsq_lr, quantizer_lr=args.lsq_lr,
+              init_from=fp32.model_path, **common)
     record("lsq4", lsq)
     return res
 
@@ -200,6 +211,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="CPU threads for ORT and PyTorch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--reuse", action="store_true", help="keep variants already finished in --out (same arguments)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_lenet")
     a = p.parse_args(argv)
     t0 = time.time()

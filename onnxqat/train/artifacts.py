@@ -244,10 +244,12 @@ def write_back(model: onnx.ModelProto, params: dict[str, np.ndarray]) -> onnx.Mo
     return m
 
 
-def copy_initializers(model: onnx.ModelProto, source: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """`--init-from`: copies every initializer of `source` whose name and element count match into `model`."""
+def copy_initializers(model: onnx.ModelProto, source: onnx.ModelProto,
+                      only: set[str] | None = None) -> tuple[onnx.ModelProto, list[str]]:
+    """`--init-from`: copies every initializer of `source` whose name and element count match into `model`
+    (restricted to the names in `only` when given)."""
     src = {i.name: numpy_helper.to_array(i) for i in source.graph.initializer}
     dst = {i.name: i for i in model.graph.initializer}
-    copied = [n for n in src if n in dst and src[n].size == int(np.prod(tuple(dst[n].dims)))
+    copied = [n for n in src if n in dst and (only is None or n in only) and src[n].size == int(np.prod(tuple(dst[n].dims)))
               and src[n].dtype == helper.tensor_dtype_to_np_dtype(dst[n].data_type)]
     return write_back(model, {n: src[n] for n in copied}), copied

@@ -204,8 +204,10 @@ def train(model, data="fashion-mnist", *, epochs: int | None = None, out: str | 
             float_model, c = art.copy_initializers(float_model, s1_model)
             log(f"stage 2: recipe {getattr(rec, 'name', recipe)} from stage 1's weights ({len(c)} tensors)")
         m = _insert(float_model, rec)
-        if init_model is not None:  # quantizer parameters of a model quantized the same way (same names)
-            m, c = art.copy_initializers(m, init_model)
+        if init_model is not None:
+            # learnable quantizer parameters (alpha/step) of a model quantized with the same names; never the
+            # constants (mode, range...), which belong to this recipe (a clamp-phase model has mode 0)
+            m, c = art.copy_initializers(m, init_model, only=set(art.plan_training(m).quantizer_params))
             copied.update(c)
     if init_model is not None:
         if not copied:

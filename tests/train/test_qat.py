@@ -81,3 +81,11 @@ def test_two_stage_recipe_and_init_from(tmp_path, lenet):
     r = train(insert(lenet, "sat4-weights"), "fashion-mnist", epochs=1, out=tmp_path / "sep",
               init_from=tmp_path / "two" / "stage1" / "model.onnx", **DATA, **{**QUIET, "log": said.append})
     assert any(s.startswith("initialised") for s in said) and r.test_top1 is not None
+    # init-from with a recipe: weights from phase one, the recipe's own quantizer constants (mode 1, not phase one's 0)
+    r2 = train(lenet, "fashion-mnist", recipe="sat4", epochs=1, out=tmp_path / "sep2",
+               init_from=tmp_path / "two" / "stage1" / "model.onnx", max_iterations=1, **DATA, **QUIET)
+    t2 = _inits(onnx.load(str(r2.model_path)))
+    assert {int(v) for k, v in t2.items() if k.endswith("_wquant.mode")} == {1}
+    assert not (tmp_path / "sep2" / "stage1").exists()  # init-from replaces the first stage
+    w0 = s1["fc1.weight"]
+    assert np.abs(t2["fc1.weight"] - w0).max() < np.abs(w0).max() * 0.5  # started from phase one (one update)
