@@ -44,8 +44,11 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Write atomically: a temporary file in the same folder, then rename (no partial output on failure)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise ModelError(f"cannot write {path}: {exc.strerror or exc}") from None
     os.close(fd)
     try:
         if model.ByteSize() > 1_900_000_000:  # protobuf's 2 GiB limit: tensors go to <name>.data beside it
@@ -54,6 +57,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
         else:
             onnx.save(model, tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise ModelError(f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

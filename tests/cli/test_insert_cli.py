@@ -81,6 +81,9 @@ def test_warnings_go_to_stderr(tmp_path):
         (["{model}", "-r", "{recipe_bad_range}"], "key 'activations.range' must be an integer in [1, 65535]"),
         (["{model}", "-r", "{recipe_bad_node}"], "key 'nodes.\"conv_zz\"' names no node of model convnet"),
         (["{noweights}", "-r", "sat4"], "no quantizable layer"),
+        (["{model}", "-r", "sat4", "--calibration-data", "missing.npz"], "calibration data not found: missing.npz"),
+        (["{model}", "-r", "sat4", "--calibration-data", "{bad}"], "not a numpy .npz file"),
+        (["{model}", "-r", "sat4", "-o", "{bad}/sub/out.onnx"], "cannot write"),
     ],
 )
 def test_bad_input_one_line_exit_1_no_output(args, message, model_path, tmp_path):
@@ -101,7 +104,7 @@ def test_bad_input_one_line_exit_1_no_output(args, message, model_path, tmp_path
         '<ir_version: 8, opset_import: ["" : 13]>\ng (float[1,2] x) => (float[1,2] y) { y = Relu(x) }'), str(nw))
     paths["noweights"] = str(nw)
     out = tmp_path / "out.onnx"
-    argv = ["insert"] + [a.format(**paths) for a in args] + ["-o", str(out)]
+    argv = ["insert"] + [a.format(**paths) for a in args] + ([] if "-o" in args else ["-o", str(out)])
     result = runner.invoke(app, argv)
     assert result.exit_code == 1
     err = result.stderr.strip().splitlines()
