@@ -28,7 +28,8 @@ OQ_HD float round_half_even(float x) {
 #else
   const float two23 = 8388608.0f;
   float ax = std::fabs(x);
-  float r = ax < two23 ? (ax + two23) - two23 : ax;
+  float rounded = (ax + two23) - two23;  // computed unconditionally: a select, not a branch, vectorises
+  float r = ax < two23 ? rounded : ax;
   return std::copysign(r, x);
 #endif
 }
@@ -62,7 +63,11 @@ OQ_HD float sat_act_forward(float x, float a, float r) {
   return a * (round_half_even(r * xc / a) / r);
 }
 
-OQ_HD float sat_act_dx(float dy, float x, float a) { return (x > 0.0f && x <= a) ? dy : 0.0f; }
+// Two selects (no && and no bool arithmetic): gcc vectorises them.
+OQ_HD float sat_act_dx(float dy, float x, float a) {
+  float t = x > 0.0f ? dy : 0.0f;
+  return x <= a ? t : 0.0f;
+}
 
 // Per-element factor of dalpha: 1 if x >= a; round(R x/a)/R - x/a if 0 < x < a; 0 if x <= 0.
 OQ_HD float sat_act_dalpha_local(float x, float a, float r) {
@@ -93,13 +98,15 @@ OQ_HD float lsq_forward(float v, float s, LsqBounds b) {
 
 OQ_HD float lsq_dv(float dy, float v, float s, LsqBounds b) {
   float vs = v / s;
-  return (vs >= b.qn && vs <= b.qp) ? dy : 0.0f;
+  float t = vs >= b.qn ? dy : 0.0f;  // two selects (no && and no bool arithmetic): gcc vectorises them
+  return vs <= b.qp ? t : 0.0f;
 }
 
 // Per-element factor of dstep: Qn if v/s <= Qn; Qp if v/s >= Qp; round(v/s) - v/s otherwise.
 OQ_HD float lsq_dstep_local(float v, float s, LsqBounds b) {
   float vs = v / s;
-  return vs <= b.qn ? b.qn : (vs >= b.qp ? b.qp : round_half_even(vs) - vs);
+  float middle = round_half_even(vs) - vs;
+  return vs <= b.qn ? b.qn : (vs >= b.qp ? b.qp : middle);
 }
 
 }  // namespace onnxqat

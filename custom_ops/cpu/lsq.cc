@@ -5,7 +5,7 @@
 #include "common/checks.h"
 #include "common/quant_math.h"
 #include "cpu/kernel_base.h"
-#include "cpu/reduce.h"
+#include "cpu/loops.h"
 
 namespace onnxqat {
 namespace cpu {
@@ -105,8 +105,7 @@ struct LsqKernel : StatusKernel<LsqKernel> {
     parallel_for(ctx, num_chunks(n), [&](size_t c) {
       const size_t b = c * kChunk, e = std::min(n, b + kChunk);
       for_segments(b, e, p, [&](size_t sb, size_t se, size_t ch) {
-        const float s = p.step[ch];
-        for (size_t i = sb; i < se; ++i) y[i] = lsq_forward(vd[i], s, bd);
+        lsq_forward_loop(vd + sb, y + sb, se - sb, p.step[ch], bd.qn, bd.qp);
       });
     });
   }
@@ -130,6 +129,7 @@ struct LsqGradKernel : StatusKernel<LsqGradKernel> {
       fail("gradient dy has shape " + shape_str(dy.shape) + " but v has shape " + shape_str(v.shape));
     float* dv = output(ctx, 0, v.shape);
     float* dstep = output(ctx, 1, p.step_shape);
+    if (dv == nullptr && dstep == nullptr) return;
     const size_t n = v.size;
     const size_t C = p.channels;
     const float* vd = v.data;
@@ -151,16 +151,11 @@ struct LsqGradKernel : StatusKernel<LsqGradKernel> {
       double* acc = dstep != nullptr ? part.data() + t * C : nullptr;
       for_segments(b, e, p, [&](size_t sb, size_t se, size_t ch) {
         const float s = p.step[ch];
-        if (dv != nullptr) {
-          for (size_t i = sb; i < se; ++i) dv[i] = lsq_dv(g[i], vd[i], s, bd);
+        if (acc == nullptr) {
+          lsq_dv_loop(g + sb, vd + sb, dv + sb, se - sb, s, bd.qn, bd.qp);
+          return;
         }
-        if (acc != nullptr) {
-          const float* vb = vd + sb;
-          const float* gb = g + sb;
-          acc[ch] += lane_sum(se - sb, [&](size_t i) {
-            return static_cast<double>(gb[i]) * static_cast<double>(lsq_dstep_local(vb[i], s, bd));
-          });
-        }
+        acc[ch] += lsq_grad_loop(g + sb, vd + sb, dv != nullptr ? dv + sb : nullptr, se - sb, s, bd.qn, bd.qp);
       });
     });
     if (dstep != nullptr) {

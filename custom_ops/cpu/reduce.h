@@ -1,5 +1,6 @@
 // Reductions for the CPU kernels: several independent accumulators per loop so that the latency of the
-// floating-point add does not bound the throughput (strict IEEE arithmetic forbids the compiler to reassociate).
+// floating-point add does not bound the throughput (strict IEEE arithmetic forbids the compiler to reassociate),
+// written so that gcc vectorises the lanes (SLP).
 #pragma once
 
 #include <cmath>
@@ -9,6 +10,9 @@ namespace onnxqat {
 namespace cpu {
 
 constexpr int kLanes = 8;
+
+// Elements of the stack blocks in which the kernels stage per-element factors before a dot product.
+constexpr size_t kBlock = 512;
 
 // Sum of double(f(i)) over [0, n).
 template <class F>
@@ -22,6 +26,38 @@ inline double lane_sum(size_t n, F&& f) {
   double s = 0;
   for (int k = 0; k < kLanes; ++k) s += acc[k];
   return s;
+}
+
+// Sum of double(a[i]) * double(b[i]) over [0, n) (each product exact in double).
+inline double dot_lanes(const float* a, const float* b, size_t n) {
+  double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  size_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) acc[k] += static_cast<double>(a[i + k]) * static_cast<double>(b[i + k]);
+  }
+  for (int k = 0; i < n; ++i, ++k) acc[k] += static_cast<double>(a[i]) * static_cast<double>(b[i]);
+  double s = 0;
+  for (int k = 0; k < kLanes; ++k) s += acc[k];
+  return s;
+}
+
+// Max of |x| over [0, n) (0 for n == 0); NaN-free inputs assumed by the caller's semantics.
+inline float max_abs(const float* x, size_t n) {
+  float m[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  size_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      float a = std::fabs(x[i + k]);
+      m[k] = a > m[k] ? a : m[k];
+    }
+  }
+  for (; i < n; ++i) {
+    float a = std::fabs(x[i]);
+    m[0] = a > m[0] ? a : m[0];
+  }
+  float mm = 0.0f;
+  for (int k = 0; k < kLanes; ++k) mm = m[k] > mm ? m[k] : mm;
+  return mm;
 }
 
 }  // namespace cpu

@@ -5,7 +5,7 @@
 #include "common/checks.h"
 #include "common/quant_math.h"
 #include "cpu/kernel_base.h"
-#include "cpu/reduce.h"
+#include "cpu/loops.h"
 
 namespace onnxqat {
 namespace cpu {
@@ -48,7 +48,7 @@ struct SatActKernel : StatusKernel<SatActKernel> {
     const float* xd = x.data;
     parallel_for(ctx, num_chunks(n), [&](size_t c) {
       const size_t b = c * kChunk, e = std::min(n, b + kChunk);
-      for (size_t i = b; i < e; ++i) y[i] = sat_act_forward(xd[i], a, r);
+      sat_act_forward_loop(xd + b, y + b, e - b, a, r);
     });
   }
 };
@@ -77,16 +77,11 @@ struct SatActGradKernel : StatusKernel<SatActGradKernel> {
     std::vector<double> part(tasks, 0.0);
     parallel_for(ctx, tasks, [&](size_t c) {
       const size_t b = c * kChunk, e = std::min(n, b + kChunk);
-      if (dx != nullptr) {
-        for (size_t i = b; i < e; ++i) dx[i] = sat_act_dx(g[i], xd[i], a);
+      if (dalpha == nullptr) {
+        if (dx != nullptr) sat_act_dx_loop(g + b, xd + b, dx + b, e - b, a);
+        return;
       }
-      if (dalpha != nullptr) {
-        const float* xb = xd + b;
-        const float* gb = g + b;
-        part[c] = lane_sum(e - b, [&](size_t i) {
-          return static_cast<double>(gb[i]) * static_cast<double>(sat_act_dalpha_local(xb[i], a, r));
-        });
-      }
+      part[c] = sat_act_grad_loop(g + b, xd + b, dx != nullptr ? dx + b : nullptr, e - b, a, r);
     });
     if (dalpha != nullptr) {
       double s = 0;

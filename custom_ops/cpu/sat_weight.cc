@@ -6,34 +6,11 @@
 #include "common/checks.h"
 #include "common/quant_math.h"
 #include "cpu/kernel_base.h"
-#include "cpu/reduce.h"
+#include "cpu/loops.h"
 
 namespace onnxqat {
 namespace cpu {
 namespace {
-
-template <int64_t MODE>
-inline float level(float tn, float r, float half) {
-  if constexpr (MODE == kSatModeDorefa) {
-    float u = (tn + 1.0f) * 0.5f;
-    float uq = round_half_even(r * u) / r;
-    return 2.0f * uq - 1.0f;
-  } else if constexpr (MODE == kSatModeSymmetric) {
-    return round_half_even(half * tn) / half;
-  } else {
-    return tn;
-  }
-}
-
-template <class F>
-inline void with_mode(int64_t mode, F&& f) {
-  if (mode == kSatModeDorefa)
-    f(std::integral_constant<int64_t, kSatModeDorefa>{});
-  else if (mode == kSatModeSymmetric)
-    f(std::integral_constant<int64_t, kSatModeSymmetric>{});
-  else
-    f(std::integral_constant<int64_t, kSatModeClamp>{});
-}
 
 struct SatParams {
   float r;
@@ -60,25 +37,8 @@ float tanh_and_max(Ort::KernelContext& ctx, const float* w, float* t, size_t n) 
   std::vector<float> part(tasks, 0.0f);
   parallel_for(ctx, tasks, [&](size_t c) {
     const size_t b = c * kChunk, e = std::min(n, b + kChunk);
-    float m[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-    size_t i = b;
-    for (; i + kLanes <= e; i += kLanes) {
-      for (int k = 0; k < kLanes; ++k) {
-        float v = std::tanh(w[i + k]);
-        t[i + k] = v;
-        float a = std::fabs(v);
-        m[k] = a > m[k] ? a : m[k];
-      }
-    }
-    for (; i < e; ++i) {
-      float v = std::tanh(w[i]);
-      t[i] = v;
-      float a = std::fabs(v);
-      m[0] = a > m[0] ? a : m[0];
-    }
-    float mm = 0.0f;
-    for (int k = 0; k < kLanes; ++k) mm = m[k] > mm ? m[k] : mm;
-    part[c] = mm;
+    tanh_loop(w + b, t + b, e - b);
+    part[c] = max_abs_loop(t + b, e - b);
   });
   float mx = 0.0f;
   for (float v : part) mx = v > mx ? v : mx;
@@ -90,27 +50,16 @@ float scale_factor(Ort::KernelContext& ctx, const float* t, size_t n, float m, c
   if (p.fan_out <= 0 || n < 2) return 1.0f;
   const size_t tasks = num_chunks(n);
   std::vector<double> part(tasks, 0.0);
-  with_mode(p.mode, [&](auto mode_c) {
-    constexpr int64_t MODE = decltype(mode_c)::value;
-    parallel_for(ctx, tasks, [&](size_t c) {
-      const size_t b = c * kChunk, e = std::min(n, b + kChunk);
-      const float* tb = t + b;
-      part[c] = lane_sum(e - b, [&](size_t i) { return level<MODE>(tb[i] / m, p.r, p.half); });
-    });
+  parallel_for(ctx, tasks, [&](size_t c) {
+    const size_t b = c * kChunk, e = std::min(n, b + kChunk);
+    part[c] = sat_weight_level_sum(p.mode, t + b, e - b, m, p.r, p.half);
   });
   double sum = 0;
   for (double v : part) sum += v;
   const double mean = sum / static_cast<double>(n);
-  with_mode(p.mode, [&](auto mode_c) {
-    constexpr int64_t MODE = decltype(mode_c)::value;
-    parallel_for(ctx, tasks, [&](size_t c) {
-      const size_t b = c * kChunk, e = std::min(n, b + kChunk);
-      const float* tb = t + b;
-      part[c] = lane_sum(e - b, [&](size_t i) {
-        double d = static_cast<double>(level<MODE>(tb[i] / m, p.r, p.half)) - mean;
-        return d * d;
-      });
-    });
+  parallel_for(ctx, tasks, [&](size_t c) {
+    const size_t b = c * kChunk, e = std::min(n, b + kChunk);
+    part[c] = sat_weight_level_sqdev(p.mode, t + b, e - b, m, p.r, p.half, mean);
   });
   double ss = 0;
   for (double v : part) ss += v;
@@ -137,18 +86,9 @@ struct SatWeightKernel : StatusKernel<SatWeightKernel> {
     if (n == 0 || y == nullptr) return;
     const float m = tanh_and_max(ctx, w.data, y, n);
     const float s = scale_factor(ctx, y, n, m, p);
-    with_mode(p.mode, [&](auto mode_c) {
-      constexpr int64_t MODE = decltype(mode_c)::value;
-      parallel_for(ctx, num_chunks(n), [&](size_t c) {
-        const size_t b = c * kChunk, e = std::min(n, b + kChunk);
-        float* yb = y + b;
-        const size_t len = e - b;
-        if (s == 1.0f) {
-          for (size_t i = 0; i < len; ++i) yb[i] = level<MODE>(yb[i] / m, p.r, p.half);
-        } else {
-          for (size_t i = 0; i < len; ++i) yb[i] = level<MODE>(yb[i] / m, p.r, p.half) / s;
-        }
-      });
+    parallel_for(ctx, num_chunks(n), [&](size_t c) {
+      const size_t b = c * kChunk, e = std::min(n, b + kChunk);
+      sat_weight_level_loop(p.mode, y + b, e - b, m, p.r, p.half, s);
     });
   }
 };
@@ -178,7 +118,7 @@ struct SatWeightGradKernel : StatusKernel<SatWeightGradKernel> {
     const float* g = dy.data;
     parallel_for(ctx, num_chunks(n), [&](size_t c) {
       const size_t b = c * kChunk, e = std::min(n, b + kChunk);
-      for (size_t i = b; i < e; ++i) dw[i] = sat_weight_grad(g[i], dw[i], ms);
+      sat_weight_grad_loop(g + b, dw + b, e - b, ms);
     });
   }
 };

@@ -1,0 +1,36 @@
+// The elementwise hot loops of the CPU kernels, as plain functions over restrict pointers so that gcc vectorises
+// each of them (check: -fopt-info-vec on cpu/loops.cc). Arithmetic: common/quant_math.h, exactly numpy's order.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace onnxqat {
+namespace cpu {
+
+// SAT weights: t = tanh(W) first, then in-place passes over the same buffer.
+void tanh_loop(const float* w, float* t, size_t n);
+// y[i] = level(y[i] / m) / s, in place (y holds tanh(W) on entry)
+void sat_weight_level_loop(int64_t mode, float* y, size_t n, float m, float r, float half, float s);
+double sat_weight_level_sum(int64_t mode, const float* t, size_t n, float m, float r, float half);
+double sat_weight_level_sqdev(int64_t mode, const float* t, size_t n, float m, float r, float half, double mean);
+// dw[i] = g[i] * (1 - t^2) / ms, in place (dw holds t = tanh(W) on entry)
+void sat_weight_grad_loop(const float* g, float* dw, size_t n, float ms);
+
+// SAT activations.
+void sat_act_forward_loop(const float* x, float* y, size_t n, float a, float r);
+void sat_act_dx_loop(const float* g, const float* x, float* dx, size_t n, float a);
+// dx (when not null) and sum of dy * dalpha-factor.
+double sat_act_grad_loop(const float* g, const float* x, float* dx, size_t n, float a, float r);
+
+// LSQ.
+void lsq_forward_loop(const float* v, float* y, size_t n, float s, float qn, float qp);
+void lsq_dv_loop(const float* g, const float* v, float* dv, size_t n, float s, float qn, float qp);
+// dv (when not null) and sum of dy * dstep-factor (without g).
+double lsq_grad_loop(const float* g, const float* v, float* dv, size_t n, float s, float qn, float qp);
+
+// max |x|
+float max_abs_loop(const float* x, size_t n);
+
+}  // namespace cpu
+}  // namespace onnxqat
