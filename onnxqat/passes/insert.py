@@ -180,7 +180,8 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
             if n is None:
                 n = 1
                 warns.append(
-                    f"{a.node.op_type} node {a.node.name}: shape of {a.tensor} unknown, LSQ grad_scale uses N=1"
+                    f"{a.node.op_type} node {a.node.name}: shape of {a.tensor} unknown (dynamic), LSQ grad_scale "
+                    "uses N=1; give calibration data to take N from it"
                 )
             entry = PlanEntry(
                 op_type="LsqQuant", step=(float(np.float32(step)),), signed=a.signed,
@@ -220,12 +221,15 @@ def _with_consumer(entry: PlanEntry, consumer: str) -> PlanEntry:
 
 
 def _warn(plan: Plan) -> None:
-    if plan.warnings:
+    """One warning listing the places left float, one for the other remarks (e.g. unknown shapes)."""
+    skipped = [w for w in plan.warnings if "not quantized" in w]
+    other = [w for w in plan.warnings if "not quantized" not in w]
+    if skipped:
         pywarnings.warn(
-            f"{len(plan.warnings)} place(s) not quantized: " + "; ".join(plan.warnings),
-            QuantizationWarning,
-            stacklevel=3,
+            f"{len(skipped)} place(s) not quantized: " + "; ".join(skipped), QuantizationWarning, stacklevel=3
         )
+    if other:
+        pywarnings.warn(f"{len(other)} remark(s): " + "; ".join(other), QuantizationWarning, stacklevel=3)
 
 
 def plan(model, recipe, calibration_data=None) -> Plan:

@@ -494,3 +494,22 @@ def test_fan_out_and_axis_per_op():
     for n, a in zip(wq, got):
         args = [init(q, i) for i in n.input]
         np.testing.assert_allclose(a, ref.lsq_forward(*args), rtol=0, atol=1e-6, err_msg=n.name)
+
+
+def test_dynamic_shapes_take_n_from_calibration():
+    """Features per sample for the LSQ activation grad_scale: unknown with dynamic H, W; calibration data gives it."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    dyn (float[N,3,H,W] x, float[4,3,3,3] w0, float[2,4,1,1] w1) => (float[N,2,H,W] y)
+    {
+      c = Conv<pads=[1,1,1,1]>(x, w0)
+      r = Relu(c)
+      y = Conv(r, w1)
+    }
+    """
+    m = model_from_text(text)
+    with pytest.warns(QuantizationWarning, match=r"1 remark\(s\): Relu node Relu_1: shape of r unknown"):
+        q = insert(m, "lsq8")
+    assert init(q, "Relu_1_aquant.grad_scale") == pytest.approx(1 / math.sqrt(255), rel=1e-6)
+    q = insert(m, "lsq8", calibration_data={"x": x_input((2, 3, 5, 6))})
+    assert init(q, "Relu_1_aquant.grad_scale") == pytest.approx(1 / math.sqrt(4 * 5 * 6 * 255), rel=1e-6)
