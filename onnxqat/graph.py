@@ -197,21 +197,30 @@ class GraphIndex:
         self._values: dict[str, ConstantValue] = {}
 
     def is_constant(self, tensor: str) -> bool:
+        """Whether `tensor` is computed from initializers alone (iterative: graphs can be thousands of nodes deep)."""
         if not tensor:
             return False
-        if tensor in self._const:
-            return self._const[tensor]
-        if tensor in self.initializers:
-            result = True
-        else:
-            node = self.producer.get(tensor)
-            if node is None or node.op_type in _NONDETERMINISTIC or node.domain not in ("", "ai.onnx"):
-                result = False
-            else:
-                self._const[tensor] = False  # guards against cycles
-                result = all(self.is_constant(i) for i in node.input if i)
-        self._const[tensor] = result
-        return result
+        memo = self._const
+        stack, expanded = [tensor], set()
+        while stack:
+            t = stack[-1]
+            if t not in memo:
+                node = self.producer.get(t)
+                if t in self.initializers:
+                    memo[t] = True
+                elif node is None or node.op_type in _NONDETERMINISTIC or node.domain not in ("", "ai.onnx"):
+                    memo[t] = False
+                else:
+                    inputs = [i for i in node.input if i]
+                    pending = [i for i in inputs if i not in memo]
+                    if pending and t not in expanded:
+                        expanded.add(t)  # come back to t once its inputs are known
+                        stack.extend(pending)
+                        continue
+                    # inputs still unknown on the way back: t is its own ancestor (a cycle), not constant
+                    memo[t] = not pending and all(memo[i] for i in inputs)
+            stack.pop()
+        return memo[tensor]
 
     def constant_value(self, tensor: str) -> ConstantValue:
         """Shape and values of a constant tensor (is_constant(tensor) must hold)."""

@@ -513,3 +513,23 @@ def test_dynamic_shapes_take_n_from_calibration():
     assert init(q, "Relu_1_aquant.grad_scale") == pytest.approx(1 / math.sqrt(255), rel=1e-6)
     q = insert(m, "lsq8", calibration_data={"x": x_input((2, 3, 5, 6))})
     assert init(q, "Relu_1_aquant.grad_scale") == pytest.approx(1 / math.sqrt(4 * 5 * 6 * 255), rel=1e-6)
+
+
+def test_deep_graph_no_recursion_limit():
+    """3000 nodes in a chain (Python's recursion limit is 1000): the passes walk graphs iteratively."""
+    from onnx import helper
+
+    nodes, prev = [], "x"
+    for i in range(3000):
+        nodes.append(helper.make_node("Relu", [prev], [f"t{i}"], name=f"relu{i}"))
+        prev = f"t{i}"
+    nodes.append(helper.make_node("MatMul", [prev, "w"], ["y"], name="mm"))
+    g = helper.make_graph(
+        nodes, "deep", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])],
+        [onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    q = insert(m, "sat8")
+    assert sorted(n.name for n in quantizers(q)) == ["mm_wquant", "relu2999_aquant"]
+    assert len(strip_quantizers(q).graph.node) == 3001
