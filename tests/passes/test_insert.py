@@ -533,3 +533,14 @@ def test_deep_graph_no_recursion_limit():
     q = insert(m, "sat8")
     assert sorted(n.name for n in quantizers(q)) == ["mm_wquant", "relu2999_aquant"]
     assert len(strip_quantizers(q).graph.node) == 3001
+
+
+def test_strip_removes_signed_linear_quantizers():
+    m = unhandled()
+    with pytest.warns(QuantizationWarning):
+        q = insert(m, "lsq8")
+    assert sum(n.name.endswith("_aquant") for n in quantizers(q)) == 2
+    s = strip_quantizers(q)
+    assert not quantizers(s)
+    x = x_input((1, 3, 8, 8))
+    np.testing.assert_array_equal(ReferenceEvaluator(s).run(None, {"x": x})[0], ReferenceEvaluator(m).run(None, {"x": x})[0])
