@@ -102,6 +102,7 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
 
     # ---- weights: one quantizer per weight tensor (a shared weight is quantized once, for all its layers)
     by_tensor: dict[str, PlanEntry] = {}
+    settings_of: dict[str, tuple] = {}
     for layer in layers:
         node = layer.node
         ws = recipe.weight_settings(node.op_type, node.name, node.name in first, node.name in last)
@@ -112,7 +113,13 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
         if tensor in by_tensor:
             prev = by_tensor[tensor]
             by_tensor[tensor] = _with_consumer(prev, node.name)
+            if settings_of[tensor] != (ws, layer.axis, layer.fan_out):
+                warns.append(
+                    f"weight {tensor} is shared by {prev.node} and {node.name}, whose settings differ: "
+                    f"one quantizer with {prev.node}'s settings"
+                )
             continue
+        settings_of[tensor] = (ws, layer.axis, layer.fan_out)
         common = dict(
             kind="weight", name=f"{node.name}_wquant", node=node.name, node_op=node.op_type, tensor=tensor,
             port=layer.port, method=ws.method, range=ws.range, consumers=(node.name,), axis=layer.axis, notes=notes,

@@ -374,7 +374,10 @@ def test_shared_weight_gets_one_quantizer():
       y = MatMul(r, w)
     }
     """
-    q = insert(model_from_text(text), "lsq8")
+    m = model_from_text(text)
+    with pytest.warns(QuantizationWarning, match="weight w is shared by MatMul_0 and MatMul_2, whose settings differ"):
+        insert(m, parse_recipe('[weights]\nmethod = "lsq"\n[nodes."MatMul_2"]\nrange = 3\n'))
+    q = insert(m, "lsq8")
     wq = [n for n in quantizers(q) if n.input[0] == "w"]
     assert len(wq) == 1 and wq[0].name == "MatMul_0_wquant"
     assert [n.input[1] for n in q.graph.node if n.op_type == "MatMul"] == ["w_q", "w_q"]
