@@ -13,6 +13,7 @@ key, wrong type, value out of range -> RecipeError naming the key and the file).
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,13 +171,15 @@ def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
         return name_or_path
     text_arg = str(name_or_path)
     path = Path(text_arg)
-    if not (text_arg.endswith(".toml") or path.is_file()):
+    looks_like_path = isinstance(name_or_path, Path) or text_arg.endswith(".toml") or "/" in text_arg or os.sep in text_arg
+    if not looks_like_path:  # a shipped recipe's name first, then a file of that name
         shipped = _shipped()
-        if text_arg not in shipped:
+        if text_arg in shipped:
+            path = shipped[text_arg]
+        elif not path.is_file():
             raise RecipeError(
                 f"unknown recipe '{text_arg}' (shipped: {', '.join(sorted(shipped)) or 'none'}; or give a .toml path)"
             )
-        path = shipped[text_arg]
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
     try:
