@@ -37,10 +37,22 @@ SHAPE_OPS = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Transpos
 
 @dataclass
 class Codes:
+    """Unsigned codes u in [0, r]; real value scale * (u - zp) (zp > 0: signed quantizers, input normalisation)."""
     name: str
     scale: float
     r: int
     dtype: int = TensorProto.UINT8
+    zp: int = 0
+
+    @property
+    def bound(self) -> float:  # max |u - zp|
+        return float(max(self.zp, self.r - self.zp))
+
+    def term(self) -> tuple:
+        return (self.name, np.array([self.scale]), self.bound)
+
+    def offset(self) -> np.ndarray:  # real bias of the term form: scale*u - scale*zp
+        return np.array([-self.scale * self.zp])
 
 
 @dataclass
@@ -49,6 +61,7 @@ class Acc:
     bias: np.ndarray  # float64 [C] or [1]
     cshape: tuple  # broadcast shape of a per-channel vector against the tensor
     axis: int  # channel axis
+    clip: tuple = (-np.inf, np.inf)  # a Relu / Clip(lo, hi) on the real value, folded into the next quantizer
 
 
 @dataclass
@@ -82,8 +95,7 @@ def _vec(v) -> np.ndarray:
 
 class Lowerer:
     def __init__(self, model: onnx.ModelProto, *, format: str = "int", rescale: str = "fixed-point",
-                 input_scale: float = 1 / 255, input_type: str = "uint8", keep_float=(), dequantize_output: bool = True,
-                 qdq_int8: bool = False):
+                 input_scale: float = 1 / 255, input_type: str = "uint8", keep_float=(), dequantize_output: bool = True):
         if format not in ("int", "qdq"):
             raise FuseError(f"unknown format '{format}' (int or qdq)")
         if rescale not in ("fixed-point", "float"):
@@ -98,7 +110,6 @@ class Lowerer:
         self.input_type = "float" if format == "qdq" else input_type
         self.keep_float = set(keep_float)
         self.dequantize_output = dequantize_output
-        self.qdq_int8 = qdq_int8  # QDQ activation codes as int8 (TensorRT) where R <= 127, else uint8 (ORT's default)
         taken = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
         taken |= set(self.g.consts)
         self.b = GraphBuilder(taken)
@@ -130,7 +141,7 @@ class Lowerer:
 
     def _record(self, out: str, v):
         c = v.grid if isinstance(v, Float) else v
-        self.act_codes[out] = (c.name, c.scale, c.dtype)
+        self.act_codes[out] = (c.name, c.scale, c.dtype, c.zp)
         return v
 
     def _index(self, node) -> int:
@@ -164,8 +175,7 @@ class Lowerer:
             return
         if node.domain == DOMAIN and op == "LsqQuant":
             r = check_range(node, g.scalar(node, 2, "range"), max_r=255)
-            if int(g.scalar(node, 3, "signed")):
-                raise FuseError(f"{node_label(node)}: signed activation quantizer is not supported (codes must be >= 0)")
+            zp = (r + 1) // 2 if int(g.scalar(node, 3, "signed")) else 0  # signed codes [-(R+1)/2, (R-1)/2] as u - zp
             step = g.const(node.input[1], node, "step")
             if step.size != 1:
                 raise FuseError(f"{node_label(node)}: per-channel step on an activation is not supported")
@@ -173,7 +183,7 @@ class Lowerer:
             if not s > 0:
                 raise FuseError(f"{node_label(node)}: step must be > 0, is {s:g}")
             self.val[node.output[0]] = self._record(node.output[0],
-                                                    self._requant(self._get(node.input[0], node), s, r, node.output[0]))
+                                                    self._requant(self._get(node.input[0], node), s, r, node.output[0], zp))
             return
         if node.domain not in ("", "ai.onnx"):
             raise FuseError(f"{node_label(node)}: op of domain '{node.domain}' has no integer lowering")
@@ -184,32 +194,134 @@ class Lowerer:
             src = node_label(prod) if prod is not None else "the network input"
             raise FuseError(f"{node_label(node)} follows no weighted layer (its input comes from {src}); "
                             "only BatchNormalization right after Conv/Gemm/MatMul can be folded")
-        if op == "Relu":
-            v = self._get(node.input[0], node)
+        if op in ("Relu", "Clip"):
+            return self._clip(node)
+        if op in ("Mul", "Div", "Sub") or (op == "Add" and any(i in g.consts for i in node.input)):
+            v = self._get([i for i in node.input if i not in g.consts][0], node) if len(node.input) == 2 else None
             if isinstance(v, Codes):
-                self.val[node.output[0]] = v
-                return
-            nxt = g.only_consumer(node.output[0])
-            if isinstance(v, Acc) and nxt is not None and nxt.domain == DOMAIN and nxt.op_type in ("SatActQuant", "LsqQuant"):
-                self.val[node.output[0]] = v  # the activation quantizer clips at 0 itself
-                return
-            if isinstance(v, Float):
-                self.val[node.output[0]] = Float(self.b.op("Relu", [v.name], node.output[0]))
-                return
-            raise FuseError(f"{node_label(node)}: a Relu not followed by an activation quantizer has no integer form")
+                return self._affine(node, v)
+            if op == "Add":
+                return self._add(node)
+            raise FuseError(f"{node_label(node)} has no integer lowering here (only a scalar affine map of quantized "
+                            f"codes, e.g. the input normalisation); keep it in float with --keep-float {node.name}")
+        if op in ("GlobalAveragePool", "ReduceMean") and isinstance(self.val.get(node.input[0]), Codes):
+            return self._global_pool(node)
+        if op in ("GlobalAveragePool", "ReduceMean") and isinstance(self.val.get(node.input[0]), Float):  # QDQ
+            extra = [self.b.const(i, g.consts[i]) for i in node.input[1:] if i]
+            self.val[node.output[0]] = Float(self.b.op(op, [self.val[node.input[0]].name] + extra, node.output[0],
+                                                       **attrs(node)))
+            return
         if op == "Add":
             return self._add(node)
         if op in SHAPE_OPS:
             return self._shape_op(node)
         if op == "Concat":
             vals = [self._get(i, node) for i in node.input]
-            if all(isinstance(v, Codes) for v in vals) and len({(v.scale, v.dtype) for v in vals}) == 1:
+            if all(isinstance(v, Codes) for v in vals) and len({(v.scale, v.dtype, v.zp) for v in vals}) == 1:
                 out = self.b.op("Concat", [v.name for v in vals], node.output[0], **attrs(node))
-                self.val[node.output[0]] = Codes(out, vals[0].scale, max(v.r for v in vals), vals[0].dtype)
+                self.val[node.output[0]] = Codes(out, vals[0].scale, max(v.r for v in vals), vals[0].dtype, vals[0].zp)
                 return
             raise FuseError(f"{node_label(node)}: Concat of inputs with different quantization scales is not supported")
         raise FuseError(f"{node_label(node)} has no integer lowering (keep it in float with keep_float=['{node.name}'] "
                         f"/ --keep-float {node.name})")
+
+    # ------------------------------------------------------- Relu / Clip
+    def _clip(self, node: onnx.NodeProto) -> None:
+        g = self.g
+        v = self._get(node.input[0], node)
+        if node.op_type == "Relu":
+            lo, hi = 0.0, np.inf
+        else:
+            a = attrs(node)
+            lo = float(g.const(node.input[1], node, "min").reshape(-1)[0]) if len(node.input) > 1 and node.input[1] \
+                else float(a.get("min", -np.inf))
+            hi = float(g.const(node.input[2], node, "max").reshape(-1)[0]) if len(node.input) > 2 and node.input[2] \
+                else float(a.get("max", np.inf))
+        if isinstance(v, Float):
+            self.val[node.output[0]] = Float(self.b.op(node.op_type, [v.name] + [self.b.const(i, g.consts[i]) if i else ""
+                                                                               for i in node.input[1:]], node.output[0],
+                                                       **attrs(node)))
+            return
+        if isinstance(v, Acc):  # folded into the activation quantizer that follows: its code bounds shrink
+            self.val[node.output[0]] = Acc(v.terms, v.bias, v.cshape, v.axis, (max(v.clip[0], lo), min(v.clip[1], hi)))
+            return
+        if lo <= -v.scale * v.zp and hi >= v.scale * (v.r - v.zp):
+            self.val[node.output[0]] = v  # every code is inside already
+            return
+        lo_u = max(0, math.ceil(lo / v.scale - 1e-9) + v.zp) if np.isfinite(lo) else 0
+        hi_u = min(v.r, math.floor(hi / v.scale + 1e-9) + v.zp) if np.isfinite(hi) else v.r
+        exact = all(not np.isfinite(t) or abs(t / v.scale - round(t / v.scale)) < 1e-6 for t in (lo, hi) if t is not None)
+        if not exact:
+            raise FuseError(f"{node_label(node)}: clipping quantized codes at {lo:g}..{hi:g}, off their grid "
+                            f"(step {v.scale:g})")
+        b = self.b
+        y = b.op("Clip", [v.name, b.const(f"{node.output[0]}_lo", np.array(lo_u, np.uint8)),
+                          b.const(f"{node.output[0]}_hi", np.array(hi_u, np.uint8))], node.output[0])
+        self.val[node.output[0]] = Codes(y, v.scale, v.r, v.dtype, v.zp)
+
+    def _affine(self, node: onnx.NodeProto, v: Codes) -> None:
+        """A scalar Mul/Div/Add/Sub of codes (the input normalisation): a new scale and zero point, no op."""
+        g, op = self.g, node.op_type
+        ci = [i for i in node.input if i in g.consts]
+        c = g.consts[ci[0]] if ci else None
+        if c is None or c.size != 1:
+            raise FuseError(f"{node_label(node)}: only a scalar constant {op} of quantized codes has an integer form")
+        c = float(c.reshape(-1)[0])
+        scale, zp = v.scale, float(v.zp)
+        if op in ("Mul", "Div"):
+            f = c if op == "Mul" else 1.0 / c
+            if not f > 0:
+                raise FuseError(f"{node_label(node)}: {op} by {c:g} (only a positive factor keeps the codes)")
+            scale *= f
+        elif op == "Sub" and node.input[1] == ci[0]:
+            zp += c / scale
+        elif op == "Add":
+            zp -= c / scale
+        else:
+            raise FuseError(f"{node_label(node)}: constant minus codes has no integer form")
+        if abs(zp - round(zp)) > 1e-3 or not 0 <= round(zp) <= 255:
+            raise FuseError(f"{node_label(node)}: the offset {op} {c:g} is not a whole number of codes "
+                            f"(zero point {zp:g}, step {scale:g})")
+        self.val[node.output[0]] = Codes(v.name, scale, v.r, v.dtype, int(round(zp)))
+
+    def _global_pool(self, node: onnx.NodeProto) -> None:
+        """Average of codes = (sum of codes) * scale / count: an int32 ReduceSum, rescaled by the next quantizer."""
+        v: Codes = self.val[node.input[0]]
+        dims = self._shape_of(node.input[0])
+        a = attrs(node)
+        if node.op_type == "GlobalAveragePool":
+            axes = list(range(2, len(dims))) if dims else None
+        else:
+            axes = list(g for g in (self.g.consts[node.input[1]] if len(node.input) > 1 else a.get("axes", [])))
+        if not dims or axes is None or any(dims[i] is None for i in axes):
+            raise FuseError(f"{node_label(node)}: spatial size of '{node.input[0]}' unknown (needs a static shape)")
+        if node.op_type == "ReduceMean" and not a.get("keepdims", 1):
+            raise FuseError(f"{node_label(node)}: ReduceMean with keepdims=0 is not supported")
+        count = int(np.prod([dims[i] for i in axes]))
+        b = self.b
+        x32 = b.cast(v.name, TensorProto.INT32, f"{node.output[0]}_i32")
+        ssum = b.op("ReduceSum", [x32, b.const(f"{node.output[0]}_axes", np.array(axes, np.int64))],
+                    f"{node.output[0]}_sum", keepdims=1)
+        s = v.scale / count
+        self.val[node.output[0]] = Acc([(ssum, np.array([s]), v.bound * count)], np.array([-s * v.zp * count]), (), 1)
+
+    def _shape_of(self, name: str):
+        if not hasattr(self, "_shapes"):
+            self._shapes = {}
+            try:  # quantizers keep their input's shape: infer on a copy with Identity in their place
+                m = onnx.ModelProto()
+                m.CopyFrom(self.g.model)
+                for n in m.graph.node:
+                    if n.domain == DOMAIN:
+                        del n.input[1:]
+                        n.op_type, n.domain = "Identity", ""
+                inferred = onnx.shape_inference.infer_shapes(m)
+                for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+                    self._shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None
+                                             for d in vi.type.tensor_type.shape.dim]
+            except Exception:  # shape inference is best effort here
+                pass
+        return self._shapes.get(name)
 
     # ------------------------------------------------------------- the input
     def _input(self, name: str) -> None:
@@ -292,7 +404,7 @@ class Lowerer:
             return
         # integer: acc = sum x_code * W_int over the window
         base = node.name or out
-        zp_x = b.const(f"{base}_x_zp", np.array(0, np.uint8))
+        zp_x = b.const(f"{base}_x_zp", np.array(x.zp, np.uint8))
         umax = (1 << codes.bits) - 1
         if codes.mult * umax <= 255 and 0 <= -codes.offset <= 255:
             wt = emit_scaled_codes(b, f"{base}_w", np.ascontiguousarray(u), codes.bits, codes.mult)
@@ -315,14 +427,17 @@ class Lowerer:
                 grp = int(a.get("group", 1))
                 ones_shape = (1,) + w.shape[1:] if grp == 1 else w.shape
                 ones = b.const(f"{base}_ones", np.ones(ones_shape, np.uint8))
-                box = b.op("ConvInteger", [x.name, ones, zp_x, zp_x], f"{base}_box", **conv_attrs)
+                zero = b.const(f"{base}_ones_zp", np.array(0, np.uint8))
+                box = b.op("ConvInteger", [x.name, ones, zp_x, zero], f"{base}_box", **conv_attrs)
             else:
-                box = b.op("ReduceSum", [b.cast(x.name, TensorProto.INT32, f"{base}_x32"),
-                                         b.const(f"{base}_ax", np.array([-1], np.int64))], f"{base}_box", keepdims=1)
+                x32 = b.cast(x.name, TensorProto.INT32, f"{base}_x32")
+                if x.zp:
+                    x32 = b.op("Sub", [x32, b.const(f"{base}_xzp32", np.array(x.zp, np.int32))], f"{base}_xc")
+                box = b.op("ReduceSum", [x32, b.const(f"{base}_ax", np.array([-1], np.int64))], f"{base}_box", keepdims=1)
             box = b.op("Mul", [box, b.const(f"{base}_rem", np.array(rem, np.int32))], f"{base}_boxm")
             acc = b.op("Add", [acc, box], f"{base}_accw")
         red = tuple(i for i in range(wk.ndim) if i != (0 if op == "Conv" else 1))
-        bound = float(np.max(np.sum(np.abs(wk), axis=red))) * x.r
+        bound = float(np.max(np.sum(np.abs(wk), axis=red))) * x.bound
         self.val[out] = Acc([(acc, scale, bound)], bias, cshape, ch_axis)
 
     def _weighted_qdq(self, node, x: Codes, codes: WeightCodes, wk, scale, bias, cshape, out) -> str:
@@ -372,8 +487,12 @@ class Lowerer:
         terms, bias, cshape, axis = [], np.zeros(1), (1,), 1
         for v in vals:
             if isinstance(v, Codes):
-                terms.append((v.name, np.array([v.scale]), float(v.r)))
+                terms.append(v.term())
+                bias = bias + v.offset()
             else:
+                if np.isfinite(v.clip).any():
+                    raise FuseError(f"{node_label(node)}: a Relu/Clip inside a residual branch without an activation "
+                                    "quantizer has no integer form")
                 terms += v.terms
                 if len(v.cshape) > len(cshape) or np.prod(v.cshape) > np.prod(cshape):
                     cshape, axis = v.cshape, v.axis
@@ -401,7 +520,7 @@ class Lowerer:
             extra = []
         out = b.op(op, [v.name] + extra, node.output[0], **({} if node.op_type == "Dropout" else attrs(node)))
         # max pooling and reshaping keep values on the quantization grid
-        self.val[node.output[0]] = Codes(out, v.scale, v.r, v.dtype) if isinstance(v, Codes) else Float(out, v.grid)
+        self.val[node.output[0]] = Codes(out, v.scale, v.r, v.dtype, v.zp) if isinstance(v, Codes) else Float(out, v.grid)
 
     # ----------------------------------------------------------- float islands
     def _keep_float(self, node: onnx.NodeProto) -> None:
@@ -425,7 +544,7 @@ class Lowerer:
     def _dq(self, c: Codes) -> str:
         b = self.b
         s = b.const(f"{c.name}_scale", np.array(c.scale, np.float32))
-        zp = b.const(f"{c.name}_zp", np.array(0, helper.tensor_dtype_to_np_dtype(c.dtype)))
+        zp = b.const(f"{c.name}_zp", np.array(c.zp, helper.tensor_dtype_to_np_dtype(c.dtype)))
         return b.op("DequantizeLinear", [c.name, s, zp], f"{c.name}_dq")
 
     def _to_float(self, v) -> str:
@@ -441,41 +560,50 @@ class Lowerer:
         y = parts[0]
         for p in parts[1:]:
             y = b.op("Add", [y, p], f"{y}_sum")
-        return b.op("Add", [y, b.const(f"{y}_b", v.bias.astype(np.float32).reshape(self._shape(v, v.bias)))], f"{y}_b")
+        y = b.op("Add", [y, b.const(f"{y}_b", v.bias.astype(np.float32).reshape(self._shape(v, v.bias)))], f"{y}_b")
+        if np.isfinite(v.clip).any():
+            lo = b.const(f"{y}_lo", np.array(v.clip[0] if np.isfinite(v.clip[0]) else -np.finfo(np.float32).max, np.float32))
+            hi = b.const(f"{y}_hi", np.array(v.clip[1] if np.isfinite(v.clip[1]) else np.finfo(np.float32).max, np.float32))
+            y = b.op("Clip", [y, lo, hi], f"{y}_clip")
+        return y
 
     def _to_codes(self, v: Float) -> Codes:
         c = v.grid
         b = self.b
         s = b.const(f"{v.name}_scale", np.array(c.scale, np.float32))
-        zp = b.const(f"{v.name}_zp", np.array(0, helper.tensor_dtype_to_np_dtype(c.dtype)))
-        return Codes(b.op("QuantizeLinear", [v.name, s, zp], f"{v.name}_q"), c.scale, c.r, c.dtype)
+        zp = b.const(f"{v.name}_zp", np.array(c.zp, helper.tensor_dtype_to_np_dtype(c.dtype)))
+        return Codes(b.op("QuantizeLinear", [v.name, s, zp], f"{v.name}_q"), c.scale, c.r, c.dtype, c.zp)
 
     @staticmethod
     def _shape(v: Acc, vec: np.ndarray) -> tuple:
         return v.cshape if vec.size > 1 else ()
 
     # ------------------------------------------------- activation quantizers
-    def _requant(self, v, s_out: float, r: int, name: str):
+    def _requant(self, v, s_out: float, r: int, name: str, zp: int = 0):
+        """u = clip(round(v / s_out) + zp, 0, r) (and within a folded Relu/Clip of v)."""
         b = self.b
+        clip = v.clip if isinstance(v, Acc) else (-np.inf, np.inf)
+        lo_u = 0 if not np.isfinite(clip[0]) else int(min(r, max(0, np.round(clip[0] / s_out) + zp)))
+        hi_u = r if not np.isfinite(clip[1]) else int(max(lo_u, min(r, np.round(clip[1] / s_out) + zp)))
         if self.format == "qdq" or isinstance(v, Float):
             xf = self._to_float(v)
-            lo = b.const(f"{name}_lo", np.array(0, np.float32))
-            hi = b.const(f"{name}_hi", np.array(r * s_out, np.float32))
+            lo = b.const(f"{name}_lo", np.array((lo_u - zp) * s_out, np.float32))
+            hi = b.const(f"{name}_hi", np.array((hi_u - zp) * s_out, np.float32))
             y = b.op("Clip", [xf, lo, hi], f"{name}_clip")
-            qtype = TensorProto.INT8 if (self.format == "qdq" and r <= 127 and self.qdq_int8) else TensorProto.UINT8
+            # uint8 codes with zero point zp (onnxruntime's QDQ default; its QDQ propagation mishandles int8 codes)
             s = b.const(f"{name}_scale", np.array(s_out, np.float32))
-            zp = b.const(f"{name}_zp", np.array(0, helper.tensor_dtype_to_np_dtype(qtype)))
-            q = b.op("QuantizeLinear", [y, s, zp], f"{name}_codes")
+            zq = b.const(f"{name}_zp", np.array(zp, np.uint8))
+            q = b.op("QuantizeLinear", [y, s, zq], f"{name}_codes")
             if self.format == "qdq":
-                c = Codes(q, s_out, r, qtype)
+                c = Codes(q, s_out, r, TensorProto.UINT8, zp)
                 return Float(self._dq(c), grid=c)
-            return Codes(q, s_out, r)
+            return Codes(q, s_out, r, TensorProto.UINT8, zp)
         if isinstance(v, Codes):
-            v = Acc([(v.name, np.array([v.scale]), float(v.r))], np.zeros(1), (), 1)
+            v = Acc([v.term()], v.offset(), (), 1)
         n = max([t[1].size for t in v.terms] + [v.bias.size])
         cshape = v.cshape if n > 1 else ()
         a = [np.broadcast_to(t[1], (n,)) / s_out for t in v.terms]
-        bq = np.broadcast_to(v.bias, (n,)) / s_out
+        bq = np.broadcast_to(v.bias, (n,)) / s_out + zp
         if self.rescale == "float":
             y = None
             for (t, _, _), ai in zip(v.terms, a):
@@ -484,9 +612,9 @@ class Lowerer:
                 y = p if y is None else b.op("Add", [y, p], f"{name}_sum")
             y = b.op("Add", [y, b.const(f"{name}_bias", bq.astype(np.float32).reshape(cshape))], f"{name}_biased")
             y = b.op("Round", [y], f"{name}_round")
-            y = b.op("Clip", [y, b.const(f"{name}_lo", np.array(0, np.float32)),
-                              b.const(f"{name}_hi", np.array(r, np.float32))], f"{name}_clip")
-            return Codes(b.cast(y, TensorProto.UINT8, f"{name}_codes"), s_out, r)
+            y = b.op("Clip", [y, b.const(f"{name}_lo", np.array(lo_u, np.float32)),
+                              b.const(f"{name}_hi", np.array(hi_u, np.float32))], f"{name}_clip")
+            return Codes(b.cast(y, TensorProto.UINT8, f"{name}_codes"), s_out, r, TensorProto.UINT8, zp)
         # fixed point: code = clip((sum t_i*m_i + B + 2^(sh-1)) >> sh, 0, R), per channel sh
         amax = np.max(np.abs(np.stack(a)), axis=0)
         sh_max = 62 - math.ceil(math.log2(r + 1)) - 1
@@ -501,16 +629,17 @@ class Lowerer:
         # B = round(b*2^sh) + 2^(sh-1): the right shift then rounds half up; with sh = 0 the bias itself is rounded
         bias_fp = np.clip(np.where(sh > 0, np.round(bq * p2) + np.ldexp(0.5, sh), np.floor(bq + 0.5)), -lim, lim)
         bias_fp = bias_fp.astype(np.int64)
-        hi = ((r + 1) << sh) - 1
+        hi = ((hi_u + 1) << sh) - 1
+        lo = lo_u << sh
         shape_sh = cshape if np.any(sh != sh.flat[0]) else ()
-        sh_c, hi_c = (sh, hi) if shape_sh else (sh[:1], hi[:1])
+        sh_c, hi_c, lo_c = (sh, hi, lo) if shape_sh else (sh[:1], hi[:1], lo[:1])
         y = None
         for k, ((t, _, _), mk) in enumerate(zip(v.terms, m)):
             t64 = b.cast(t, TensorProto.INT64, f"{name}_t{k}")
             p = b.op("Mul", [t64, b.const(f"{name}_m{k}", mk.reshape(cshape))], f"{name}_p{k}")
             y = p if y is None else b.op("Add", [y, p], f"{name}_sum")
         y = b.op("Add", [y, b.const(f"{name}_bias", bias_fp.reshape(cshape))], f"{name}_biased")
-        lo_t = b.const(f"{name}_lo", np.array(0, np.int64))
+        lo_t = b.const(f"{name}_lo", lo_c.reshape(shape_sh).astype(np.int64))
         hi_t = b.const(f"{name}_hi", hi_c.reshape(shape_sh).astype(np.int64))
         if shape_sh:  # per-channel upper bounds: Clip takes scalars only
             y = b.op("Min", [b.op("Max", [y, lo_t], f"{name}_relu"), hi_t], f"{name}_sat")
@@ -519,7 +648,7 @@ class Lowerer:
         y = b.cast(y, TensorProto.UINT64, f"{name}_u64")
         y = b.op("BitShift", [y, b.const(f"{name}_shift", sh_c.reshape(shape_sh).astype(np.uint64))], f"{name}_shr",
                  direction="RIGHT")
-        return Codes(b.cast(y, TensorProto.UINT8, f"{name}_codes"), s_out, r)
+        return Codes(b.cast(y, TensorProto.UINT8, f"{name}_codes"), s_out, r, TensorProto.UINT8, zp)
 
     # ---------------------------------------------------------------- outputs
     def _output(self, name: str) -> OutputInfo:
@@ -538,7 +667,7 @@ class Lowerer:
         if isinstance(v, Codes):
             if self.dequantize_output:
                 s = b.const(f"{name}_scale", np.array(v.scale, np.float32))
-                zp = b.const(f"{name}_zp", np.array(0, np.uint8))
+                zp = b.const(f"{name}_zp", np.array(v.zp, np.uint8))
                 b.nodes.append(helper.make_node("DequantizeLinear", [v.name, s, zp], [name], name=b.fresh(f"{name}_dequantize")))
                 return OutputInfo(name, np.array([v.scale]), 1, TensorProto.FLOAT)
             self._rename(v.name, name)
@@ -546,6 +675,8 @@ class Lowerer:
         # Acc: output codes in units of the accumulator, refined by 2^k so the bias keeps 2^-k of an acc step
         if len(v.terms) != 1:
             raise FuseError(f"graph output '{name}' is a sum of branches without an activation quantizer")
+        if np.isfinite(v.clip).any():
+            raise FuseError(f"graph output '{name}': a Relu/Clip after the last layer without a quantizer is not supported")
         t, sc, bound = v.terms[0]
         n = max(sc.size, v.bias.size)
         sc = np.broadcast_to(sc, (n,)).copy()

@@ -174,9 +174,9 @@ def verify(qat: onnx.ModelProto, fused: onnx.ModelProto, outputs: list[OutputInf
     out, engine = run_fused(_with_outputs(fused, [(v[0], v[2]) for v in acts.values()]), xin)
     agreement = compare(fq[:n_out], out[:n_out], outputs, engine)
     agreement.activations = {}
-    for k, (name, (_, scale, _dtype)) in enumerate(acts.items()):
+    for k, (name, (_, scale, _dtype, zp)) in enumerate(acts.items()):
         want = np.round(np.asarray(fq[n_out + k], np.float64) / np.float32(scale))
-        got = np.asarray(out[n_out + k]).astype(np.float64)
+        got = np.asarray(out[n_out + k]).astype(np.float64) - zp
         if got.shape == want.shape:
             agreement.activations[name] = float(np.mean(want == got))
     return agreement

@@ -170,3 +170,33 @@ def lsq_per_channel(r: int = 15, seed: int = 2) -> onnx.ModelProto:
     x = b.lsq_act("relu_mm", x, 0.311, r)
     out = b.gemm("fc", x, 16, 10, wq="lsq", r=r)
     return b.model(["N", 3, 8, 8], out, ["N", 10])
+
+
+def mobile_block(r: int = 255, seed: int = 3) -> onnx.ModelProto:
+    """EfficientNet-Lite-like: input normalisation (x*255/128 - 127/128), ReLU6 = Clip(0, 6) before LSQ, depthwise,
+    a linear bottleneck with a signed LSQ activation quantizer, a residual Add of signed codes, GlobalAveragePool."""
+    b = QatBuilder(seed)
+    x = b.op("Mul", ["input", b.init("norm.mul", np.array(255 / 128, np.float32))], "norm_mul")
+    x = b.op("Sub", [x, b.init("norm.sub", np.array(127 / 128, np.float32))], "norm_sub")
+
+    def relu6_q(name, x, step):
+        y = b.op("Clip", [x, b.init(f"{name}.lo", np.array(0, np.float32)), b.init(f"{name}.hi", np.array(6, np.float32))],
+                 name)
+        return b.lsq_act(name, y, step, r)
+
+    x = relu6_q("stem_act", b.bn("bn0", b.conv("stem", x, 3, 8, stride=2, wq="lsq", r=r, per_channel=True), 8), 0.031)
+    x = relu6_q("dw_act", b.bn("bn_dw", b.conv("dw", x, 8, 8, group=8, wq="lsq", r=r, per_channel=True), 8), 0.027)
+    h = b.bn("bn_pw", b.conv("pw", x, 8, 6, k=1, pad=0, wq="lsq", r=r, per_channel=True), 6)
+    bott = f"{h}_q"
+    b._lsq("pw_out_aquant", h, bott, np.array([0.0437], np.float32), r, 1)  # signed: linear bottleneck
+    e = relu6_q("exp_act", b.bn("bn_exp", b.conv("exp", bott, 6, 12, k=1, pad=0, wq="lsq", r=r, per_channel=True), 12),
+                0.029)
+    p = b.bn("bn_proj", b.conv("proj", e, 12, 6, k=1, pad=0, wq="lsq", r=r, per_channel=True), 6)
+    s = b.op("Add", [p, bott], "res_add")
+    sq = "res_add_q"
+    b._lsq("res_add_aquant", s, sq, np.array([0.0517], np.float32), r, 1)
+    g = b.op("GlobalAveragePool", [sq], "gap")
+    gq = "gap_q"
+    b._lsq("gap_aquant", g, gq, np.array([0.0113], np.float32), r, 1)
+    f = b.op("Flatten", [gq], "flat", axis=1)
+    return b.model(["N", 3, 12, 12], b.gemm("fc", f, 6, 10, wq="lsq", r=r, per_channel=True), ["N", 10])

@@ -17,6 +17,9 @@ MODELS = {
     "residual4": lambda: qm.residual(),
     "lsq_per_channel4": lambda: qm.lsq_per_channel(15),
     "lsq_per_channel8": lambda: qm.lsq_per_channel(255),
+    # input normalisation, ReLU6 before LSQ, signed linear bottleneck + residual, GlobalAveragePool
+    "mobile_block8": lambda: qm.mobile_block(255),
+    "mobile_block4": lambda: qm.mobile_block(15),
 }
 INTEGER = {TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT64,
            TensorProto.UINT32, TensorProto.INT16, TensorProto.UINT16}
@@ -130,18 +133,44 @@ def test_float_input_option_quantizes_in_graph():
     assert np.array_equal(a, b)
 
 
-def test_keep_float_island():
-    """GlobalAveragePool has no integer lowering: named in the error, or kept in float between Dequantize/Quantize."""
+def _pool_model(op):
     b = qm.QatBuilder(5)
     x = b.sat_act("relu1", b.bn("bn1", b.conv("conv1", "input", 3, 8), 8), "relu1_out", 1.93)
-    x = b.op("GlobalAveragePool", [x], "gap")
-    x = b.sat_act("gapq", x, "gap_q", 1.17)
+    x = b.op(op, [x], "pooled")
+    x = b.sat_act("pooledq", x, "pooled_q", 0.71)
     x = b.op("Flatten", [x], "flat", axis=1)
-    qat = b.model(["N", 3, 6, 6], b.gemm("fc", x, 8, 4), ["N", 4])
+    return b.model(["N", 3, 6, 6], b.gemm("fc", x, 8 * (36 if op == "Sigmoid" else 1), 4), ["N", 4])
+
+
+def test_global_average_pool_sums_codes_in_int32():
+    res = fuse(_pool_model("GlobalAveragePool"), verify_samples=32, strict=True)
+    assert "ReduceSum" in {n.op_type for n in res.model.graph.node}
+    assert res.agreement.min_activation_agreement == 1.0
+
+
+def test_keep_float_island():
+    """An op without integer lowering is named in the error, or kept in float between Dequantize/Quantize."""
+    qat = _pool_model("Sigmoid")
     from onnxqat.errors import FuseError
 
-    with pytest.raises(FuseError, match="GlobalAveragePool 'gap'.*keep_float"):
+    with pytest.raises(FuseError, match="Sigmoid 'pooled'.*keep_float"):
         fuse(qat, check=False)
-    res = fuse(qat, keep_float=["gap"], verify_samples=32)
-    assert res.kept_float == ["gap"]
+    res = fuse(qat, keep_float=["pooled"], verify_samples=32)
+    assert res.kept_float == ["pooled"]
+    ops = [n.op_type for n in res.model.graph.node]
+    i = ops.index("Sigmoid")
+    assert ops[i - 1] == "DequantizeLinear" and "QuantizeLinear" in ops[i + 1:i + 3]
     assert res.agreement.top1_agreement == 1.0 and res.agreement.code_agreement >= 0.999
+
+
+def test_mobile_block_lowering_details():
+    """Input normalisation -> ConvInteger x_zero_point 127 (scale 1/128); signed codes stored as u = c + 128."""
+    res = fuse(qm.mobile_block(255), verify_samples=32, strict=True)
+    m = res.model
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    stem = next(n for n in m.graph.node if n.op_type == "ConvInteger")
+    assert stem.input[0] == "input" and int(inits[stem.input[2]]) == 127
+    assert not {"Mul", "Sub"} & {n.op_type for n in m.graph.node if "input" in n.input}
+    proj_in = [n for n in m.graph.node if n.op_type == "ConvInteger" and n.input[0].startswith("bn_pw_out_q")]
+    assert len(proj_in) == 1 and int(inits[proj_in[0].input[2]]) == 128  # the signed bottleneck codes' zero point
+    assert res.agreement.activations["bn_pw_out_q"] == 1.0 and res.agreement.activations["gap_q"] == 1.0
