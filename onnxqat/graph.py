@@ -18,7 +18,9 @@ from onnxqat.errors import ModelError
 from onnxqat.ops.schema import ALL_OPS, DOMAIN, OPSET_VERSION
 
 # ops whose output is not a function of their inputs: never constant
-_NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+_NONDETERMINISTIC = {
+    "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli",
+}
 
 
 # ------------------------------------------------------------------ load/save

@@ -121,7 +121,8 @@ class Recipe:
         bad = sorted(set(node_over) - set(WEIGHT_KEYS))
         if bad:
             raise RecipeError(
-                f"{self.source}: key 'nodes.\"{node}\".{bad[0]}' is an activation setting but {node} is a weighted layer"
+                f"{self.source}: key 'nodes.\"{node}\".{bad[0]}' is an activation setting "
+                f"but {node} is a weighted layer"
             )
         layers.append(node_over)
         for over in layers:
@@ -171,7 +172,9 @@ def load_recipe(name_or_path: str | Path | Recipe) -> Recipe:
         return name_or_path
     text_arg = str(name_or_path)
     path = Path(text_arg)
-    looks_like_path = isinstance(name_or_path, Path) or text_arg.endswith(".toml") or "/" in text_arg or os.sep in text_arg
+    looks_like_path = (
+        isinstance(name_or_path, Path) or text_arg.endswith(".toml") or "/" in text_arg or os.sep in text_arg
+    )
     if not looks_like_path:  # a shipped recipe's name first, then a file of that name
         shipped = _shipped()
         if text_arg in shipped:

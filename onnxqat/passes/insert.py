@@ -215,7 +215,9 @@ def _check_names(m: onnx.ModelProto, plan: Plan) -> None:
         if e.name in nodes and not (e.op_type == "SatActQuant" and e.name == e.node):
             raise ModelError(f"model {plan.model}: a node is already named {e.name}, the name of a quantizer")
         if e.output != e.tensor and e.output in tensors:
-            raise ModelError(f"model {plan.model}: a tensor is already named {e.output}, the name of a quantizer output")
+            raise ModelError(
+                f"model {plan.model}: a tensor is already named {e.output}, the name of a quantizer output"
+            )
         for suffix in ("alpha", "step", "range", "mode", "fan_out", "signed", "grad_scale", "axis"):
             if f"{e.name}.{suffix}" in tensors:
                 raise ModelError(f"model {plan.model}: a tensor is already named {e.name}.{suffix}")

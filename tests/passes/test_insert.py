@@ -110,7 +110,8 @@ def test_resblock_lsq4_placement_and_init():
     assert nodes["MaxPool_3"].input[0] == "r0_q"
     assert nodes["Concat_9"].input[0] == "r2_q"
     w = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
-    for layer, wname, r, axis in [("Conv_4", "w1", 15, 0), ("ConvTranspose_12", "wt", 15, 1), ("MatMul_16", "wm", 255, 1)]:
+    cases = [("Conv_4", "w1", 15, 0), ("ConvTranspose_12", "wt", 15, 1), ("MatMul_16", "wm", 255, 1)]
+    for layer, wname, r, axis in cases:
         qp = (r - 1) // 2
         step = init(q, f"{layer}_wquant.step")
         assert step.shape == (1,)
@@ -263,9 +264,11 @@ def test_sat_weights_only_matches_numpy_reference():
     for t in expected_model.graph.initializer:
         if t.name in ranges:
             w = onnx.numpy_helper.to_array(t)
-            t.CopyFrom(onnx.numpy_helper.from_array(ref.sat_weight_forward(w, ranges[t.name], 1, fan.get(t.name, 0)), t.name))
+            wq = ref.sat_weight_forward(w, ranges[t.name], 1, fan.get(t.name, 0))
+            t.CopyFrom(onnx.numpy_helper.from_array(wq, t.name))
     x = x_input()
-    np.testing.assert_allclose(run_ref(q, x), ReferenceEvaluator(expected_model).run(None, {"x": x})[0], rtol=0, atol=1e-5)
+    expected = ReferenceEvaluator(expected_model).run(None, {"x": x})[0]
+    np.testing.assert_allclose(run_ref(q, x), expected, rtol=0, atol=1e-5)
 
 
 def test_sat_activations_match_numpy_reference():
@@ -546,4 +549,5 @@ def test_strip_removes_signed_linear_quantizers():
     s = strip_quantizers(q)
     assert not quantizers(s)
     x = x_input((1, 3, 8, 8))
-    np.testing.assert_array_equal(ReferenceEvaluator(s).run(None, {"x": x})[0], ReferenceEvaluator(m).run(None, {"x": x})[0])
+    expected = ReferenceEvaluator(m).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(ReferenceEvaluator(s).run(None, {"x": x})[0], expected)

@@ -121,7 +121,8 @@ def assert_every_weighted_input_quantized(q: onnx.ModelProto) -> None:
             p = producer.get(t)
             if t in inputs or t in inits or (p is not None and p.domain == DOMAIN):
                 continue
-            assert p is not None and p.op_type in through, f"input of {n.name} reaches {p.op_type if p else t} unquantized"
+            where = p.op_type if p is not None else t
+            assert p is not None and p.op_type in through, f"input of {n.name} reaches {where} unquantized"
             stack.extend(i for i in p.input[:1 if p.op_type in ("Reshape", "Dropout") else None] if i not in inits)
 
 
@@ -187,7 +188,8 @@ def test_inspect_weight_memory_resnet50_sat4():
     sizes = [int(np.prod(shapes[n.input[1]])) for n in weighted]
     bits = [8 if k in (0, len(weighted) - 1) else 4 for k in range(len(weighted))]
     other = sum(int(np.prod(shapes[i])) for n in weighted for i in n.input[2:])
-    other += sum(int(np.prod(shapes[i])) for n in m.graph.node if n.op_type == "BatchNormalization" for i in n.input[1:])
+    bns = [n for n in m.graph.node if n.op_type == "BatchNormalization"]
+    other += sum(int(np.prod(shapes[i])) for n in bns for i in n.input[1:])
     report = inspect(quantize("resnet50", "sat4"))
     assert len(report.rows) == 54 + 49
     assert report.total_params == sum(sizes) + other
