@@ -551,3 +551,14 @@ def test_strip_removes_signed_linear_quantizers():
     x = x_input((1, 3, 8, 8))
     expected = ReferenceEvaluator(m).run(None, {"x": x})[0]
     np.testing.assert_array_equal(ReferenceEvaluator(s).run(None, {"x": x})[0], expected)
+
+
+def test_public_api_names():
+    import onnxqat
+
+    assert onnxqat.insert is insert and onnxqat.plan is plan
+    report = onnxqat.inspect(insert(conv_gemm(), "sat4"))
+    assert [r.node for r in report.rows] == ["Conv_1_wquant", "Relu_2_aquant", "Gemm_5_wquant"]
+    assert [r.bits for r in report.rows] == [8, 4, 8]
+    assert {r.name for r in onnxqat.list_recipes()} >= {"sat4", "lsq4"}
+    assert onnxqat.load_recipe("sat4").name == "sat4"
