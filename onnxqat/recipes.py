@@ -150,7 +150,10 @@ class Recipe:
 def recipe_dirs() -> list[Path]:
     """Where shipped recipes live: the repository's recipes/ (development), the installed onnxqat/recipes."""
     here = Path(__file__).resolve().parent
-    return [d for d in (here.parent / "recipes", here / "recipes") if d.is_dir()]
+    dirs = [here / "recipes"]  # installed: the build copies recipes/ there
+    if (here.parent / "pyproject.toml").is_file():  # a source checkout
+        dirs.insert(0, here.parent / "recipes")
+    return [d for d in dirs if d.is_dir()]
 
 
 def _shipped() -> dict[str, Path]:
