@@ -12,16 +12,20 @@ from onnxqat.errors import DataError
 
 
 def load_calibration(data, input_names: list[str]) -> dict[str, np.ndarray]:
-    """Feeds for the model from an .npz path or a dict. With one model input, any single array is taken."""
+    """Feeds for the model from an .npz/.npy path or a dict. With one model input, any single array is taken."""
     if isinstance(data, (str, os.PathLike)):
         path = Path(data)
         if not path.is_file():
             raise DataError(f"calibration data not found: {path}")
         try:
-            with np.load(path, allow_pickle=False) as npz:
-                arrays = {k: npz[k] for k in npz.files}
+            loaded = np.load(path, allow_pickle=False)
+            if isinstance(loaded, np.ndarray):  # .npy: one array, for a single-input model
+                arrays = {path.stem: loaded}
+            else:
+                with loaded as npz:
+                    arrays = {k: npz[k] for k in npz.files}
         except Exception as exc:
-            raise DataError(f"{path}: not a numpy .npz file ({type(exc).__name__})") from None
+            raise DataError(f"{path}: not a numpy .npz/.npy file ({type(exc).__name__})") from None
         where = str(path)
     else:
         arrays = {k: np.asarray(v) for k, v in dict(data).items()}

@@ -60,6 +60,11 @@ def test_calibration_data_option(model_path, tmp_path):
     result = runner.invoke(app, ["insert", str(model_path), "-r", "sat4", "--dry-run", "--calibration-data", str(npz)])
     assert result.exit_code == 0, result.output
     assert "[calibrated]" in result.stdout
+    npy = tmp_path / "calib.npy"
+    np.save(npy, np.ones((2, 3, 8, 8), np.float32))
+    result = runner.invoke(app, ["insert", str(model_path), "-r", "lsq4", "--dry-run", "--calibration-data", str(npy)])
+    assert result.exit_code == 0, result.output
+    assert "[calibrated]" in result.stdout
 
 
 def test_warnings_go_to_stderr(tmp_path):
@@ -82,7 +87,7 @@ def test_warnings_go_to_stderr(tmp_path):
         (["{model}", "-r", "{recipe_bad_node}"], "key 'nodes.\"conv_zz\"' names no node of model convnet"),
         (["{noweights}", "-r", "sat4"], "no quantizable layer"),
         (["{model}", "-r", "sat4", "--calibration-data", "missing.npz"], "calibration data not found: missing.npz"),
-        (["{model}", "-r", "sat4", "--calibration-data", "{bad}"], "not a numpy .npz file"),
+        (["{model}", "-r", "sat4", "--calibration-data", "{bad}"], "not a numpy .npz/.npy file"),
         (["{model}", "-r", "sat4", "-o", "{bad}/sub/out.onnx"], "cannot write"),
     ],
 )
