@@ -41,7 +41,10 @@ def insert_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
     calibration_data: Annotated[
         Optional[Path],
-        typer.Option("--calibration-data", help=".npz (an array per model input) or .npy (one input): activation alpha/step from a float run on it."),
+        typer.Option(
+            "--calibration-data",
+            help=".npz (an array per model input) or .npy (one input): activation alpha/step from a float run on it.",
+        ),
     ] = None,
 ) -> None:
     """Insert SAT/LSQ quantizer nodes into MODEL as RECIPE says."""
