@@ -19,8 +19,8 @@ namespace cpu {
 #define OQ_CLONES
 #endif
 
-OQ_CLONES void tanh_loop(const float* w, float* t, size_t n) {
-  for (size_t i = 0; i < n; ++i) t[i] = std::tanh(w[i]);
+OQ_CLONES void tanh_loop(const float* OQ_R w, float* OQ_R t, size_t n) {
+  for (size_t i = 0; i < n; ++i) t[i] = tanh_f32(w[i]);
 }
 
 OQ_CLONES float max_abs_loop(const float* OQ_R x, size_t n) { return max_abs(x, n); }

@@ -24,14 +24,21 @@ def _scalar(x) -> float:
 
 # ---------------------------------------------------------------- SAT weights
 
+def tanh_f32(w: np.ndarray) -> np.ndarray:
+    """float32 tanh, correctly rounded: computed in float64 and rounded once. numpy's own float32 tanh is a SIMD
+    approximation that differs by an ulp on about a third of the inputs, and differently on different CPUs; the
+    C++ kernel's tanh is correctly rounded as well (bit-equal to this)."""
+    return np.tanh(np.asarray(w, dtype=F32).astype(np.float64)).astype(F32)
+
+
 def sat_weight_max_tanh(w: np.ndarray) -> np.float32:
     """M = max|tanh(W)|; 1 when every weight is zero (keeps t/M and dW finite)."""
-    m = np.max(np.abs(np.tanh(w.astype(F32)))) if w.size else F32(0)
+    m = np.max(np.abs(tanh_f32(w))) if w.size else F32(0)
     return F32(m) if m > 0 else F32(1)
 
 
 def sat_weight_unscaled(w: np.ndarray, r: float, mode: int) -> np.ndarray:
-    t = np.tanh(w.astype(F32))
+    t = tanh_f32(w)
     m = sat_weight_max_tanh(w)
     tn = (t / m).astype(F32)
     r = F32(r)
@@ -66,7 +73,7 @@ def sat_weight_forward(w, r, mode, fan_out) -> np.ndarray:
 
 def sat_weight_backward(dwq, w, r, mode, fan_out) -> np.ndarray:
     """dW = dWq * (1 - tanh(W)^2) / (M * S); M and S constants, rounding STE."""
-    t = np.tanh(w.astype(F32))
+    t = tanh_f32(w)
     m = sat_weight_max_tanh(w)
     wq = sat_weight_unscaled(w, _scalar(r), int(_scalar(mode)))
     s = sat_weight_scale(wq, int(_scalar(fan_out)))

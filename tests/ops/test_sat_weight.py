@@ -19,7 +19,7 @@ def _args(w, r, mode, fan):
 
 def _pre_round(w, r, mode):
     """numpy's value just before rounding (None in clamp mode): the rounding boundaries are at k + 0.5."""
-    tn = (np.tanh(w.astype(F32)) / ref.sat_weight_max_tanh(w)).astype(F32)
+    tn = (ref.tanh_f32(w) / ref.sat_weight_max_tanh(w)).astype(F32)
     if mode == SAT_MODE_DOREFA:
         return (F32(r) * ((tn + F32(1)) * F32(0.5))).astype(F32)
     if mode == SAT_MODE_SYMMETRIC:
