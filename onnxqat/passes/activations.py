@@ -35,7 +35,8 @@ class Activation:
     tensor: str  # its output that is quantized
     max_value: float  # upper clip of the activation (inf for Relu and linear sources)
     feeds: tuple[str, ...]  # weighted layers it reaches
-    signed: bool = False  # a linear source: values of both signs (BatchNorm output, residual sum, ...)
+    linear: bool = False  # a linear source: not a ReLU-like activation (BatchNorm output, residual sum, LRN ...)
+    signed: bool = False  # values of both signs (a linear source not provably >= 0)
     reasons: tuple[str, ...] = ()  # linear source: the warnings to give when it is not quantized
     output_index: int = 0
 
@@ -73,6 +74,36 @@ def activation_max(index: GraphIndex, node: onnx.NodeProto) -> float | None:
         if bounds is not None and bounds[0] == 0.0 and bounds[1] > 0:
             return bounds[1]
     return None
+
+
+# ops whose output is >= 0 whatever the input; and ops whose output is >= 0 when every data input is
+_NON_NEGATIVE_OPS = frozenset({"Relu", "Sigmoid", "HardSigmoid", "Softmax", "Abs", "Exp", "Softplus"})
+_KEEPS_SIGN_OPS = frozenset({"LRN", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Concat",
+                             "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Dropout", "Identity",
+                             "Resize", "Upsample", "Slice", "Split", "DepthToSpace", "SpaceToDepth", "Add", "Sum",
+                             "Mul"})
+
+
+def non_negative(index: GraphIndex, tensor: str, depth: int = 24) -> bool:
+    """True when `tensor` provably holds no negative value (then a linear source gets an unsigned quantizer):
+    the output of a Relu, Clip(>=0, ..), Sigmoid ..., or of LRN/pooling/Concat/Add/Mul of such tensors."""
+    if depth == 0 or tensor in index.graph_inputs:
+        return False
+    if index.is_constant(tensor):
+        value = index.constant_value(tensor)
+        return bool(value.fill >= 0) if value.fill is not None else bool((np.asarray(value.array()) >= 0).all())
+    node = index.producer.get(tensor)
+    if node is None or node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type in _NON_NEGATIVE_OPS:
+        return True
+    if node.op_type == "Clip":
+        bounds = clip_bounds(index, node)
+        return bounds is not None and bounds[0] >= 0
+    if node.op_type in _KEEPS_SIGN_OPS:
+        data = node.input if node.op_type in ("Concat", "Add", "Sum", "Mul") else node.input[:1]
+        return all(non_negative(index, i, depth - 1) for i in data if i)
+    return False
 
 
 def find_activations(index: GraphIndex, layers: list, weighted_names: set[str]) -> list[Activation]:
@@ -119,8 +150,8 @@ def find_activations(index: GraphIndex, layers: list, weighted_names: set[str]) 
     acts = [Activation(n, n.output[0], amax, tuple(feeds)) for n, amax, feeds in found.values()]
     acts.sort(key=lambda a: order[a.node.name])
     lin = [
-        Activation(n, t, math.inf, tuple(feeds), signed=True, reasons=tuple(reasons),
-                   output_index=list(n.output).index(t))
+        Activation(n, t, math.inf, tuple(feeds), linear=True, signed=not non_negative(index, t),
+                   reasons=tuple(reasons), output_index=list(n.output).index(t))
         for t, (n, feeds, reasons) in linear.items()
     ]
     lin.sort(key=lambda a: (order[a.node.name], a.output_index))

@@ -144,7 +144,7 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
         s = recipe.activations if a.node.name in weighted else recipe.activation_settings(a.node.name)
         if not s.enabled:
             continue
-        if a.signed and not (s.method == "lsq" and s.linear):
+        if a.linear and not (s.method == "lsq" and s.linear):
             hint = "" if s.method == "sat" else " (LSQ: set activations.linear = true to quantize it)"
             warns.extend(f"{r}: not quantized{hint}" for r in a.reasons)
             continue

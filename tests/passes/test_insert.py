@@ -562,3 +562,29 @@ def test_public_api_names():
     assert [r.bits for r in report.rows] == [8, 4, 8]
     assert {r.name for r in onnxqat.list_recipes()} >= {"sat4", "lsq4"}
     assert onnxqat.load_recipe("sat4").name == "sat4"
+
+
+def test_linear_sources_signed_unless_provably_non_negative():
+    """LSQ with activations.linear: a BatchNorm output is signed; a Sigmoid output, or a MaxPool of one, is not."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    lin (float[1,3,8,8] x, float[4,3,3,3] w0, float[4] s, float[4] b, float[4] mu, float[4] var,
+         float[4,4,1,1] w1, float[4,4,1,1] w2) => (float[1,4,4,4] y)
+    {
+      c0 = Conv<pads=[1,1,1,1]>(x, w0)
+      n0 = BatchNormalization(c0, s, b, mu, var)
+      c1 = Conv(n0, w1)
+      g = Sigmoid(c1)
+      p = MaxPool<kernel_shape=[2,2], strides=[2,2]>(g)
+      y = Conv(p, w2)
+    }
+    """
+    ones = np.ones(4, np.float32)
+    m = model_from_text(text, values={"s": ones, "b": 0 * ones, "mu": 0 * ones, "var": ones})
+    q = insert(m, "lsq8")
+    signed = {n.name: int(init(q, f"{n.name}.signed")) for n in quantizers(q) if n.name.endswith("_aquant")}
+    assert signed == {"BatchNormalization_1_aquant": 1, "Sigmoid_3_aquant": 0}
+    with pytest.warns(QuantizationWarning, match="2 place"):
+        q = insert(m, "sat8")  # SAT never replaces anything but a ReLU-like activation
+    assert {n.op_type for n in quantizers(q)} == {"SatWeightQuant"}
+    assert [n.op_type for n in q.graph.node].count("Sigmoid") == 1
