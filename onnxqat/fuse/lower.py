@@ -72,6 +72,17 @@ class Float:
 
 
 @dataclass
+class Pooled:
+    """The mean of codes over `axes` (GlobalAveragePool), not yet computed: real = codes.scale * (sum(u) / count - zp).
+    A quantizer after it takes the int32 sum; a Gemm/MatMul right after it (through Flatten) runs first as a 1x1
+    ConvInteger on the codes and sums its output (sum and matrix product commute), so it stays exact."""
+    codes: Codes
+    axes: list
+    count: int
+    flat: bool = False
+
+
+@dataclass
 class OutputInfo:
     name: str
     scale: np.ndarray  # real value of one output code, per channel
@@ -189,6 +200,8 @@ class Lowerer:
             raise FuseError(f"{node_label(node)}: op of domain '{node.domain}' has no integer lowering")
         if op in WEIGHTED or op == "ConvTranspose":
             return self._weighted(node)
+        if op == "BatchNormalization" and isinstance(self.val.get(node.input[0]), Float):
+            return self._keep_float(node, record=False)  # after a layer kept in float
         if op == "BatchNormalization":
             prod = g.producer.get(node.input[0])
             src = node_label(prod) if prod is not None else "the network input"
@@ -298,12 +311,17 @@ class Lowerer:
         if node.op_type == "ReduceMean" and not a.get("keepdims", 1):
             raise FuseError(f"{node_label(node)}: ReduceMean with keepdims=0 is not supported")
         count = int(np.prod([dims[i] for i in axes]))
-        b = self.b
-        x32 = b.cast(v.name, TensorProto.INT32, f"{node.output[0]}_i32")
-        ssum = b.op("ReduceSum", [x32, b.const(f"{node.output[0]}_axes", np.array(axes, np.int64))],
-                    f"{node.output[0]}_sum", keepdims=1)
-        s = v.scale / count
-        self.val[node.output[0]] = Acc([(ssum, np.array([s]), v.bound * count)], np.array([-s * v.zp * count]), (), 1)
+        if sorted(a % len(dims) for a in axes) != list(range(2, len(dims))):
+            raise FuseError(f"{node_label(node)}: only the mean over all spatial axes is supported")
+        self.val[node.output[0]] = Pooled(v, list(range(2, len(dims))), count)
+
+    def _acc_of_pooled(self, p: Pooled, base: str) -> Acc:
+        b, v = self.b, p.codes
+        x32 = b.cast(v.name, TensorProto.INT32, f"{base}_i32")
+        ssum = b.op("ReduceSum", [x32, b.const(f"{base}_axes", np.array(p.axes, np.int64))], f"{base}_sum",
+                    keepdims=0 if p.flat else 1)
+        s = v.scale / p.count
+        return Acc([(ssum, np.array([s]), v.bound * p.count)], np.array([-s * v.zp * p.count]), (), 1)
 
     def _shape_of(self, name: str):
         if not hasattr(self, "_shapes"):
@@ -340,7 +358,7 @@ class Lowerer:
         op = node.op_type
         if op == "ConvTranspose":
             raise FuseError(f"{node_label(node)}: ConvTranspose has no integer ONNX op (ConvInteger has no transpose); "
-                            "not supported yet")
+                            f"keep it in float with keep_float=['{node.name}'] / --keep-float {node.name}")
         wname = node.input[1]
         q = g.producer.get(wname)
         if q is None or q.domain != DOMAIN or q.op_type not in ("SatWeightQuant", "LsqQuant"):
@@ -348,6 +366,9 @@ class Lowerer:
         x = self._get(node.input[0], node)
         if isinstance(x, Float) and x.grid is not None:
             x = self._to_codes(x)
+        pooled = None
+        if isinstance(x, Pooled) and x.flat and op in ("Gemm", "MatMul") and self.format == "int":
+            pooled, x = x, x.codes  # a 1x1 ConvInteger on the codes, summed over the pooled axes afterwards
         if not isinstance(x, Codes):
             raise FuseError(f"{node_label(node)}: input '{node.input[0]}' is not quantized (no activation quantizer "
                             "before this layer)")
@@ -373,7 +394,7 @@ class Lowerer:
         bias = np.zeros(n_out)
         if len(node.input) > 2 and node.input[2]:
             bias = bias + beta_g * np.broadcast_to(_vec(g.const(node.input[2], node, "bias")), (n_out,))
-        scale = x.scale * codes.scale * alpha
+        scale = x.scale * codes.scale * alpha / (pooled.count if pooled else 1)
         out = node.output[0]
         nxt = g.only_consumer(out)
         if op == "MatMul" and nxt is not None and nxt.op_type == "Add":
@@ -415,7 +436,15 @@ class Lowerer:
             zp = (-codes.offset) // mult
             rem = codes.offset + mult * zp
         zp_w = b.const(f"{base}_w_zp", np.array(zp, np.uint8))
-        if op == "Conv":
+        if pooled is not None:  # weights [K, N] -> a 1x1 convolution [N, K, 1, 1]
+            k1 = [1] * len(pooled.axes)
+            wt = b.op("Reshape", [b.op("Transpose", [wt], f"{base}_wT", perm=[1, 0]),
+                                  b.const(f"{base}_w1x1", np.array([n_out, -1] + k1, np.int64))], f"{base}_w_1x1")
+            conv_attrs = {}
+            acc = b.op("ConvInteger", [x.name, wt, zp_x, zp_w], f"{base}_acc_map")
+            acc = b.op("ReduceSum", [acc, b.const(f"{base}_pool_axes", np.array(pooled.axes, np.int64))], f"{base}_acc",
+                       keepdims=0)
+        elif op == "Conv":
             conv_attrs = {k: v for k, v in a.items() if k in ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")}
             acc = b.op("ConvInteger", [x.name, wt, zp_x, zp_w], f"{base}_acc", **conv_attrs)
         else:
@@ -423,7 +452,14 @@ class Lowerer:
         if mult != 1:
             acc = b.op("Mul", [acc, b.const(f"{base}_m", np.array(mult, np.int32))], f"{base}_accm")
         if rem != 0:
-            if op == "Conv":
+            if pooled is not None:
+                box = b.op("ReduceSum", [b.cast(x.name, TensorProto.INT32, f"{base}_x32"),
+                                         b.const(f"{base}_box_axes", np.array([1] + pooled.axes, np.int64))],
+                           f"{base}_box", keepdims=0)
+                if x.zp:
+                    raise FuseError(f"{node_label(node)}: 8-bit DoReFa weights after a pooled input with a zero point")
+                box = b.op("Unsqueeze", [box, b.const(f"{base}_box_ax1", np.array([1], np.int64))], f"{base}_box2")
+            elif op == "Conv":
                 grp = int(a.get("group", 1))
                 ones_shape = (1,) + w.shape[1:] if grp == 1 else w.shape
                 ones = b.const(f"{base}_ones", np.ones(ones_shape, np.uint8))
@@ -437,7 +473,9 @@ class Lowerer:
             box = b.op("Mul", [box, b.const(f"{base}_rem", np.array(rem, np.int32))], f"{base}_boxm")
             acc = b.op("Add", [acc, box], f"{base}_accw")
         red = tuple(i for i in range(wk.ndim) if i != (0 if op == "Conv" else 1))
-        bound = float(np.max(np.sum(np.abs(wk), axis=red))) * x.bound
+        bound = float(np.max(np.sum(np.abs(wk), axis=red))) * x.bound * (pooled.count if pooled else 1)
+        if bound > 2**31 - 1:
+            raise FuseError(f"{node_label(node)}: its int32 accumulator could overflow (bound {bound:.3g})")
         self.val[out] = Acc([(acc, scale, bound)], bias, cshape, ch_axis)
 
     def _weighted_qdq(self, node, x: Codes, codes: WeightCodes, wk, scale, bias, cshape, out) -> str:
@@ -480,6 +518,7 @@ class Lowerer:
                 return
             raise FuseError(f"{node_label(node)}: adding a constant to quantized codes is not supported")
         vals = [self._get(i, node) for i in ins]
+        vals = [self._acc_of_pooled(v, f"{node.output[0]}_{k}") if isinstance(v, Pooled) else v for k, v in enumerate(vals)]
         if self.format == "qdq" or any(isinstance(v, Float) for v in vals):
             fl = [self._to_float(v) for v in vals]
             self.val[node.output[0]] = Float(self.b.op("Add", fl, node.output[0]))
@@ -505,6 +544,9 @@ class Lowerer:
         b, g = self.b, self.g
         if node.op_type == "MaxPool" and len([o for o in node.output if o]) > 1:
             raise FuseError(f"{node_label(node)}: MaxPool with an Indices output is not supported")
+        if isinstance(v, Pooled) and not v.flat and node.op_type == "Flatten" and attrs(node).get("axis", 1) == 1:
+            self.val[node.output[0]] = Pooled(v.codes, v.axes, v.count, True)
+            return
         if not isinstance(v, (Codes, Float)):
             raise FuseError(f"{node_label(node)}: its input is an integer accumulator (no activation quantizer before it)")
         extra = []
@@ -523,14 +565,17 @@ class Lowerer:
         self.val[node.output[0]] = Codes(out, v.scale, v.r, v.dtype, v.zp) if isinstance(v, Codes) else Float(out, v.grid)
 
     # ----------------------------------------------------------- float islands
-    def _keep_float(self, node: onnx.NodeProto) -> None:
+    def _keep_float(self, node: onnx.NodeProto, record: bool = True) -> None:
         g, b = self.g, self.b
         ins = []
         for i in node.input:
+            q = g.producer.get(i)
             if not i:
                 ins.append("")
             elif i in g.consts:
                 ins.append(b.const(i, g.consts[i]))
+            elif q is not None and q.domain == DOMAIN and q.input[0] in g.consts:  # fake-quantized weight, as a constant
+                ins.append(b.const(i, self._fake_quantized_weight(q)))
             else:
                 ins.append(self._to_float(self._get(i, node)))
         outs = [self.b.fresh(o) if o else "" for o in node.output]
@@ -539,7 +584,16 @@ class Lowerer:
         for o_old, o_new in zip(node.output, outs):
             if o_old:
                 self.val[o_old] = Float(o_new)
-        self.kept.append(node.name or node.output[0])
+        if record:
+            self.kept.append(node.name or node.output[0])
+
+    def _fake_quantized_weight(self, q: onnx.NodeProto) -> np.ndarray:
+        from onnxqat.ops import reference as ref
+
+        args = [self.g.const(i, q, "input") for i in q.input]
+        if q.op_type == "SatWeightQuant":
+            return ref.sat_weight_forward(*args)
+        return ref.lsq_forward(*args)
 
     def _dq(self, c: Codes) -> str:
         b = self.b
@@ -548,6 +602,8 @@ class Lowerer:
         return b.op("DequantizeLinear", [c.name, s, zp], f"{c.name}_dq")
 
     def _to_float(self, v) -> str:
+        if isinstance(v, Pooled):
+            v = self._acc_of_pooled(v, f"{v.codes.name}_pool")
         if isinstance(v, Float):
             return v.name
         if isinstance(v, Codes):
@@ -582,6 +638,8 @@ class Lowerer:
     def _requant(self, v, s_out: float, r: int, name: str, zp: int = 0):
         """u = clip(round(v / s_out) + zp, 0, r) (and within a folded Relu/Clip of v)."""
         b = self.b
+        if isinstance(v, Pooled):
+            v = self._acc_of_pooled(v, f"{name}_pool")
         clip = v.clip if isinstance(v, Acc) else (-np.inf, np.inf)
         lo_u = 0 if not np.isfinite(clip[0]) else int(min(r, max(0, np.round(clip[0] / s_out) + zp)))
         hi_u = r if not np.isfinite(clip[1]) else int(max(lo_u, min(r, np.round(clip[1] / s_out) + zp)))
@@ -656,6 +714,8 @@ class Lowerer:
         v = self.val.get(name)
         if v is None:
             raise FuseError(f"graph output '{name}' has no integer form")
+        if isinstance(v, Pooled):
+            v = self._acc_of_pooled(v, f"{name}_pool")
         if isinstance(v, Float) and v.grid is not None and self.format == "qdq":
             c = v.grid
             self._rename(v.name, name)

@@ -142,6 +142,18 @@ def _pool_model(op):
     return b.model(["N", 3, 6, 6], b.gemm("fc", x, 8 * (36 if op == "Sigmoid" else 1), 4), ["N", 4])
 
 
+@pytest.mark.parametrize("r", [15, 255])
+def test_global_average_pool_then_gemm_without_quantizer(r):
+    """GAP -> Flatten -> Gemm (the classifier head): Gemm as a 1x1 ConvInteger on the codes, then an int32 sum."""
+    b = qm.QatBuilder(6)
+    x = b.sat_act("relu1", b.bn("bn1", b.conv("conv1", "input", 3, 8, r=r), 8), "relu1_out", 1.93, r)
+    x = b.op("Flatten", [b.op("GlobalAveragePool", [x], "gap")], "flat", axis=1)
+    qat = b.model(["N", 3, 6, 6], b.gemm("fc", x, 8, 4, r=r, fan_out=4), ["N", 4])
+    res = fuse(qat, verify_samples=64, strict=True)
+    ops = [n.op_type for n in res.model.graph.node]
+    assert ops.count("ConvInteger") >= 2 and "MatMulInteger" not in ops and "ReduceSum" in ops
+
+
 def test_global_average_pool_sums_codes_in_int32():
     res = fuse(_pool_model("GlobalAveragePool"), verify_samples=32, strict=True)
     assert "ReduceSum" in {n.op_type for n in res.model.graph.node}
@@ -174,3 +186,41 @@ def test_mobile_block_lowering_details():
     proj_in = [n for n in m.graph.node if n.op_type == "ConvInteger" and n.input[0].startswith("bn_pw_out_q")]
     assert len(proj_in) == 1 and int(inits[proj_in[0].input[2]]) == 128  # the signed bottleneck codes' zero point
     assert res.agreement.activations["bn_pw_out_q"] == 1.0 and res.agreement.activations["gap_q"] == 1.0
+
+
+def test_conv_transpose_named_or_kept_float():
+    """ConvTranspose has no integer op: the error names it; kept in float it runs on its fake-quantized weights and
+    its BatchNormalization stays float too, between DequantizeLinear and the next quantizer's QuantizeLinear."""
+    from onnx import helper
+
+    from onnxqat.errors import FuseError
+
+    b = qm.QatBuilder(8)
+    x = b.sat_act("relu1", b.bn("bn1", b.conv("conv1", "input", 1, 4), 4), "relu1_out", 1.77)
+    w = (b.rng.standard_normal((4, 3, 2, 2)) * 0.3).astype(np.float32)
+    b.init("up.weight", w)
+    wq = b.sat_weight("up", "up.weight", 15)
+    b.nodes.append(helper.make_node("ConvTranspose", [x, wq], ["up_out"], name="up", strides=[2, 2]))
+    x = b.sat_act("relu2", b.bn("bn_up", "up_out", 3), "relu2_out", 1.41)
+    x = b.op("Flatten", [x], "flat", axis=1)
+    qat = b.model(["N", 1, 4, 4], b.gemm("fc", x, 3 * 8 * 8, 5), ["N", 5])
+    with pytest.raises(FuseError, match="ConvTranspose 'up'"):
+        fuse(qat, check=False)
+    res = fuse(qat, keep_float=["up"], verify_samples=32)
+    ops = [n.op_type for n in res.model.graph.node]
+    assert "ConvTranspose" in ops and "BatchNormalization" in ops and res.kept_float == ["up"]
+    assert res.agreement.top1_agreement == 1.0 and res.agreement.min_activation_agreement >= 0.999
+
+
+def test_accuracy_check_one_liner(tmp_path):
+    """The trained-LeNet check: top-1 of fake-quant and fused on a labelled set (here labels = a noisy argmax)."""
+    from onnxqat.fuse import accuracy_check
+
+    qat = qm.conv_bn_sat(15, 15)
+    fused_path = tmp_path / "m.int.onnx"
+    fuse(qat, fused_path, check=False)
+    x = codes_in(qat, 200, seed=3)
+    labels = np.argmax(fake_quant(qat, x), 1)
+    labels[::4] = (labels[::4] + 1) % 10  # a quarter wrong: top-1 75 %
+    r = accuracy_check(qat, str(fused_path), x, labels, batch=64)
+    assert r["top1_fake_quant"] == pytest.approx(75.0) and r["diff_points"] <= 0.05 and r["top1_agreement"] == 1.0
