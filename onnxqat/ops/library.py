@@ -3,8 +3,9 @@
     sess = onnxruntime.InferenceSession(path, onnxqat.session_options())
 
 `library_path()` looks, in order, at: the environment variable ONNXQAT_OPS_LIBRARY; the installed package
-(onnxqat/lib); the site-packages copy of an editable install (`pip install -e .`); the repository's build/ folder
-(a CMake build of custom_ops/). It raises OpLibraryError, with the fix, when none holds the library.
+(onnxqat/lib); the site-packages copy of an editable install (`pip install -e .`: onnxqat.__path__, then the
+interpreter's site-packages folders); the repository's build/ folder (any CMake build of custom_ops/ below it,
+newest first). It raises OpLibraryError, with the fix, when none holds the library.
 """
 
 from __future__ import annotations
@@ -51,9 +52,26 @@ def _site_dirs() -> list[Path]:
     return seen
 
 
+def _package_dirs() -> list[Path]:
+    """The onnxqat package folders: this one, then every entry of onnxqat.__path__ (an editable install by
+    scikit-build-core lists the site-packages folder that holds the built library there)."""
+    dirs = [_PACKAGE_DIR]
+    try:
+        import onnxqat
+
+        dirs += [Path(p).resolve() for p in getattr(onnxqat, "__path__", [])]
+    except ImportError:
+        pass
+    out: list[Path] = []
+    for d in dirs:
+        if d not in out:
+            out.append(d)
+    return out
+
+
 def candidate_paths() -> list[Path]:
     """Every place library_path() looks at (the environment variable aside), in order."""
-    paths = [_PACKAGE_DIR / "lib" / LIBRARY_NAME]
+    paths = [d / "lib" / LIBRARY_NAME for d in _package_dirs()]
     for site_dir in _site_dirs():
         p = site_dir / "onnxqat" / "lib" / LIBRARY_NAME
         if p not in paths:
