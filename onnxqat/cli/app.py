@@ -32,20 +32,13 @@ _register_commands()
 
 
 def main() -> None:
+    # Standalone mode: typer itself handles --help, usage errors and exit codes. Domain errors that a
+    # command did not turn into a message itself still end as one line and exit code 1, never a traceback.
     try:
-        app(standalone_mode=False)
+        app()
     except OnnxqatError as exc:
         print(f"onnxqat: error: {exc}", file=sys.stderr)
         sys.exit(1)
-    except (typer.Abort, KeyboardInterrupt):
-        print("onnxqat: aborted", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("onnxqat: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        raise
