@@ -28,6 +28,11 @@ def fuse_command(
                                                             "Dequantize/Quantize (repeatable)")] = None,
     samples: Annotated[int, typer.Option("--samples", help="self-check batch size")] = 64,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="skip the self-check")] = False,
+    verify_engine: Annotated[str, typer.Option("--verify-engine", help="runs the fake-quantized model: reference "
+                                               "(onnx.reference, the spec) or onnxruntime (op library, faster)")]
+    = "reference",
+    dequantize_output: Annotated[bool, typer.Option("--dequantize-output/--integer-output",
+                                                    help="float logits (last DequantizeLinear) or int32 codes")] = True,
 ) -> None:
     """Fold BatchNorm and quantizers into an integer-only ONNX model of standard ops (runs on stock onnxruntime)."""
     from onnxqat.fuse.api import fuse
@@ -36,5 +41,6 @@ def fuse_command(
         output = model.with_name(model.stem + (".qdq.onnx" if format == "qdq" else ".int.onnx"))
     result = fuse(model, output, format=format, rescale=rescale, verify_data=verify_data, strict=strict,
                   input_scale=input_scale, input_type=input_type, keep_float=keep_float or (),
-                  verify_samples=samples, check=not no_verify or strict)
+                  verify_samples=samples, check=not no_verify or strict, verify_engine=verify_engine,
+                  dequantize_output=dequantize_output)
     typer.echo(result.summary())

@@ -78,7 +78,7 @@ def _write_atomic(model: onnx.ModelProto, path: str) -> None:
 
 def fuse(model, output=None, format: str = "int", rescale: str = "fixed-point", verify_data=None, strict: bool = False,
          *, input_scale: float = 1 / 255, input_type: str = "uint8", keep_float=(), dequantize_output: bool = True,
-         verify_samples: int = 64, seed: int = 0, check: bool = True) -> FuseResult:
+         verify_samples: int = 64, seed: int = 0, check: bool = True, verify_engine: str = "reference") -> FuseResult:
     """Fuse BatchNorm and quantizers of a QAT model into an integer-only (format="int") or QDQ (format="qdq") model.
 
     model: path or ModelProto of the QAT graph (quantizer nodes as docs/CONVENTIONS.md names them).
@@ -88,7 +88,11 @@ def fuse(model, output=None, format: str = "int", rescale: str = "fixed-point", 
     strict: raise FuseError when any output code or top-1 differs between the fake-quantized and fused models.
     keep_float: names of nodes without integer lowering to run in float between Dequantize/Quantize.
     check: run the self-check (fake-quantized vs fused model); strict implies it.
+    verify_engine: runs the fake-quantized model: "reference" (onnx.reference + numpy quantizers, the spec; slow on
+      large models) or "onnxruntime" (the compiled op library).
     """
+    if verify_engine not in ("reference", "onnxruntime"):
+        raise FuseError(f"unknown verify engine '{verify_engine}' (reference or onnxruntime)")
     qat = _load(model)
     low = Lowerer(qat, format=format, rescale=rescale, input_scale=input_scale, input_type=input_type,
                   keep_float=keep_float, dequantize_output=dequantize_output).run()
@@ -104,7 +108,7 @@ def fuse(model, output=None, format: str = "int", rescale: str = "fixed-point", 
         fused_input = "uint8" if low.model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8 else "float"
         agreement = verify(qat, low.model, low.outputs, input_scale=input_scale, fused_input=fused_input,
                            data=None if data is None else np.asarray(data), samples=verify_samples, seed=seed,
-                           activation_codes=low.activation_codes)
+                           activation_codes=low.activation_codes, engine=verify_engine)
         if strict and not agreement.identical:
             raise FuseError(f"--strict: fused and fake-quantized outputs differ (max code difference "
                             f"{agreement.max_code_diff:g}, top-1 agreement {100 * agreement.top1_agreement:.2f}%)")

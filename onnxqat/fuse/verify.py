@@ -24,6 +24,7 @@ class Agreement:
     top1_agreement: float  # fraction of samples whose argmax is identical (first output, rank 2)
     fused_engine: str
     activations: dict | None = None  # quantizer output -> fraction of its codes identical in both models
+    fake_quant_engine: str = "onnx.reference"
 
     @property
     def identical(self) -> bool:
@@ -36,7 +37,7 @@ class Agreement:
     def summary(self) -> str:
         s = (f"verify: {self.samples} samples, max output code difference {self.max_code_diff:g}, "
              f"codes identical {100 * self.code_agreement:.3f}%, top-1 agreement {100 * self.top1_agreement:.2f}% "
-             f"(fused model on {self.fused_engine})")
+             f"(fake-quant on {self.fake_quant_engine}, fused on {self.fused_engine})")
         if self.activations:
             worst = min(self.activations, key=self.activations.get)
             s += (f"\nverify: activation codes identical at all {len(self.activations)} quantizers: worst "
@@ -44,13 +45,24 @@ class Agreement:
         return s
 
 
-def run_fake_quant(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
+def run_fake_quant(model: onnx.ModelProto, x: np.ndarray, engine: str = "reference") -> list[np.ndarray]:
+    """engine "reference": onnx.reference + the numpy quantizer references (the executable spec);
+    "onnxruntime": onnxruntime with the compiled op library (fast, for large models)."""
+    name = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}][0]
+    if engine == "onnxruntime":
+        import onnxruntime as ort
+
+        from onnxqat.ops.library import session_options
+
+        so = session_options()
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return [np.asarray(o) for o in sess.run(None, {name: x})]
     from onnx.reference import ReferenceEvaluator
 
     from onnxqat.ops.reference import reference_ops
 
     sess = ReferenceEvaluator(model, new_ops=reference_ops())
-    name = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}][0]
     return [np.asarray(o) for o in sess.run(None, {name: x})]
 
 
@@ -164,15 +176,16 @@ def _with_outputs(model: onnx.ModelProto, names: list[tuple[str, int]]) -> onnx.
 
 def verify(qat: onnx.ModelProto, fused: onnx.ModelProto, outputs: list[OutputInfo], *, input_scale: float,
            fused_input: str, data: np.ndarray | None = None, samples: int = 64, seed: int = 0,
-           activation_codes: dict | None = None) -> Agreement:
+           activation_codes: dict | None = None, engine: str = "reference") -> Agreement:
     """Outputs (and, given activation_codes from the lowering, every activation quantizer's codes) of both models."""
     x = data if data is not None else random_codes(qat, samples, seed)
     xf, xin = inputs_for(x, input_scale, fused_input)
     acts = dict(activation_codes or {})
     n_out = len(qat.graph.output)
-    fq = run_fake_quant(_with_outputs(qat, [(k, onnx.TensorProto.FLOAT) for k in acts]), xf)
-    out, engine = run_fused(_with_outputs(fused, [(v[0], v[2]) for v in acts.values()]), xin)
-    agreement = compare(fq[:n_out], out[:n_out], outputs, engine)
+    fq = run_fake_quant(_with_outputs(qat, [(k, onnx.TensorProto.FLOAT) for k in acts]), xf, engine)
+    out, fused_engine = run_fused(_with_outputs(fused, [(v[0], v[2]) for v in acts.values()]), xin)
+    agreement = compare(fq[:n_out], out[:n_out], outputs, fused_engine)
+    agreement.fake_quant_engine = "onnxruntime + op library" if engine == "onnxruntime" else "onnx.reference"
     agreement.activations = {}
     for k, (name, (_, scale, _dtype, zp)) in enumerate(acts.items()):
         want = np.round(np.asarray(fq[n_out + k], np.float64) / np.float32(scale))

@@ -89,3 +89,18 @@ def test_fake_quant_on_onnxruntime_with_op_library_matches_reference():
     codes = ReferenceEvaluator(res.model).run(None, {"input": x})[0]
     unit = res.outputs[0].scale.reshape(1, -1)
     assert np.mean(np.round(fq / unit) == codes) >= 0.999
+
+
+def test_verify_engine_onnxruntime():
+    lib = pytest.importorskip("onnxqat.ops.library")
+    try:
+        lib.session_options()
+    except Exception as exc:
+        pytest.skip(f"op library unavailable: {exc}")
+    x = np.random.default_rng(4).integers(0, 256, (32, 1, 16, 16), dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat = insert_mod.insert(float_lenet(), "lsq4", calibration_data={"input": (x[:16] / np.float32(255)).astype(np.float32)})
+    res = fuse(qat, verify_data=x, verify_engine="onnxruntime", strict=True)
+    assert res.agreement.fake_quant_engine == "onnxruntime + op library"
+    assert "fake-quant on onnxruntime + op library" in res.summary()
