@@ -100,7 +100,71 @@ OrtStatusPtr compute_with_status(K* kernel, OrtKernelContext* context) {
 }
 
 // OrtCustomOp descriptor of kernel K. K provides: kName, kNumInputs, kNumOutputs, kOptionalOutputs,
-// static InputType(i), a constructor (const OrtKernelInfo*), Compute(Ort::KernelContext&).
+// static InputType(i), static ShapeSource(output) (the input whose shape the output has), a constructor (const OrtKernelInfo*), Compute(Ort::KernelContext&).
+// Shape inference (API 17+): output k has the shape of input K::ShapeSource(k), when that shape is known (rank >= 1,
+// every dimension a value or a name). An input without shape information looks like a scalar through this API,
+// so rank 0 is left unset (unknown) rather than claimed. Never throws.
+template <class K>
+OrtStatusPtr ORT_API_CALL infer_output_shapes(const OrtCustomOp*, OrtShapeInferContext* ctx) {
+#if ORT_API_VERSION >= 17
+  const OrtApi& api = Ort::GetApi();
+  if (api.ShapeInferContext_GetInputCount == nullptr) return nullptr;
+  try {
+    size_t n_in = 0;
+    if (OrtStatus* st = api.ShapeInferContext_GetInputCount(ctx, &n_in)) {
+      api.ReleaseStatus(st);
+      return nullptr;
+    }
+    for (size_t k = 0; k < K::kNumOutputs; ++k) {
+      const size_t src = K::ShapeSource(k);
+      if (src >= n_in) continue;
+      OrtTensorTypeAndShapeInfo* info = nullptr;
+      if (OrtStatus* st = api.ShapeInferContext_GetInputTypeShape(ctx, src, &info)) {
+        api.ReleaseStatus(st);
+        continue;
+      }
+      // info belongs to the context: read it through the C API, never release it
+      size_t rank = 0;
+      if (OrtStatus* st = api.GetDimensionsCount(info, &rank)) {
+        api.ReleaseStatus(st);
+        continue;
+      }
+      if (rank == 0) continue;
+      std::vector<int64_t> dims(rank);
+      std::vector<const char*> names(rank, nullptr);
+      OrtStatus* rd = api.GetDimensions(info, dims.data(), rank);
+      if (!rd) rd = api.GetSymbolicDimensions(info, names.data(), rank);
+      if (rd) {
+        api.ReleaseStatus(rd);
+        continue;
+      }
+      bool known = true;
+      for (size_t d = 0; d < dims.size(); ++d) {
+        const bool named = names[d] != nullptr && names[d][0] != '\0';
+        if (!named && dims[d] < 0) known = false;
+        if (!named) names[d] = "";
+      }
+      if (!known) continue;
+      OrtTensorTypeAndShapeInfo* out = nullptr;
+      if (OrtStatus* st = api.CreateTensorTypeAndShapeInfo(&out)) {
+        api.ReleaseStatus(st);
+        continue;
+      }
+      Ort::TensorTypeAndShapeInfo out_info(out);
+      OrtStatus* st = api.SetTensorElementType(out, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+      if (!st) st = api.SetDimensions(out, dims.data(), dims.size());
+      if (!st) st = api.SetSymbolicDimensions(out, names.data(), names.size());
+      if (!st) st = api.ShapeInferContext_SetOutputTypeShape(ctx, k, out);
+      if (st) api.ReleaseStatus(st);
+    }
+  } catch (...) {
+  }
+#else
+  (void)ctx;
+#endif
+  return nullptr;
+}
+
 template <class K>
 struct CpuOp : Ort::CustomOpBase<CpuOp<K>, K, /*WithStatus=*/true> {
   CpuOp() {
@@ -108,6 +172,9 @@ struct CpuOp : Ort::CustomOpBase<CpuOp<K>, K, /*WithStatus=*/true> {
     OrtCustomOp::version = kOrtApiVersion;
     OrtCustomOp::CreateKernel = nullptr;
     OrtCustomOp::KernelCompute = nullptr;
+#if ORT_API_VERSION >= 17
+    OrtCustomOp::InferOutputShapeFn = &infer_output_shapes<K>;
+#endif
   }
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     try {

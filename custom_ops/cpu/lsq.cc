@@ -89,6 +89,7 @@ struct LsqKernel : StatusKernel<LsqKernel> {
   static constexpr size_t kNumInputs = 6;
   static constexpr size_t kNumOutputs = 1;
   static constexpr bool kOptionalOutputs = false;
+  static size_t ShapeSource(size_t) { return 0; }
   static ONNXTensorElementDataType InputType(size_t i) {
     return (i == 3 || i == 5) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
@@ -116,6 +117,7 @@ struct LsqGradKernel : StatusKernel<LsqGradKernel> {
   static constexpr size_t kNumInputs = 7;   // dy, v, step, range, signed, grad_scale, axis
   static constexpr size_t kNumOutputs = 2;  // dv, dstep
   static constexpr bool kOptionalOutputs = true;
+  static size_t ShapeSource(size_t k) { return k + 1; }  // GI(k) is shaped like forward input k
   static ONNXTensorElementDataType InputType(size_t i) {
     return (i == 4 || i == 6) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }

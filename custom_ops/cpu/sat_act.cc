@@ -35,6 +35,7 @@ struct SatActKernel : StatusKernel<SatActKernel> {
   static constexpr size_t kNumInputs = 3;
   static constexpr size_t kNumOutputs = 1;
   static constexpr bool kOptionalOutputs = false;
+  static size_t ShapeSource(size_t) { return 0; }
   static ONNXTensorElementDataType InputType(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
   explicit SatActKernel(const OrtKernelInfo* info) : StatusKernel(info, kName) {}
 
@@ -58,6 +59,7 @@ struct SatActGradKernel : StatusKernel<SatActGradKernel> {
   static constexpr size_t kNumInputs = 4;   // dy, x, alpha, range
   static constexpr size_t kNumOutputs = 2;  // dx, dalpha
   static constexpr bool kOptionalOutputs = true;
+  static size_t ShapeSource(size_t k) { return k + 1; }  // GI(k) is shaped like forward input k
   static ONNXTensorElementDataType InputType(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
   explicit SatActGradKernel(const OrtKernelInfo* info) : StatusKernel(info, kName) {}
 

@@ -73,6 +73,7 @@ struct SatWeightKernel : StatusKernel<SatWeightKernel> {
   static constexpr size_t kNumInputs = 4;
   static constexpr size_t kNumOutputs = 1;
   static constexpr bool kOptionalOutputs = false;
+  static size_t ShapeSource(size_t) { return 0; }
   static ONNXTensorElementDataType InputType(size_t i) {
     return i >= 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
@@ -98,6 +99,7 @@ struct SatWeightGradKernel : StatusKernel<SatWeightGradKernel> {
   static constexpr size_t kNumInputs = 5;  // dWq, W, range, mode, scale_fan_out
   static constexpr size_t kNumOutputs = 1;  // dW
   static constexpr bool kOptionalOutputs = true;
+  static size_t ShapeSource(size_t k) { return k + 1; }  // GI(k) is shaped like forward input k
   static ONNXTensorElementDataType InputType(size_t i) {
     return i >= 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
