@@ -200,3 +200,16 @@ def mobile_block(r: int = 255, seed: int = 3) -> onnx.ModelProto:
     b._lsq("gap_aquant", g, gq, np.array([0.0113], np.float32), r, 1)
     f = b.op("Flatten", [gq], "flat", axis=1)
     return b.model(["N", 3, 12, 12], b.gemm("fc", f, 6, 10, wq="lsq", r=r, per_channel=True), ["N", 10])
+
+
+def gemm_bn1d(r: int = 15, wq: str = "sat", seed: int = 1) -> onnx.ModelProto:
+    """Flatten -> Gemm(transB=0, alpha, beta; per-channel LSQ on axis 1) -> BatchNormalization (1-D) -> SatAct -> Gemm."""
+    b = QatBuilder(seed)
+    x = b.op("Flatten", ["input"], "flat", axis=1)
+    w = (b.rng.standard_normal((48, 20)) * 0.3).astype(np.float32)
+    b.init("fc1.weight", w)
+    q = b.sat_weight("fc1", "fc1.weight", r, fan_out=20) if wq == "sat" else b.lsq_weight("fc1", "fc1.weight", w, r, True, 1)
+    b.nodes.append(helper.make_node("Gemm", [x, q, b.init("fc1.bias", np.full(20, 0.1, np.float32))], ["h"], name="fc1",
+                                    transB=0, alpha=0.7, beta=1.3))
+    h = b.sat_act("relu", b.bn("bn_fc", "h", 20), "hq", 1.37, r)
+    return b.model(["N", 3, 4, 4], b.gemm("fc2", h, 20, 7, wq=wq, r=r), ["N", 7])

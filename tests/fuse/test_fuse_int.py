@@ -20,6 +20,7 @@ MODELS = {
     # input normalisation, ReLU6 before LSQ, signed linear bottleneck + residual, GlobalAveragePool
     "mobile_block8": lambda: qm.mobile_block(255),
     "mobile_block4": lambda: qm.mobile_block(15),
+    "gemm_bn1d_lsq8": lambda: qm.gemm_bn1d(255, "lsq"),
 }
 INTEGER = {TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT64,
            TensorProto.UINT32, TensorProto.INT16, TensorProto.UINT16}

@@ -34,7 +34,7 @@ def test_int_model_runs_on_stock_onnxruntime_bit_for_bit(stock_env, tmp_path, na
     assert out.dtype == want.dtype == np.int32 and np.array_equal(out, want)
 
 
-@pytest.mark.parametrize("name", ["conv_bn_sat4", "residual4", "lsq_per_channel8", "mobile_block8"])
+@pytest.mark.parametrize("name", ["conv_bn_sat4", "residual4", "lsq_per_channel8", "mobile_block8", "gemm_bn1d_lsq8"])
 def test_qdq_export(stock_env, tmp_path, name):
     qat = MODELS[name]()
     res = fuse(qat, tmp_path / "q.onnx", format="qdq", check=False)
