@@ -17,8 +17,14 @@ namespace cpu {
 // The ORT API version this library asks for and announces on every op (runtime 1.19; headers may be newer).
 constexpr uint32_t kOrtApiVersion = 19;
 
-// Elements per parallel task: 64K floats (256 KiB) keeps scheduling overhead negligible and the caches busy.
-constexpr size_t kChunk = size_t{1} << 16;
+// Elements per parallel task: n/8 clamped to [16K, 64K] floats (64-256 KiB), a multiple of 64: mid-size tensors
+// (an MLP's activations) still split across threads, large ones keep the scheduling overhead negligible. It
+// depends on n only, so the results (the order of the partial sums) do not depend on the number of threads.
+inline size_t chunk_len(size_t n) {
+  constexpr size_t lo = size_t{1} << 14, hi = size_t{1} << 16;
+  size_t c = (n / 8 + 63) & ~size_t{63};
+  return c < lo ? lo : (c > hi ? hi : c);
+}
 
 struct OpError : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -58,7 +64,7 @@ class KernelBase {
 };
 
 // Number of tasks for n elements.
-inline size_t num_chunks(size_t n) { return n == 0 ? 0 : (n + kChunk - 1) / kChunk; }
+inline size_t num_chunks(size_t n) { return n == 0 ? 0 : (n + chunk_len(n) - 1) / chunk_len(n); }
 
 // Runs f(task) for task in [0, tasks) on ORT's intra-op pool (KernelContext_ParallelFor, API 17+), serially where
 // the pool or the API entry is missing. f must not throw.

@@ -104,7 +104,7 @@ struct LsqKernel : StatusKernel<LsqKernel> {
     const float* vd = v.data;
     const LsqBounds bd = p.bounds;
     parallel_for(ctx, num_chunks(n), [&](size_t c) {
-      const size_t b = c * kChunk, e = std::min(n, b + kChunk);
+      const size_t b = c * chunk_len(n), e = std::min(n, b + chunk_len(n));
       for_segments(b, e, p, [&](size_t sb, size_t se, size_t ch) {
         lsq_forward_loop(vd + sb, y + sb, se - sb, p.step[ch], bd.qn, bd.qp);
       });
@@ -140,7 +140,7 @@ struct LsqGradKernel : StatusKernel<LsqGradKernel> {
 
     // Tasks of `chunk` elements; each keeps C double partial sums of dstep (bounded memory for large C).
     size_t tasks = num_chunks(n);
-    size_t chunk = kChunk;
+    size_t chunk = chunk_len(n);
     const size_t max_partials = size_t{1} << 22;
     if (dstep != nullptr && tasks > 1 && tasks * C > max_partials) {
       tasks = std::max<size_t>(1, max_partials / C);

@@ -48,7 +48,7 @@ struct SatActKernel : StatusKernel<SatActKernel> {
     const float a = p.a, r = p.r;
     const float* xd = x.data;
     parallel_for(ctx, num_chunks(n), [&](size_t c) {
-      const size_t b = c * kChunk, e = std::min(n, b + kChunk);
+      const size_t b = c * chunk_len(n), e = std::min(n, b + chunk_len(n));
       sat_act_forward_loop(xd + b, y + b, e - b, a, r);
     });
   }
@@ -78,7 +78,7 @@ struct SatActGradKernel : StatusKernel<SatActGradKernel> {
     const size_t tasks = num_chunks(n);
     std::vector<double> part(tasks, 0.0);
     parallel_for(ctx, tasks, [&](size_t c) {
-      const size_t b = c * kChunk, e = std::min(n, b + kChunk);
+      const size_t b = c * chunk_len(n), e = std::min(n, b + chunk_len(n));
       if (dalpha == nullptr) {
         if (dx != nullptr) sat_act_dx_loop(g + b, xd + b, dx + b, e - b, a);
         return;

@@ -36,7 +36,7 @@ float tanh_and_max(Ort::KernelContext& ctx, const float* w, float* t, size_t n) 
   const size_t tasks = num_chunks(n);
   std::vector<float> part(tasks, 0.0f);
   parallel_for(ctx, tasks, [&](size_t c) {
-    const size_t b = c * kChunk, e = std::min(n, b + kChunk);
+    const size_t b = c * chunk_len(n), e = std::min(n, b + chunk_len(n));
     tanh_loop(w + b, t + b, e - b);
     part[c] = max_abs_loop(t + b, e - b);
   });
@@ -51,14 +51,14 @@ float scale_factor(Ort::KernelContext& ctx, const float* t, size_t n, float m, c
   const size_t tasks = num_chunks(n);
   std::vector<double> part(tasks, 0.0);
   parallel_for(ctx, tasks, [&](size_t c) {
-    const size_t b = c * kChunk, e = std::min(n, b + kChunk);
+    const size_t b = c * chunk_len(n), e = std::min(n, b + chunk_len(n));
     part[c] = sat_weight_level_sum(p.mode, t + b, e - b, m, p.r, p.half);
   });
   double sum = 0;
   for (double v : part) sum += v;
   const double mean = sum / static_cast<double>(n);
   parallel_for(ctx, tasks, [&](size_t c) {
-    const size_t b = c * kChunk, e = std::min(n, b + kChunk);
+    const size_t b = c * chunk_len(n), e = std::min(n, b + chunk_len(n));
     part[c] = sat_weight_level_sqdev(p.mode, t + b, e - b, m, p.r, p.half, mean);
   });
   double ss = 0;
@@ -88,7 +88,7 @@ struct SatWeightKernel : StatusKernel<SatWeightKernel> {
     const float m = tanh_and_max(ctx, w.data, y, n);
     const float s = scale_factor(ctx, y, n, m, p);
     parallel_for(ctx, num_chunks(n), [&](size_t c) {
-      const size_t b = c * kChunk, e = std::min(n, b + kChunk);
+      const size_t b = c * chunk_len(n), e = std::min(n, b + chunk_len(n));
       sat_weight_level_loop(p.mode, y + b, e - b, m, p.r, p.half, s);
     });
   }
@@ -119,7 +119,7 @@ struct SatWeightGradKernel : StatusKernel<SatWeightGradKernel> {
     const float ms = m * s;
     const float* g = dy.data;
     parallel_for(ctx, num_chunks(n), [&](size_t c) {
-      const size_t b = c * kChunk, e = std::min(n, b + kChunk);
+      const size_t b = c * chunk_len(n), e = std::min(n, b + chunk_len(n));
       sat_weight_grad_loop(g + b, dw + b, e - b, ms);
     });
   }
