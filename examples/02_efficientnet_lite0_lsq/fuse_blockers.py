@@ -89,7 +89,10 @@ def case_depthwise():
 
 
 def case_linear_bottleneck():
-    """MobileNetV2 block: Conv -> Relu -> project Conv -> BN (no activation) -> residual Add -> expand Conv."""
+    """MobileNetV2 block: Conv -> Relu -> project Conv -> BN (no activation) -> residual Add -> expand Conv.
+
+    insert (activations.linear) quantizes the Add's two inputs, not its output, so the expand Conv reads a sum of
+    two differently scaled code tensors."""
     inits = [_w("c1.w", 8, 3, 3, 3), _w("p.w", 8, 8, 1, 1), _w("e.w", 8, 8, 1, 1)] + _bn("bnp", 8)
     nodes = [N("Conv", ["image", "c1.w"], ["c1"], "conv1", pads=[1, 1, 1, 1]), N("Relu", ["c1"], ["r1"], "relu1"),
              N("Conv", ["r1", "p.w"], ["p"], "project"),
@@ -100,7 +103,10 @@ def case_linear_bottleneck():
 
 
 def case_global_average_pool():
-    """Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm (the classifier head of every ImageNet CNN)."""
+    """Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm (the classifier head of every ImageNet CNN).
+
+    insert walks through GlobalAveragePool as if it kept values on the grid and quantizes before it, so the Gemm
+    reads averaged codes (off the grid, in the fake-quant model too)."""
     inits = [_w("c1.w", 8, 3, 3, 3), _w("fc.w", 10, 8, scale=0.3), _const("fc.b", np.zeros(10))]
     nodes = [N("Conv", ["image", "c1.w"], ["c1"], "conv1", pads=[1, 1, 1, 1]), N("Relu", ["c1"], ["r1"], "relu1"),
              N("GlobalAveragePool", ["r1"], ["gap"], "gap"), N("Flatten", ["gap"], ["f"], "flat"),

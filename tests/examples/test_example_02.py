@@ -82,15 +82,26 @@ def test_fake_quant_w8a8_close_to_fp32(result):
 
 
 def test_fused_integer_model(result):
+    """The integer model (insert's graph, or while fuse refuses it the example's stop-gap b+) against FP32 and
+    against its own fake-quant model. README: 20/20, cosine 0.992, 5.47 MB; fused vs fake-quant max |diff| 0.30."""
     rows = result["rows"]
-    if "lsq8-pc fused (integer)" not in rows:
-        assert result["fuse_error"], "no fused row and no reason given"
-        assert "not produced: " + result["fuse_error"] in result["stdout"]
-        pytest.xfail(f"fuse refuses EfficientNet-Lite0 (README 'Blocked'): {result['fuse_error']}")
-    fused, fq = rows["lsq8-pc fused (integer)"], rows["lsq8-pc fake-quant"]
-    assert fused["agree"] >= 19 and fused["cos_mean"] >= 0.985
+    name = "lsq8-pc fused (integer)" if "lsq8-pc fused (integer)" in rows else "lsq8-pc+ fused (integer)"
+    assert name in rows, f"no fused model: {result['fuse_error']}"
+    fused = rows[name]
+    fq = rows["lsq8-pc fake-quant" if name.startswith("lsq8-pc fused") else "lsq8-pc+ fake-quant"]
+    assert fused["agree"] >= 19 and fused["cos_mean"] >= 0.985 and fused["cos_min"] >= 0.94, fused
     assert abs(fused["cos_mean"] - fq["cos_mean"]) < 0.005
+    vs = result["fused_vs_fake_quant"]
+    assert vs["agree"] >= 19 and vs["cos_min"] >= 0.99 and vs["max_abs_diff"] < 1.0, vs
     assert fused["size_mb"] < fq["size_mb"] / 3  # 8-bit weight codes instead of float32
+
+
+def test_insert_graph_fuses_without_stop_gap(result):
+    """Turns from xfail into a pass once insert quantizes residual sums (README 'Blocked')."""
+    if result["fuse_error"]:
+        assert "not produced: " + result["fuse_error"] in result["stdout"]
+        pytest.xfail(f"fuse refuses insert's EfficientNet-Lite0 graph (README 'Blocked'): {result['fuse_error']}")
+    assert "lsq8-pc fused (integer)" in result["rows"]
 
 
 def test_readme_documents_measured_numbers():
