@@ -212,9 +212,36 @@ def try_fuse(qat, path: Path, x: np.ndarray, check: bool = True):
         return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     sess = session(path)
     feed = x if sess.get_inputs()[0].type == "tensor(float)" else np.round(x * 255).astype(np.uint8)
-    y = sess.run(None, {sess.get_inputs()[0].name: feed})[0].astype(np.float64)
+    y = sess.run(None, {sess.get_inputs()[0].name: feed})[0]
     print("fuse: " + res.summary().replace("\n", "\nfuse: "))
-    return y, res
+    stock_check(path, feed, y, path.parent)
+    return y.astype(np.float64), res
+
+
+STOCK_CHECK = """
+import sys, numpy as np, onnxruntime as ort
+d = np.load(sys.argv[2])
+s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+y = s.run(None, {s.get_inputs()[0].name: d["x"]})[0]
+print(ort.__version__, float(np.abs(y.astype(np.float64) - d["y"]).max()))
+"""
+
+
+def stock_check(fused_path: Path, feed: np.ndarray, y: np.ndarray, work: Path) -> None:
+    """Runs the fused model in .venv-stock (the latest stock onnxruntime, no op library: scripts/make_stock_env.sh)
+    when that environment exists, and prints how far its logits are from this environment's."""
+    py = REPO / ".venv-stock" / "bin" / "python"
+    if not py.exists():
+        print("stock: .venv-stock not found (bash scripts/make_stock_env.sh creates it): stock-onnxruntime run skipped")
+        return
+    npz = work / "stock_check.npz"
+    np.savez(npz, x=feed, y=y)
+    out = subprocess.run([str(py), "-c", STOCK_CHECK, str(fused_path), str(npz)], capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"stock: the fused model fails on .venv-stock's onnxruntime: {out.stderr.strip().splitlines()[-1]}")
+        return
+    version, diff = out.stdout.split()
+    print(f"stock: fused model on stock onnxruntime {version} (no op library): max |logit diff| vs this run {float(diff):.3g}")
 
 
 def quantize(fp32_path: Path, recipe: str, x: np.ndarray, data_steps: bool, out: Path):
