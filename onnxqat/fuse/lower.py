@@ -202,6 +202,8 @@ class Lowerer:
             return self._weighted(node)
         if op == "BatchNormalization" and isinstance(self.val.get(node.input[0]), Float):
             return self._keep_float(node, record=False)  # after a layer kept in float
+        if op == "BatchNormalization" and isinstance(self.val.get(node.input[0]), Acc):
+            return self._batchnorm_on_acc(node)  # e.g. after a residual Add of weighted layers: still linear
         if op == "BatchNormalization":
             prod = g.producer.get(node.input[0])
             src = node_label(prod) if prod is not None else "the network input"
@@ -238,10 +240,39 @@ class Lowerer:
         raise FuseError(f"{node_label(node)} has no integer lowering (keep it in float with keep_float=['{node.name}'] "
                         f"/ --keep-float {node.name})")
 
+    def _bn_factors(self, bn: onnx.NodeProto):
+        g = self.g
+        gamma, beta, mean, var = (_vec(g.const(bn.input[i], bn, n)) for i, n in
+                                  ((1, "scale"), (2, "B"), (3, "mean"), (4, "var")))
+        if attrs(bn).get("training_mode", 0):
+            raise FuseError(f"{node_label(bn)}: training_mode=1 cannot be folded")
+        if any(o for o in bn.output[1:]):
+            raise FuseError(f"{node_label(bn)}: running-statistics outputs are in use")
+        eps = float(attrs(bn).get("epsilon", 1e-5))
+        f = gamma.astype(np.float32).astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)
+        return f, beta, mean
+
+    def _batchnorm_on_acc(self, node: onnx.NodeProto) -> None:
+        v: Acc = self.val[node.input[0]]
+        if np.isfinite(v.clip).any():
+            raise FuseError(f"{node_label(node)}: BatchNormalization after a Relu/Clip without a quantizer")
+        f, beta, mean = self._bn_factors(node)
+        c = f.size
+        if v.cshape == ():  # per-tensor so far: take the BN's channel layout from the input's rank
+            dims = self._shape_of(node.input[0])
+            if not dims:
+                raise FuseError(f"{node_label(node)}: rank of '{node.input[0]}' unknown")
+            v = Acc(v.terms, v.bias, (1, c) + (1,) * (len(dims) - 2) if len(dims) > 2 else (c,), 1 if len(dims) > 2 else -1)
+        terms = [(t, np.broadcast_to(sc, (c,)) * f, bd) for t, sc, bd in v.terms]
+        bias = f * (np.broadcast_to(v.bias, (c,)) - mean) + beta
+        self.val[node.output[0]] = Acc(terms, bias, v.cshape, v.axis)
+
     # ------------------------------------------------------- Relu / Clip
     def _clip(self, node: onnx.NodeProto) -> None:
         g = self.g
         v = self._get(node.input[0], node)
+        if isinstance(v, Pooled):
+            v = self._acc_of_pooled(v, node.output[0])
         if node.op_type == "Relu":
             lo, hi = 0.0, np.inf
         else:
@@ -406,14 +437,7 @@ class Lowerer:
                 nxt = g.only_consumer(out)
         if nxt is not None and nxt.op_type == "BatchNormalization" and nxt.input[0] == out:
             bn = nxt
-            gamma, beta, mean, var = (_vec(g.const(bn.input[i], bn, n)) for i, n in
-                                      ((1, "scale"), (2, "B"), (3, "mean"), (4, "var")))
-            eps = float(attrs(bn).get("epsilon", 1e-5))
-            if attrs(bn).get("training_mode", 0):
-                raise FuseError(f"{node_label(bn)}: training_mode=1 cannot be folded")
-            if any(o for o in bn.output[1:]):
-                raise FuseError(f"{node_label(bn)}: running-statistics outputs are in use")
-            f = gamma.astype(np.float32).astype(np.float64) / np.sqrt(var.astype(np.float64) + eps)
+            f, beta, mean = self._bn_factors(bn)
             scale = scale * f
             bias = f * (bias - mean) + beta
             self.done.add(self._index(bn))

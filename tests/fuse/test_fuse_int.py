@@ -232,3 +232,16 @@ def test_accuracy_check_one_liner(tmp_path):
     labels[::4] = (labels[::4] + 1) % 10  # a quarter wrong: top-1 75 %
     r = accuracy_check(qat, str(fused_path), x, labels, batch=64)
     assert r["top1_fake_quant"] == pytest.approx(75.0) and r["diff_points"] <= 0.05 and r["top1_agreement"] == 1.0
+
+
+def test_batchnorm_after_residual_add_folds():
+    """Pre-activation style: conv-bn + skip -> Add -> BatchNormalization -> SatAct: the BN scales both branches."""
+    b = qm.QatBuilder(12)
+    a = b.sat_act("relu0", b.bn("bn0", b.conv("conv0", "input", 3, 6), 6), "relu0_out", 2.07)
+    h = b.conv("conv1", a, 6, 6)
+    s = b.op("Add", [h, a], "add")
+    y = b.sat_act("relu1", b.bn("bn_add", s, 6), "relu1_out", 2.61)
+    f = b.op("Flatten", [y], "flat", axis=1)
+    qat = b.model(["N", 3, 4, 4], b.gemm("fc", f, 6 * 16, 5), ["N", 5])
+    res = fuse(qat, verify_samples=64, strict=True)
+    assert "BatchNormalization" not in {n.op_type for n in res.model.graph.node}
