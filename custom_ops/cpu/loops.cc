@@ -169,5 +169,32 @@ OQ_CLONES double lsq_grad_loop(const float* OQ_R g, const float* OQ_R v, float* 
   return sum;
 }
 
+OQ_CLONES void lsq_forward_rows(const float* OQ_R v, float* OQ_R y, size_t rows, size_t C,
+                                const float* OQ_R step, float qn, float qp) {
+  const LsqBounds b{qn, qp};
+  for (size_t r = 0; r < rows; ++r) {
+    const float* OQ_R vr = v + r * C;
+    float* OQ_R yr = y + r * C;
+    for (size_t c = 0; c < C; ++c) yr[c] = lsq_forward(vr[c], step[c], b);
+  }
+}
+
+OQ_CLONES void lsq_grad_rows(const float* OQ_R g, const float* OQ_R v, float* OQ_R dv, size_t rows, size_t C,
+                             const float* OQ_R step, float qn, float qp, double* OQ_R acc) {
+  const LsqBounds b{qn, qp};
+  for (size_t r = 0; r < rows; ++r) {
+    const float* OQ_R vr = v + r * C;
+    const float* OQ_R gr = g + r * C;
+    if (dv != nullptr) {
+      float* OQ_R dvr = dv + r * C;
+      for (size_t c = 0; c < C; ++c) dvr[c] = lsq_dv(gr[c], vr[c], step[c], b);
+    }
+    if (acc != nullptr) {
+      for (size_t c = 0; c < C; ++c)
+        acc[c] += static_cast<double>(gr[c]) * static_cast<double>(lsq_dstep_local(vr[c], step[c], b));
+    }
+  }
+}
+
 }  // namespace cpu
 }  // namespace onnxqat

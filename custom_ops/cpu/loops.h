@@ -29,6 +29,12 @@ void lsq_dv_loop(const float* g, const float* v, float* dv, size_t n, float s, f
 // dv (when not null) and sum of dy * dstep-factor (without g).
 double lsq_grad_loop(const float* g, const float* v, float* dv, size_t n, float s, float qn, float qp);
 
+// LSQ with the channel axis last (v viewed as [rows, C], step[c] per column).
+void lsq_forward_rows(const float* v, float* y, size_t rows, size_t C, const float* step, float qn, float qp);
+// dv (when not null); acc[c] += sum over the rows of dy * dstep-factor (when acc is not null).
+void lsq_grad_rows(const float* g, const float* v, float* dv, size_t rows, size_t C, const float* step, float qn,
+                   float qp, double* acc);
+
 // max |x|
 float max_abs_loop(const float* x, size_t n);
 

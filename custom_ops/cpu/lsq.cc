@@ -103,6 +103,15 @@ struct LsqKernel : StatusKernel<LsqKernel> {
     if (n == 0 || y == nullptr) return;
     const float* vd = v.data;
     const LsqBounds bd = p.bounds;
+    if (p.channels > 1 && p.inner == 1) {  // channel axis last: whole rows, step indexed by column
+      const size_t C = p.channels, rows = n / C;
+      const size_t per_task = std::max<size_t>(1, chunk_len(n) / C);
+      parallel_for(ctx, (rows + per_task - 1) / per_task, [&](size_t t) {
+        const size_t r0 = t * per_task, r1 = std::min(rows, r0 + per_task);
+        lsq_forward_rows(vd + r0 * C, y + r0 * C, r1 - r0, C, p.step, bd.qn, bd.qp);
+      });
+      return;
+    }
     parallel_for(ctx, num_chunks(n), [&](size_t c) {
       const size_t b = c * chunk_len(n), e = std::min(n, b + chunk_len(n));
       for_segments(b, e, p, [&](size_t sb, size_t se, size_t ch) {
@@ -137,6 +146,33 @@ struct LsqGradKernel : StatusKernel<LsqGradKernel> {
     const float* vd = v.data;
     const float* g = dy.data;
     const LsqBounds bd = p.bounds;
+
+    if (C > 1 && p.inner == 1) {  // channel axis last: whole rows, step indexed by column
+      const size_t rows = n / C;
+      size_t per_task = std::max<size_t>(1, chunk_len(n) / C);
+      size_t tasks = (rows + per_task - 1) / per_task;
+      const size_t max_partials = size_t{1} << 22;
+      if (dstep != nullptr && tasks > 1 && tasks * C > max_partials) {
+        tasks = std::max<size_t>(1, max_partials / C);
+        per_task = (rows + tasks - 1) / tasks;
+        tasks = (rows + per_task - 1) / per_task;
+      }
+      std::vector<double> part(dstep != nullptr ? tasks * C : 0, 0.0);
+      parallel_for(ctx, tasks, [&](size_t t) {
+        const size_t r0 = t * per_task, r1 = std::min(rows, r0 + per_task);
+        lsq_grad_rows(g + r0 * C, vd + r0 * C, dv != nullptr ? dv + r0 * C : nullptr, r1 - r0, C, p.step, bd.qn,
+                      bd.qp, dstep != nullptr ? part.data() + t * C : nullptr);
+      });
+      if (dstep != nullptr) {
+        const double gs = static_cast<double>(p.g);
+        for (size_t ch = 0; ch < C; ++ch) {
+          double s = 0;
+          for (size_t t = 0; t < tasks; ++t) s += part[t * C + ch];
+          dstep[ch] = static_cast<float>(gs * s);
+        }
+      }
+      return;
+    }
 
     // Tasks of `chunk` elements; each keeps C double partial sums of dstep (bounded memory for large C).
     size_t tasks = num_chunks(n);
