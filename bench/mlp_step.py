@@ -136,6 +136,7 @@ def main():
     tf, tq = np.array(tf), np.array(tq)
     f_ms, q_ms = 1e3 * np.median(tf), 1e3 * np.median(tq)
     pair_ratio = float(np.median(tq / tf))
+    print(f"library: {onnxqat.library_path()}")
     print(f"MLP {'-'.join(map(str, SIZES))}, batch {BATCH}, SGD, ORT intra-op threads: {args.threads or 'default'}, "
           f"{args.clock} time, {args.steps} interleaved steps")
     label = "4-bit LSQ step" + (" (+input LSQ)" if args.quantize_input else "")

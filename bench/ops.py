@@ -88,6 +88,7 @@ def main():
     copy_bw = 2 * x.nbytes / t_copy
     print(f"tensor {x.shape} float32 ({x.nbytes / 2**20:.0f} MiB), ORT intra-op threads: {args.threads or 'default'}, "
           f"{args.clock} time, best of {args.repeat}")
+    print(f"library: {onnxqat.library_path()}")
     print(f"numpy.copyto: {t_copy * 1e3:.2f} ms, {copy_bw / 1e9:.2f} GB/s")
 
     cases = {
@@ -102,6 +103,9 @@ def main():
         "LsqQuant (R=15 signed, per channel axis 0)": (
             "LsqQuant", [x, np.full(1024, 0.1, F32), np.array(15, F32), np.array(1, I64), np.array(1e-3, F32),
                          np.array(0, I64)], [(1024,)]),
+        "LsqQuant (R=15 signed, per channel axis 1)": (
+            "LsqQuant", [x, np.full(x.shape[1], 0.1, F32), np.array(15, F32), np.array(1, I64), np.array(1e-3, F32),
+                         np.array(1, I64)], [(x.shape[1],)]),
     }
     worst = np.inf
     print(f"{'op':46s} {'fwd ms':>8s} {'bwd ms':>8s} {'GB/s':>7s} {'fraction of copyto':>19s}")
