@@ -182,8 +182,19 @@ def verify(qat: onnx.ModelProto, fused: onnx.ModelProto, outputs: list[OutputInf
     xf, xin = inputs_for(x, input_scale, fused_input)
     acts = dict(activation_codes or {})
     n_out = len(qat.graph.output)
-    fq = run_fake_quant(_with_outputs(qat, [(k, onnx.TensorProto.FLOAT) for k in acts]), xf, engine)
-    out, fused_engine = run_fused(_with_outputs(fused, [(v[0], v[2]) for v in acts.values()]), xin)
+    qat_probe = _with_outputs(qat, [(k, onnx.TensorProto.FLOAT) for k in acts])
+    fused_probe = _with_outputs(fused, [(v[0], v[2]) for v in acts.values()])
+    fixed = _input_info(qat)[1]
+    step = fixed[0] if fixed and fixed[0] else len(xf)  # a model with a fixed batch size runs chunk by chunk
+    if len(xf) % step:
+        raise FuseError(f"verify data: {len(xf)} samples is not a multiple of the model's batch size {step}")
+    fq_parts, out_parts = [], []
+    for i in range(0, len(xf), step):
+        fq_parts.append(run_fake_quant(qat_probe, xf[i:i + step], engine))
+        o, fused_engine = run_fused(fused_probe, xin[i:i + step])
+        out_parts.append(o)
+    fq = [np.concatenate([p[j] for p in fq_parts]) for j in range(len(fq_parts[0]))]
+    out = [np.concatenate([p[j] for p in out_parts]) for j in range(len(out_parts[0]))]
     agreement = compare(fq[:n_out], out[:n_out], outputs, fused_engine)
     agreement.fake_quant_engine = "onnxruntime + op library" if engine == "onnxruntime" else "onnx.reference"
     agreement.activations = {}

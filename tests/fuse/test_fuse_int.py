@@ -245,3 +245,12 @@ def test_batchnorm_after_residual_add_folds():
     qat = b.model(["N", 3, 4, 4], b.gemm("fc", f, 6 * 16, 5), ["N", 5])
     res = fuse(qat, verify_samples=64, strict=True)
     assert "BatchNormalization" not in {n.op_type for n in res.model.graph.node}
+
+
+def test_fixed_batch_model_verifies_in_chunks():
+    qat = qm.conv_bn_sat()
+    for vi in (qat.graph.input[0], qat.graph.output[0]):
+        vi.type.tensor_type.shape.dim[0].dim_value = 1
+    res = fuse(qat, verify_samples=8, strict=True)
+    assert res.agreement.samples == 8
+    assert res.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
