@@ -104,3 +104,35 @@ def test_fixed_point_requant_matches_exact_rounding():
     near_tie = np.abs(exact - np.round(exact) - 0.5) < 1e-6
     assert np.array_equal(got[~near_tie], want[~near_tie])
     assert near_tie.mean() < 0.01 and got.dtype == np.uint8
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_requant_property_random_scales(seed):
+    """Random multipliers over 18 decades (negative and zero included), zero points, code bounds: the int64 graph equals
+    clip(floor(exact + 1/2)) wherever `exact` is not within 1e-6 of a rounding tie."""
+    rng = np.random.default_rng(100 + seed)
+    c = 5
+    r = int(rng.choice([1, 3, 15, 127, 255]))
+    zp = int(rng.integers(0, r + 1)) if seed % 2 else 0
+    mag = 10.0 ** rng.uniform(-9, 3, c)
+    s1 = mag * rng.choice([-1, 1], c) * (rng.uniform(size=c) > 0.15)
+    t1 = rng.integers(-(2**20), 2**20, size=(400, c)).astype(np.int32)
+    bias = rng.standard_normal(c) * 10.0 ** rng.uniform(-3, 2, c)
+    s_out = float(10.0 ** rng.uniform(-3, 0))
+    clip = (float(rng.uniform(-1, 0.2)), float(rng.uniform(0.3, 3))) if seed >= 3 else (-np.inf, np.inf)
+    low = Lowerer.__new__(Lowerer)
+    low.b, low.format, low.rescale = GraphBuilder({"t1"}), "int", "fixed-point"
+    acc = Acc([("t1", s1, 2.0**20)], bias, (c,), -1, clip)
+    codes = low._requant(acc, s_out, r, "y", zp)
+    g = helper.make_graph(low.b.nodes, "g", [helper.make_tensor_value_info("t1", TensorProto.INT32, None)],
+                          [helper.make_tensor_value_info(codes.name, TensorProto.UINT8, None)], low.b.initializers)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    got = ReferenceEvaluator(m).run(None, {"t1": t1})[0].astype(np.int64)
+    v = np.clip(t1 * s1 + bias, clip[0], clip[1])
+    exact = v / s_out + zp
+    want = np.clip(np.floor(exact + 0.5), 0, r)
+    ok = np.abs(exact - np.floor(exact) - 0.5) > 1e-6
+    assert np.array_equal(got[ok], want[ok]), (r, zp, clip)
+    import onnxruntime as ort
+
+    assert np.array_equal(ort.InferenceSession(m.SerializeToString()).run(None, {"t1": t1})[0], got.astype(np.uint8))
