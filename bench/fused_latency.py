@@ -121,7 +121,8 @@ def main() -> None:
     args = ap.parse_args()
     qats = {}
     if args.model:
-        qats[Path(args.model).stem] = onnx.load(args.model)
+        p = Path(args.model)
+        qats[p.stem if p.stem != "model" else f"{p.parent.name}/{p.stem}"] = onnx.load(args.model)
     else:
         for r, bits in ((15, 4), (255, 8)):
             qats[f"lenet-sat{bits}"] = lenet(r)
