@@ -60,19 +60,12 @@ LsqParams read_params(const KernelBase& k, Ort::KernelContext& ctx, size_t first
   return p;
 }
 
-// Calls seg(begin, end, channel) for the runs of one channel inside the flat range [b, e).
+// Calls seg(begin, end, channel) for the runs of one channel inside the flat range [b, e) (inner > 1 or one
+// channel; the channel-last layout goes through the *_rows loops).
 template <class Seg>
 inline void for_segments(size_t b, size_t e, const LsqParams& p, Seg&& seg) {
   if (p.channels == 1) {
     seg(b, e, size_t{0});
-    return;
-  }
-  if (p.inner == 1) {  // channel axis is the last one: channel = i % C
-    size_t ch = b % p.channels;
-    for (size_t i = b; i < e; ++i) {
-      seg(i, i + 1, ch);
-      if (++ch == p.channels) ch = 0;
-    }
     return;
   }
   size_t i = b;
