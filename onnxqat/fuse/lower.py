@@ -209,6 +209,8 @@ class Lowerer:
             src = node_label(prod) if prod is not None else "the network input"
             raise FuseError(f"{node_label(node)} follows no weighted layer (its input comes from {src}); "
                             "only BatchNormalization right after Conv/Gemm/MatMul can be folded")
+        if op in ("Softmax", "LogSoftmax") and node.output[0] in g.output_names and not g.consumers.get(node.output[0]):
+            return self._keep_float(node)  # a classifier's tail after the final dequantize: float like the logits
         if op in ("Relu", "Clip"):
             return self._clip(node)
         if op in ("Mul", "Div", "Sub") or (op == "Add" and any(i in g.consts for i in node.input)):
@@ -633,6 +635,10 @@ class Lowerer:
         if isinstance(v, Codes):
             return self._dq(v)
         b = self.b
+        if len(v.terms) == 1 and not np.isfinite(v.clip).any():  # int32 codes + DequantizeLinear, as for an output
+            out = b.fresh(f"{v.terms[0][0]}_dq")
+            self._acc_out(v, out, out, True)
+            return out
         parts = []
         for k, (t, sc, _) in enumerate(v.terms):
             tf = b.cast(t, TensorProto.FLOAT, f"{t}_f")
@@ -756,11 +762,16 @@ class Lowerer:
                 return OutputInfo(name, np.array([v.scale]), 1, TensorProto.FLOAT)
             self._rename(v.name, name)
             return OutputInfo(name, np.array([v.scale]), 1, v.dtype)
-        # Acc: output codes in units of the accumulator, refined by 2^k so the bias keeps 2^-k of an acc step
+        return self._acc_out(v, name, name, self.dequantize_output)
+
+    def _acc_out(self, v: Acc, name: str, out_name: str, dequantize: bool) -> OutputInfo:
+        """Acc -> int32 codes in accumulator steps (c = acc + round(bias/scale)); with dequantize, refined by 2^k so
+        the bias keeps 2^-k of a step, then DequantizeLinear to float. The last node writes `out_name`."""
+        b = self.b
         if len(v.terms) != 1:
-            raise FuseError(f"graph output '{name}' is a sum of branches without an activation quantizer")
+            raise FuseError(f"'{name}' is a sum of branches without an activation quantizer")
         if np.isfinite(v.clip).any():
-            raise FuseError(f"graph output '{name}': a Relu/Clip after the last layer without a quantizer is not supported")
+            raise FuseError(f"'{name}': a Relu/Clip after the last layer without a quantizer is not supported")
         t, sc, bound = v.terms[0]
         n = max(sc.size, v.bias.size)
         sc = np.broadcast_to(sc, (n,)).copy()
@@ -770,8 +781,7 @@ class Lowerer:
         mag = np.where(mag > 0, mag, np.max(mag) if np.max(mag) > 0 else 1.0)
         bcode = bias / mag
         room = (2 ** 30) / max(bound + np.max(np.abs(bcode)) + 1, 1)
-        # integer logits codes (dequantize_output=False) are in acc steps; float logits keep 2^-k of a step
-        k = int(max(0, min(16, math.floor(math.log2(room))))) if self.dequantize_output else 0
+        k = int(max(0, min(16, math.floor(math.log2(room))))) if dequantize else 0
         cshape = v.cshape if n > 1 else ()
         mul = (sgn * (1 << k)).astype(np.int32)
         y = t
@@ -780,10 +790,10 @@ class Lowerer:
             y = b.op("Mul", [t, b.const(f"{name}_mul", mul_c)], f"{name}_acc")
         badd = np.floor(bcode * (1 << k) + 0.5).astype(np.int32)
         out_scale = mag / (1 << k)
-        if not self.dequantize_output:
-            b.nodes.append(helper.make_node("Add", [y, b.const(f"{name}_bias", badd.reshape(cshape))], [name],
+        if not dequantize:
+            b.nodes.append(helper.make_node("Add", [y, b.const(f"{name}_bias", badd.reshape(cshape))], [out_name],
                                             name=b.fresh(f"{name}_codes")))
-            return OutputInfo(name, mag, v.axis, TensorProto.INT32)
+            return OutputInfo(out_name, mag, v.axis, TensorProto.INT32)
         y = b.op("Add", [y, b.const(f"{name}_bias", badd.reshape(cshape))], f"{name}_codes")
         if n > 1 and not np.all(out_scale == out_scale[0]):
             s = b.const(f"{name}_scale", out_scale.astype(np.float32))
@@ -793,9 +803,9 @@ class Lowerer:
             s = b.const(f"{name}_scale", np.array(out_scale[0], np.float32))
             zp = b.const(f"{name}_zp", np.array(0, np.int32))
             dq_attrs = {}
-        b.nodes.append(helper.make_node("DequantizeLinear", [y, s, zp], [name], name=b.fresh(f"{name}_dequantize"),
+        b.nodes.append(helper.make_node("DequantizeLinear", [y, s, zp], [out_name], name=b.fresh(f"{name}_dequantize"),
                                         **dq_attrs))
-        return OutputInfo(name, mag, v.axis, TensorProto.FLOAT)
+        return OutputInfo(out_name, mag, v.axis, TensorProto.FLOAT)
 
     def _rename(self, old: str, new: str) -> None:
         if old == new:

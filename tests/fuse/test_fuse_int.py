@@ -254,3 +254,14 @@ def test_fixed_batch_model_verifies_in_chunks():
     res = fuse(qat, verify_samples=8, strict=True)
     assert res.agreement.samples == 8
     assert res.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
+
+
+def test_softmax_tail_stays_float_after_the_last_dequantize():
+    b = qm.QatBuilder(13)
+    x = b.sat_act("relu1", b.bn("bn1", b.conv("conv1", "input", 1, 4), 4), "relu1_out", 2.03)
+    x = b.op("Flatten", [x], "flat", axis=1)
+    x = b.op("Softmax", [b.gemm("fc", x, 4 * 8 * 8, 10, fan_out=10)], "probs", axis=1)
+    res = fuse(b.model(["N", 1, 8, 8], x, ["N", 10]), verify_samples=32)
+    ops = [n.op_type for n in res.model.graph.node]
+    assert ops[-2:] == ["DequantizeLinear", "Softmax"] and res.kept_float == ["probs"]
+    assert res.agreement.top1_agreement == 1.0
