@@ -9,3 +9,17 @@ from onnxqat.fuse.api import FuseResult, fuse
 from onnxqat.fuse.verify import accuracy_check
 
 __all__ = ["fuse", "FuseResult", "accuracy_check"]
+
+
+# `onnxqat.fuse` is both this package and (through onnxqat's lazy API) the function: once the package is imported,
+# the attribute `onnxqat.fuse` is the package, so the package is made callable as `fuse()` itself.
+import sys as _sys
+import types as _types
+
+
+class _CallableModule(_types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        return fuse(*args, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallableModule

@@ -265,3 +265,11 @@ def test_softmax_tail_stays_float_after_the_last_dequantize():
     ops = [n.op_type for n in res.model.graph.node]
     assert ops[-2:] == ["DequantizeLinear", "Softmax"] and res.kept_float == ["probs"]
     assert res.agreement.top1_agreement == 1.0
+
+
+def test_top_level_api_stays_callable():
+    import onnxqat
+
+    first = onnxqat.fuse(qm.conv_bn_sat(), check=False)
+    second = onnxqat.fuse(qm.conv_bn_sat(), check=False)  # the attribute is the package by now: still callable
+    assert first.size == second.size
