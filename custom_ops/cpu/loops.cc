@@ -23,6 +23,20 @@ OQ_CLONES void tanh_loop(const float* OQ_R w, float* OQ_R t, size_t n) {
   for (size_t i = 0; i < n; ++i) t[i] = tanh_f32(w[i]);
 }
 
+OQ_CLONES float tanh_max_loop(const float* OQ_R w, float* OQ_R t, size_t n) {
+  // t = tanh(w) and max|t| in one pass, blockwise: the tanh loop vectorises, the max runs over a cached block
+  float m = 0.0f;
+  for (size_t k0 = 0; k0 < n; k0 += kBlock) {
+    const size_t len = std::min(kBlock, n - k0);
+    float* OQ_R tb = t + k0;
+    const float* OQ_R wb = w + k0;
+    for (size_t i = 0; i < len; ++i) tb[i] = tanh_f32(wb[i]);
+    const float bm = max_abs(tb, len);
+    m = bm > m ? bm : m;
+  }
+  return m;
+}
+
 OQ_CLONES float max_abs_loop(const float* OQ_R x, size_t n) { return max_abs(x, n); }
 
 namespace {

@@ -10,6 +10,8 @@ namespace cpu {
 
 // SAT weights: t = tanh(W) first, then in-place passes over the same buffer.
 void tanh_loop(const float* w, float* t, size_t n);
+// t = tanh(w); returns max|t| (0 for n == 0)
+float tanh_max_loop(const float* w, float* t, size_t n);
 // y[i] = level(y[i] / m) / s, in place (y holds tanh(W) on entry)
 void sat_weight_level_loop(int64_t mode, float* y, size_t n, float m, float r, float half, float s);
 double sat_weight_level_sum(int64_t mode, const float* t, size_t n, float m, float r, float half);

@@ -46,10 +46,9 @@ inline float max_abs(const float* x, size_t n) {
   float m[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
   size_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {
-      float a = std::fabs(x[i + k]);
-      m[k] = a > m[k] ? a : m[k];
-    }
+    float a[kLanes];
+    for (int k = 0; k < kLanes; ++k) a[k] = std::fabs(x[i + k]);
+    for (int k = 0; k < kLanes; ++k) m[k] = a[k] > m[k] ? a[k] : m[k];
   }
   for (; i < n; ++i) {
     float a = std::fabs(x[i]);

@@ -37,8 +37,7 @@ float tanh_and_max(Ort::KernelContext& ctx, const float* w, float* t, size_t n) 
   std::vector<float> part(tasks, 0.0f);
   parallel_for(ctx, tasks, [&](size_t c) {
     const size_t b = c * chunk_len(n), e = std::min(n, b + chunk_len(n));
-    tanh_loop(w + b, t + b, e - b);
-    part[c] = max_abs_loop(t + b, e - b);
+    part[c] = tanh_max_loop(w + b, t + b, e - b);
   });
   float mx = 0.0f;
   for (float v : part) mx = v > mx ? v : mx;
