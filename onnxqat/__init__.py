@@ -20,6 +20,7 @@ _API = {
     "session_options": "onnxqat.ops.library",
     "insert": "onnxqat.passes.insert",
     "plan": "onnxqat.passes.insert",
+    "strip_quantizers": "onnxqat.passes.insert",
     "inspect": "onnxqat.passes.inspect",
     "load_recipe": "onnxqat.recipes",
     "list_recipes": "onnxqat.recipes",

@@ -91,8 +91,8 @@ def case_depthwise():
 def case_linear_bottleneck():
     """MobileNetV2 block: Conv -> Relu -> project Conv -> BN (no activation) -> residual Add -> expand Conv.
 
-    insert (activations.linear) quantizes the Add's two inputs, not its output, so the expand Conv reads a sum of
-    two differently scaled code tensors."""
+    insert (activations.linear) quantizes the Add's two inputs and, signed, its output, which the expand Conv reads
+    (the integer model adds the two code tensors in int32 and requantizes the sum)."""
     inits = [_w("c1.w", 8, 3, 3, 3), _w("p.w", 8, 8, 1, 1), _w("e.w", 8, 8, 1, 1)] + _bn("bnp", 8)
     nodes = [N("Conv", ["image", "c1.w"], ["c1"], "conv1", pads=[1, 1, 1, 1]), N("Relu", ["c1"], ["r1"], "relu1"),
              N("Conv", ["r1", "p.w"], ["p"], "project"),

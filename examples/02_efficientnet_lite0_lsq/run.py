@@ -9,15 +9,15 @@ Steps (all files under examples/02_efficientnet_lite0_lsq/work/, which git ignor
    centre crop 224, RGB / 255 -> float32 NCHW in [0, 1] (the exported graph normalises with (255x - 127)/128 itself).
 2. FP32: onnxruntime on the exported model (first checked against torch's logits saved by export_onnx.py).
 3. insert, twice (both quantize every layer input: ReLU6 outputs unsigned [0, 255], the inputs no ReLU produced --
-   linear bottlenecks, residual sums, the normalised image -- signed [-128, 127]: activations.linear = true):
+   linear bottlenecks, the residual sums' outputs, the normalised image -- signed [-128, 127]:
+   activations.linear = true):
    a. recipe lsq8 as shipped: one weight step per tensor, LSQ's init 2*mean|W|/sqrt(Qp) from the pretrained weights,
       activation steps 2*mean|x|/sqrt(Qp) calibrated on the 20 images (insert's calibration_data);
    b. recipe lsq8_per_channel.toml (this folder), then every step set from the data: weights max|W_c|/127 per output
       channel (pretrained weights), activations max(x)/255 (signed: max|x|/127) over the 20 images (FP32 run).
 4. fake-quant: both QAT models in onnxruntime with the quantizer op library.
-5. fuse (model b) to the integer model, run with onnxruntime (no op library, uint8 pixel codes in). Where fuse refuses
-   insert's graph, the table says why (fuse_blockers.py: one tiny graph per refused pattern) and the example adds
-   its stop-gap quantizers on the residual sums (model b+, complete_quantizers) and fuses that.
+5. fuse (model b) to the integer model, run with onnxruntime (no op library, uint8 pixel codes in). Should fuse
+   refuse insert's graph, the table says why (fuse_blockers.py: one tiny graph per pattern of the network).
 Prints a table: top-1 against the labels, top-1 agreement with FP32, cosine similarity of the logits with FP32.
 No training: the 20 images are all there is, and they are also the calibration set (said in the table).
 """
@@ -154,51 +154,6 @@ def set_steps(qat, fp32, x: np.ndarray) -> tuple[int, int]:
     return nw, na
 
 
-def complete_quantizers(qat, fp32, x: np.ndarray) -> list[str]:
-    """Example-local stop-gap (README "Blocked"): an LsqQuant node on the output of every residual Add -- a sum of two
-    quantized branches, read by the next block's expand Conv, which `insert` leaves off the 8-bit grid and `fuse`
-    then refuses. Signed when the calibration values go below 0; step max|v|/Qp over the calibration batch. Names
-    follow docs/CONVENTIONS.md (node <producer>_aquant, output <tensor>_q). Adds nothing where a quantizer is
-    already there, so it becomes a no-op once insert places these. Returns the tensors it quantized."""
-    from onnx import helper, numpy_helper
-
-    from onnxqat.passes.calibration import collect
-
-    g = qat.graph
-    consts = {t.name for t in g.initializer}
-    quantized = {n.input[0] for n in g.node if n.domain == "com.onnxqat"}
-    targets = []
-    for n in g.node:
-        t = n.output[0]
-        if t in quantized or n.domain not in ("", "ai.onnx"):
-            continue
-        if n.op_type == "Add" and not any(i in consts for i in n.input):
-            targets.append(n)
-    if not targets:
-        return []
-    values = collect(fp32, {"image": x}, [n.output[0] for n in targets])
-    for n in targets:
-        t, q, v = n.output[0], f"{n.name}_aquant", values[n.output[0]]
-        signed = bool(np.min(v) < 0)
-        qp = 127 if signed else 255
-        step = max(float(np.max(np.abs(v))), 1e-8) / qp
-        g.initializer.extend([
-            numpy_helper.from_array(np.array([step], np.float32), f"{q}.step"),
-            numpy_helper.from_array(np.array(255, np.float32), f"{q}.range"),
-            numpy_helper.from_array(np.array(int(signed), np.int64), f"{q}.signed"),
-            numpy_helper.from_array(np.array(1 / np.sqrt(np.prod(v.shape[1:]) * qp), np.float32), f"{q}.grad_scale"),
-            numpy_helper.from_array(np.array(1, np.int64), f"{q}.axis"),
-        ])
-        for c in g.node:
-            for k, i in enumerate(c.input):
-                if i == t:
-                    c.input[k] = f"{t}_q"
-        node = helper.make_node("LsqQuant", [t] + [f"{q}.{k}" for k in ("step", "range", "signed", "grad_scale", "axis")],
-                                [f"{t}_q"], name=q, domain="com.onnxqat")
-        g.node.insert(list(g.node).index(n) + 1, node)
-    return [n.output[0] for n in targets]
-
-
 def try_fuse(qat, path: Path, x: np.ndarray, check: bool = True):
     """fuse() -> (logits of the fused model on x, FuseResult) or (None, error line). check: fuse's own self-check on
     x (fake-quant with the op library vs fused: output codes and every activation quantizer's codes)."""
@@ -289,8 +244,6 @@ def main() -> int:
     if not fp32_path.is_file():
         raise SystemExit(f"{fp32_path} is missing: run export_onnx.py first (README.md, step 1)")
 
-    import onnx
-
     t0 = time.time()
     x, labels, names = load_images(work)
     print(f"images: {len(names)} ImageNet JPEGs from {FOOLBOX}, input {list(x.shape)} in [0, 1]")
@@ -318,7 +271,7 @@ def main() -> int:
             ("lsq8 fake-quant", y_a, work / "efficientnet_lite0_lsq8_qat.onnx"),
             ("lsq8-pc fake-quant", y_b, qat_b_path)]
 
-    # ---- fuse (model b); where fuse refuses insert's graph, again with the example's stop-gap quantizers (b+)
+    # ---- fuse (model b)
     fuse_error = None
     y_fused, res = try_fuse(qat_b, work / "efficientnet_lite0_lsq8pc_int.onnx", x, args.fuse_check)
     if y_fused is not None:
@@ -327,21 +280,6 @@ def main() -> int:
     else:
         fuse_error = res
         print(f"fuse: lsq8-pc refused: {fuse_error}")
-        qat_c = onnx.ModelProto()
-        qat_c.CopyFrom(qat_b)
-        added = complete_quantizers(qat_c, onnx.load(str(fp32_path)), x)
-        if added:
-            qat_c_path = work / "efficientnet_lite0_lsq8pc_plus_qat.onnx"
-            onnx.save(qat_c, str(qat_c_path))
-            print(f"stop-gap: {len(added)} more LsqQuant nodes (on the residual sums) -> {qat_c_path.name}")
-            y_c = run_logits(session(qat_c, library=True), x)
-            rows.append(("lsq8-pc+ fake-quant", y_c, qat_c_path))
-            y_fused, res = try_fuse(qat_c, work / "efficientnet_lite0_lsq8pc_plus_int.onnx", x, args.fuse_check)
-            if y_fused is not None:
-                rows.append(("lsq8-pc+ fused (integer)", y_fused, work / "efficientnet_lite0_lsq8pc_plus_int.onnx"))
-                fused_of = y_c
-            else:
-                print(f"fuse: lsq8-pc+ refused: {res}")
     fused_vs_fq = None
     if y_fused is not None:
         fused_vs_fq = dict(max_abs_diff=float(np.abs(y_fused - fused_of).max()),

@@ -7,6 +7,12 @@ Resize, Transpose, Concat, residual Add/Sum, Dropout ...) until an activation is
 found. Where a walk ends on anything else (BatchNormalization, LRN, another
 weighted layer, a Sigmoid ...) the input stays float, and that is reported in
 a warning. Network inputs are left alone (the input image enters as 8-bit codes).
+
+The Add/Sum/Concat outputs a walk goes through are reported too (`combined`):
+a sum or concatenation of quantized tensors is on no single grid, so LSQ with
+`activations.linear` quantizes them as well (the walk still goes on to their
+inputs, which keep their own quantizers); otherwise they stay as they are,
+without a warning.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ class Activation:
     signed: bool = False  # values of both signs (a linear source not provably >= 0)
     reasons: tuple[str, ...] = ()  # linear source: the warnings to give when it is not quantized
     output_index: int = 0
+    combined: bool = False  # an Add/Sum/Concat output the walk went through (linear too; no warning when left)
 
     @property
     def quantizer_name(self) -> str:
@@ -106,11 +113,16 @@ def non_negative(index: GraphIndex, tensor: str, depth: int = 24) -> bool:
     return False
 
 
+COMBINING_OPS = ("Add", "Sum", "Concat")
+
+
 def find_activations(index: GraphIndex, layers: list, weighted_names: set[str]) -> list[Activation]:
     """Activations (Relu/Clip) feeding the weighted layers, then the linear sources (where a walk ended on another
-    op: BatchNormalization, LRN, a weighted layer, an Add of a constant ...), in graph order."""
+    op: BatchNormalization, LRN, a weighted layer, an Add of a constant ...) and the Add/Sum/Concat outputs the walks
+    went through (`combined`), in graph order."""
     found: dict[str, tuple[onnx.NodeProto, float, list[str]]] = {}
     linear: dict[str, tuple[onnx.NodeProto, list[str], list[str]]] = {}
+    combined: set[str] = set()
     order = {n.name: k for k, n in enumerate(index.graph.node)}
     for layer in layers:
         start = layer.node.input[layer.data_port]
@@ -133,6 +145,11 @@ def find_activations(index: GraphIndex, layers: list, weighted_names: set[str]) 
                 continue
             shifted = node.op_type in ("Add", "Sum") and any(index.is_constant(i) for i in node.input if i)
             if node.op_type in TRANSPARENT_OPS and node.domain in ("", "ai.onnx") and not shifted:
+                if node.op_type in COMBINING_OPS and sum(1 for i in node.input if i) >= 2:
+                    entry = linear.setdefault(t, (node, [], []))
+                    combined.add(t)
+                    if layer.node.name not in entry[1]:
+                        entry[1].append(layer.node.name)
                 inputs = node.input[:1] if node.op_type in ("Reshape", "Pad", "Resize", "Upsample", "Slice", "Split",
                                                              "Squeeze", "Unsqueeze", "Dropout") else node.input
                 stack.extend(i for i in inputs if i and not index.is_constant(i))
@@ -151,7 +168,7 @@ def find_activations(index: GraphIndex, layers: list, weighted_names: set[str]) 
     acts.sort(key=lambda a: order[a.node.name])
     lin = [
         Activation(n, t, math.inf, tuple(feeds), linear=True, signed=not non_negative(index, t),
-                   reasons=tuple(reasons), output_index=list(n.output).index(t))
+                   reasons=tuple(reasons), output_index=list(n.output).index(t), combined=t in combined)
         for t, (n, feeds, reasons) in linear.items()
     ]
     lin.sort(key=lambda a: (order[a.node.name], a.output_index))

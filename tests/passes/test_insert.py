@@ -101,7 +101,7 @@ def test_resblock_lsq4_placement_and_init():
     onnx.checker.check_model(q, full_check=True)
     onnx.shape_inference.infer_shapes(q, strict_mode=True)
     qs = quantizers(q)
-    assert Counter(n.op_type for n in qs) == {"LsqQuant": 11}
+    assert Counter(n.op_type for n in qs) == {"LsqQuant": 12}  # lsq4 has linear = true: the Concat's output too
     nodes = by_name(q)
     # LSQ goes after the activation: Relus stay, consumers read <tensor>_q
     assert Counter(n.op_type for n in q.graph.node)["Relu"] == 4
@@ -109,6 +109,10 @@ def test_resblock_lsq4_placement_and_init():
     assert a.input[0] == "r0" and a.output[0] == "r0_q"
     assert nodes["MaxPool_3"].input[0] == "r0_q"
     assert nodes["Concat_9"].input[0] == "r2_q"
+    # the Concat of r2 and p0 (two ReLU grids) feeds Conv_10: one more quantizer, unsigned (both inputs are >= 0)
+    cat = nodes["Concat_9_aquant"]
+    assert cat.input[0] == "cat" and cat.output[0] == "cat_q" and nodes["Conv_10"].input[0] == "cat_q"
+    assert int(init(q, "Concat_9_aquant.signed")) == 0
     w = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
     cases = [("Conv_4", "w1", 15, 0), ("ConvTranspose_12", "wt", 15, 1), ("MatMul_16", "wm", 255, 1)]
     for layer, wname, r, axis in cases:
@@ -556,7 +560,8 @@ def test_strip_removes_signed_linear_quantizers():
 def test_public_api_names():
     import onnxqat
 
-    assert onnxqat.insert is insert and onnxqat.plan is plan
+    assert onnxqat.insert is insert and onnxqat.plan is plan and onnxqat.strip_quantizers is strip_quantizers
+    assert "strip_quantizers" in onnxqat.__all__ and "strip_quantizers" in dir(onnxqat)
     report = onnxqat.inspect(insert(conv_gemm(), "sat4"))
     assert [r.node for r in report.rows] == ["Conv_1_wquant", "Relu_2_aquant", "Gemm_5_wquant"]
     assert [r.bits for r in report.rows] == [8, 4, 8]
@@ -588,3 +593,129 @@ def test_linear_sources_signed_unless_provably_non_negative():
         q = insert(m, "sat8")  # SAT never replaces anything but a ReLU-like activation
     assert {n.op_type for n in quantizers(q)} == {"SatWeightQuant"}
     assert [n.op_type for n in q.graph.node].count("Sigmoid") == 1
+
+
+# ------------------------------------------------------------------ residual sums (activations.linear)
+
+BOTTLENECK = """
+<ir_version: 8, opset_import: ["" : 13]>
+bottleneck (float[2,3,8,8] x, float[8,3,3,3] w0, float[8,8,1,1] w1, float[8] s, float[8] b, float[8] mu,
+            float[8] var, float[4,8,1,1] w2) => (float[2,4,8,8] y)
+{
+  c0 = Conv<pads=[1,1,1,1]>(x, w0)
+  r0 = Relu(c0)
+  c1 = Conv(r0, w1)
+  n1 = BatchNormalization(c1, s, b, mu, var)
+  res = Add(n1, r0)
+  y = Conv(res, w2)
+}
+"""
+
+
+def bottleneck() -> onnx.ModelProto:
+    """Conv -> Relu -> Conv -> BN -> Add(., relu) -> Conv: a linear bottleneck with its residual sum (MobileNetV2)."""
+    rng = np.random.default_rng(3)
+    bn = {"s": 1 + 0.1 * rng.standard_normal(8), "b": 0.1 * rng.standard_normal(8),
+          "mu": 0.1 * rng.standard_normal(8), "var": 1 + 0.1 * rng.random(8)}
+    return model_from_text(BOTTLENECK, values={k: v.astype(np.float32) for k, v in bn.items()}, seed=3)
+
+
+def test_linear_residual_sum_feeding_a_conv_is_quantized():
+    """lsq8 (linear = true): the Add's output gets a signed LsqQuant `Add_4_aquant` (output res_q, read by the last
+    Conv), and its inputs keep theirs (Relu_1_aquant unsigned, BatchNormalization_3_aquant signed)."""
+    q = insert(bottleneck(), "lsq8")
+    onnx.checker.check_model(q, full_check=True)
+    onnx.shape_inference.infer_shapes(q, strict_mode=True)
+    acts = [n for n in quantizers(q) if n.name.endswith("_aquant")]
+    assert [(n.name, n.input[0], n.output[0]) for n in acts] == [
+        ("Relu_1_aquant", "r0", "r0_q"), ("BatchNormalization_3_aquant", "n1", "n1_q"), ("Add_4_aquant", "res", "res_q")]
+    assert len(quantizers(q)) == 6  # + Conv_0/Conv_2/Conv_5 weights
+    assert {n.name: int(init(q, f"{n.name}.signed")) for n in acts} == {
+        "Relu_1_aquant": 0, "BatchNormalization_3_aquant": 1, "Add_4_aquant": 1}
+    nodes = by_name(q)
+    assert list(nodes["Conv_2"].input[:1]) == ["r0_q"]
+    assert list(nodes["Add_4"].input) == ["n1_q", "r0_q"]
+    assert nodes["Conv_5"].input[0] == "res_q"
+    order = [n.name for n in q.graph.node]
+    assert order.index("Add_4") + 1 == order.index("Add_4_aquant") < order.index("Conv_5")
+    # recipe step without calibration data, g = 1/sqrt(features per sample * Qp): res is [2, 8, 8, 8], Qp = 127
+    assert init(q, "Add_4_aquant.step").tolist() == [pytest.approx(0.025)]
+    np.testing.assert_allclose(init(q, "Add_4_aquant.grad_scale"), 1 / math.sqrt(512 * 127), rtol=1e-6)
+    assert float(init(q, "Add_4_aquant.range")) == 255 and int(init(q, "Add_4_aquant.axis")) == 1
+    # every weighted layer's data input is a quantizer output or the network input
+    producer = {o: n for n in q.graph.node for o in n.output}
+    for n in q.graph.node:
+        if n.op_type == "Conv":
+            assert n.input[0] == "x" or producer[n.input[0]].domain == DOMAIN, n.name
+
+
+def test_linear_residual_sum_values_lie_on_one_grid():
+    """What the Conv after the sum reads: k * step with k in [-128, 127] (onnx.reference, numpy LsqQuant)."""
+    m = bottleneck()
+    x = x_input((2, 3, 8, 8), seed=4)
+    q = insert(m, "lsq8", calibration_data={"x": x})
+    res = run_float_ort(m, ["res"], x)[0]
+    step = float(init(q, "Add_4_aquant.step")[0])
+    np.testing.assert_allclose(step, 2 * np.abs(res).mean() / math.sqrt(127), rtol=1e-5)  # calibrated
+    q.graph.output.append(onnx.helper.make_tensor_value_info("res_q", onnx.TensorProto.FLOAT, None))
+    got = ReferenceEvaluator(q, new_ops=ref.reference_ops()).run(["res_q"], {"x": x})[0]
+    k = got / np.float32(step)
+    np.testing.assert_allclose(k, np.round(k), rtol=0, atol=1e-3)
+    assert k.min() >= -128 and k.max() <= 127 and len(np.unique(np.round(k))) > 20
+
+
+def test_residual_sum_unchanged_without_lsq_linear():
+    """SAT (sat8) and LSQ with linear = false: no quantizer on the sum, no new warning (only the BatchNorm's)."""
+    for recipe in ("sat8", parse_recipe('[weights]\nmethod = "lsq"\n[activations]\nmethod = "lsq"\nrange = 255\n')):
+        with pytest.warns(QuantizationWarning) as rec:
+            p = plan(bottleneck(), recipe)
+        assert [e.name for e in p.activations] == ["Relu_1_aquant"]
+        assert len(rec) == 1 and "1 place(s) not quantized" in str(rec[0].message)
+        assert "BatchNormalization node BatchNormalization_3" in str(rec[0].message)
+        assert "Add_4" not in str(rec[0].message)
+    with pytest.warns(QuantizationWarning, match="1 place"):
+        q = insert(bottleneck(), "sat8")
+    assert [n.name for n in quantizers(q) if n.op_type == "SatActQuant"] == ["Relu_1_aquant"]
+    # an override on the Add names a node that gets no quantizer under SAT, as before
+    with pytest.raises(RecipeError, match="Add node Add_4 gets no quantizer"):
+        plan(bottleneck(), parse_recipe('[weights]\nmethod = "sat"\n[nodes."Add_4"]\nrange = 3\n', source="o.toml"))
+
+
+def test_sum_concat_and_nested_add_outputs_quantized_unsigned_when_non_negative():
+    """Sum and Concat of ReLU outputs feed convs: unsigned quantizers on their outputs; an Add inside another Add
+    is quantized too (each Add/Sum/Concat the walk passes), signed once a BatchNorm output enters."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    comb (float[1,3,8,8] x, float[4,3,3,3] w0, float[4,3,3,3] w1, float[4,4,1,1] w2, float[4,8,1,1] w3,
+          float[4] s, float[4] b, float[4] mu, float[4] var, float[4,4,1,1] w4) => (float[1,4,8,8] y)
+    {
+      c0 = Conv<pads=[1,1,1,1]>(x, w0)
+      r0 = Relu(c0)
+      c1 = Conv<pads=[1,1,1,1]>(x, w1)
+      r1 = Relu(c1)
+      sm = Sum(r0, r1)
+      c2 = Conv(sm, w2)
+      cat = Concat<axis=1>(r0, r1)
+      p = MaxPool<kernel_shape=[1,1]>(cat)
+      c3 = Conv(p, w3)
+      n3 = BatchNormalization(c3, s, b, mu, var)
+      a1 = Add(n3, c2)
+      a2 = Add(a1, r0)
+      y = Conv(a2, w4)
+    }
+    """
+    ones = np.ones(4, np.float32)
+    m = model_from_text(text, values={"s": ones, "b": 0 * ones, "mu": 0 * ones, "var": ones})
+    q = insert(m, "lsq8")
+    acts = {n.name: (n.input[0], int(init(q, f"{n.name}.signed"))) for n in quantizers(q) if "_aquant" in n.name}
+    assert acts == {
+        "Relu_1_aquant": ("r0", 0), "Relu_3_aquant": ("r1", 0),
+        "Sum_4_aquant": ("sm", 0), "Concat_6_aquant": ("cat", 0),
+        "BatchNormalization_9_aquant": ("n3", 1), "Conv_5_aquant": ("c2", 1),
+        "Add_10_aquant": ("a1", 1), "Add_11_aquant": ("a2", 1),
+    }
+    nodes = by_name(q)
+    assert nodes["Conv_5"].input[0] == "sm_q" and nodes["MaxPool_7"].input[0] == "cat_q"
+    assert list(nodes["Concat_6"].input) == ["r0_q", "r1_q"] and list(nodes["Add_11"].input) == ["a1_q", "r0_q"]
+    assert nodes["Conv_12"].input[0] == "a2_q"
+    assert len(quantizers(q)) == 5 + 8
