@@ -18,7 +18,7 @@ from onnxqat.errors import DataError, TrainingError
 from onnxqat.train import artifacts as art
 from onnxqat.train.checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint, save_checkpoint
 from onnxqat.train.data import Batches
-from onnxqat.train.solver import LRSchedule, Solver
+from onnxqat.train.solver import LRSchedule, Solver, quantizer_floor
 
 
 @dataclass
@@ -224,7 +224,9 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
     sched = LRSchedule(cfg.lr, cfg.lr_policy, total, warm, step_size, cfg.gamma)
     qsched = LRSchedule(cfg.lr if cfg.quantizer_lr is None else cfg.quantizer_lr, cfg.lr_policy, total, warm,
                         step_size, cfg.gamma)
-    solver = Solver(cfg.solver, engine.size, engine.quant_mask, cfg.momentum, cfg.decay, cfg.quantizer_decay)
+    # quantizer floors from the model's own initial values (before any resume), so a resumed run clamps alike
+    solver = Solver(cfg.solver, engine.size, engine.quant_mask, cfg.momentum, cfg.decay, cfg.quantizer_decay,
+                    quant_floor=quantizer_floor(engine.get_flat(), engine.quant_mask))
 
     signature = {"config": cfg.signature(), "model": model_digest(model), "train_size": len(train_batches.ds)}
     last_ckpt, best_ckpt = out / "checkpoint_last.npz", out / "checkpoint_best.npz"

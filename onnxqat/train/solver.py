@@ -12,6 +12,11 @@ AdamW (decoupled decay, PyTorch form):
 Two parameter groups: ordinary parameters (lr, decay) and quantizer parameters (SAT alpha, LSQ step) with their own
 learning rate and decay (N2D2's QActSolver / QWeightSolver), both following the same policy.
 
+Quantizer parameters stay positive: after every update each quantizer element is clamped to its floor,
+max(QUANT_FLOOR_FRACTION * |initial value|, QUANT_FLOOR_MIN) (see quantizer_floor): a high quantizer learning rate can
+otherwise push an LSQ step or a SAT alpha to <= 0, where the ops refuse it ("must be finite and > 0"). The floor is a
+fraction of the initial value (1e-3) so that it scales with the parameter; 1e-8 bounds it for an initial value of 0.
+
 Gradient accumulation (N2D2 IterationSize): gradients of `iteration_size` physical batches are summed by ORT (the
 gradient buffers are reset lazily only before the first one) and divided by iteration_size here, so with the mean
 cross-entropy a batch of 64 with iteration size 2 gives the gradient of one batch of 128 (N2D2 divides its rate by
@@ -68,11 +73,25 @@ class LRSchedule:
         return self.lr_min + (self.lr - self.lr_min) * 0.5 * (1.0 + math.cos(math.pi * min(t, span) / span))
 
 
+QUANT_FLOOR_FRACTION = 1e-3
+QUANT_FLOOR_MIN = 1e-8
+
+
+def quantizer_floor(w0: np.ndarray, quant_mask: np.ndarray) -> np.ndarray:
+    """Lower bounds of the quantizer elements of `w0` (the initial flat parameters), in mask order:
+    max(QUANT_FLOOR_FRACTION * |w0|, QUANT_FLOOR_MIN), float32."""
+    q = np.abs(np.asarray(w0, np.float32)[np.asarray(quant_mask, bool)])
+    return np.maximum(np.float32(QUANT_FLOOR_FRACTION) * q, np.float32(QUANT_FLOOR_MIN)).astype(np.float32)
+
+
 class Solver:
-    """Updates a flat parameter vector in place. `quant_mask` marks the quantizer-parameter elements."""
+    """Updates a flat parameter vector in place. `quant_mask` marks the quantizer-parameter elements; after every
+    update they are clamped to `quant_floor` (one value per quantizer element, in mask order, or a scalar; None:
+    no clamp; the training loop passes quantizer_floor(initial parameters))."""
 
     def __init__(self, kind: str, size: int, quant_mask: np.ndarray | None = None, momentum: float = 0.9,
-                 decay: float = 0.0, quantizer_decay: float | None = None, betas=(0.9, 0.999), eps: float = 1e-8):
+                 decay: float = 0.0, quantizer_decay: float | None = None, betas=(0.9, 0.999), eps: float = 1e-8,
+                 quant_floor: np.ndarray | float | None = None):
         kind = str(kind).lower()
         if kind not in ("sgd", "adamw"):
             raise RecipeError(f"unknown solver {kind!r} (sgd, adamw)")
@@ -86,6 +105,11 @@ class Solver:
         qd = decay if quantizer_decay is None else quantizer_decay
         self.decay_vec = np.where(self.quant_mask, np.float32(qd), np.float32(decay)).astype(np.float32)
         self.has_quant = bool(self.quant_mask.any())
+        self.quant_idx = np.nonzero(self.quant_mask)[0] if quant_floor is not None else np.zeros(0, np.int64)
+        self.quant_floor = np.broadcast_to(np.asarray(quant_floor if quant_floor is not None else 0, np.float32),
+                                           self.quant_idx.shape).copy()
+        if quant_floor is not None and not np.all(self.quant_floor > 0):
+            raise RecipeError("the quantizer parameter floor must be > 0")
         self.t = 0
         self.buf = np.zeros(size, np.float32)  # SGD momentum / Adam first moment
         self.buf2 = np.zeros(size, np.float32) if kind == "adamw" else None
@@ -96,6 +120,11 @@ class Solver:
         return np.where(self.quant_mask, np.float32(qlr), np.float32(lr)).astype(np.float32)
 
     def step(self, w: np.ndarray, g: np.ndarray, lr: float, qlr: float | None = None) -> None:
+        self._update(w, g, lr, qlr)
+        if self.quant_idx.size:
+            w[self.quant_idx] = np.maximum(w[self.quant_idx], self.quant_floor)
+
+    def _update(self, w: np.ndarray, g: np.ndarray, lr: float, qlr: float | None) -> None:
         lrv = self._lr_vec(lr, lr if qlr is None else qlr)
         self.t += 1
         if self.kind == "sgd":
