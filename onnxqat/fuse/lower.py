@@ -698,27 +698,35 @@ class Lowerer:
                 tf = b.cast(t, TensorProto.FLOAT, f"{name}_f")
                 p = b.op("Mul", [tf, b.const(f"{name}_mult", ai.astype(np.float32).reshape(cshape))], f"{name}_scaled")
                 y = p if y is None else b.op("Add", [y, p], f"{name}_sum")
-            y = b.op("Add", [y, b.const(f"{name}_bias", bq.astype(np.float32).reshape(cshape))], f"{name}_biased")
+            # Round (half to even) before an odd zero point is added: code = round(v / s_out) + zp
+            zo = zp % 2
+            y = b.op("Add", [y, b.const(f"{name}_bias", (bq - zo).astype(np.float32).reshape(cshape))], f"{name}_biased")
             y = b.op("Round", [y], f"{name}_round")
+            if zo:
+                y = b.op("Add", [y, b.const(f"{name}_zp_odd", np.array(zo, np.float32))], f"{name}_zp")
             y = b.op("Clip", [y, b.const(f"{name}_lo", np.array(lo_u, np.float32)),
                               b.const(f"{name}_hi", np.array(hi_u, np.float32))], f"{name}_clip")
             return Codes(b.cast(y, TensorProto.UINT8, f"{name}_codes"), s_out, r, TensorProto.UINT8, zp)
-        # fixed point: code = clip((sum t_i*m_i + B + 2^(sh-1)) >> sh, 0, R), per channel sh
+        # fixed point: u = clip(rne(x / 2^sh), lo, hi) with x = sum t_i*m_i + B (zp included), per channel sh >= 1;
+        # rne = round half to even, like the quantizers' np.round. With h = 2^(sh-1) and y = x + h:
+        # rne(x / 2^sh) = (y - bit_sh(y)) >> sh, bit_sh(y) = floor(y / 2^sh) mod 2 (y >= 0; README.md "Rounding").
+        # The code is c + zp: with an odd zp the tie goes to an even c = an odd u, so bit_sh is inverted there.
         amax = np.max(np.abs(np.stack(a)), axis=0)
         sh_max = 62 - math.ceil(math.log2(r + 1)) - 1
         with np.errstate(divide="ignore"):
             sh = np.where(amax > 0, np.floor(PRECISION_BITS - 1 - np.log2(np.where(amax > 0, amax, 1))), 0)
-        sh = np.clip(sh, 0, sh_max).astype(np.int64)
+        sh = np.clip(sh, 1, sh_max).astype(np.int64)  # sh >= 1: the half 2^(sh-1) is an integer
         if sh.size > 1 and sh.max() - sh.min() <= 7:  # one shift for the layer: every multiplier keeps >= 20 bits
             sh = np.full_like(sh, sh.min())
         p2 = np.ldexp(1.0, sh)
         m = [np.round(ai * p2).astype(np.int64) for ai in a]
         lim = float(2 ** 61)
-        # B = round(b*2^sh) + 2^(sh-1): the right shift then rounds half up; with sh = 0 the bias itself is rounded
-        bias_fp = np.clip(np.where(sh > 0, np.round(bq * p2) + np.ldexp(0.5, sh), np.floor(bq + 0.5)), -lim, lim)
-        bias_fp = bias_fp.astype(np.int64)
-        hi = ((hi_u + 1) << sh) - 1
-        lo = lo_u << sh
+        # B' = round(b*2^sh) + 2^(sh-1): the bias with the half of the rounding shift folded in
+        bias_fp = np.clip(np.round(bq * p2) + np.ldexp(0.5, sh), -lim, lim).astype(np.int64)
+        half = np.int64(1) << (sh - 1)
+        # x clipped to [lo 2^sh, hi 2^sh] (y to that + h): the same as clipping the rounded code to [lo, hi]
+        hi = (hi_u << sh) + half
+        lo = (lo_u << sh) + half
         shape_sh = cshape if np.any(sh != sh.flat[0]) else ()
         sh_c, hi_c, lo_c = (sh, hi, lo) if shape_sh else (sh[:1], hi[:1], lo[:1])
         y = None
@@ -733,9 +741,20 @@ class Lowerer:
             y = b.op("Min", [b.op("Max", [y, lo_t], f"{name}_relu"), hi_t], f"{name}_sat")
         else:
             y = b.op("Clip", [y, lo_t, hi_t], f"{name}_sat")
+        # ties to even, in int64: BitwiseAnd with 2^sh gives 0 or 2^sh, Min with 1 makes it bit_sh(y); y - bit_sh(y)
+        shift_t = b.const(f"{name}_shift", sh_c.reshape(shape_sh).astype(np.uint64))
+        if shape_sh:  # per-channel 2^sh computed from the shifts (initializers only: onnxruntime folds it), not stored
+            one = b.const(f"{name}_one_u64", np.array(1, np.uint64))
+            bit_t = b.cast(b.op("BitShift", [one, shift_t], f"{name}_pow2", direction="LEFT"), TensorProto.INT64,
+                           f"{name}_bit")
+        else:
+            bit_t = b.const(f"{name}_bit", (np.int64(1) << sh_c).reshape(shape_sh))
+        par = b.op("BitwiseXor", [y, bit_t], f"{name}_flip") if zp % 2 else y
+        bit = b.op("Min", [b.op("BitwiseAnd", [par, bit_t], f"{name}_par"),
+                           b.const(f"{name}_one", np.array(1, np.int64))], f"{name}_odd")
+        y = b.op("Sub", [y, bit], f"{name}_rne")
         y = b.cast(y, TensorProto.UINT64, f"{name}_u64")
-        y = b.op("BitShift", [y, b.const(f"{name}_shift", sh_c.reshape(shape_sh).astype(np.uint64))], f"{name}_shr",
-                 direction="RIGHT")
+        y = b.op("BitShift", [y, shift_t], f"{name}_shr", direction="RIGHT")
         return Codes(b.cast(y, TensorProto.UINT8, f"{name}_codes"), s_out, r, TensorProto.UINT8, zp)
 
     # ---------------------------------------------------------------- outputs

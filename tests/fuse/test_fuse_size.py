@@ -28,8 +28,9 @@ def test_size_scales_with_bits(wq, tmp_path):
         on_disk = (tmp_path / f"m{bits}.onnx").stat().st_size
         assert on_disk == res.size
         # the rest: per-channel rescale constants (int64 multiplier and bias: 16 bytes a channel), node protos
+        # (~80 nodes at 4 bits, among them BitwiseAnd/Min/Sub of each rounding shift's ties-to-even)
         channels = 32 + 64 + 64 + 100
-        assert ideal <= res.size <= ideal + 20 * channels + 6_000, (bits, res.size, ideal)
+        assert ideal <= res.size <= ideal + 20 * channels + 7_000, (bits, res.size, ideal)
         sizes[bits] = res.size
     assert sizes[4] < 0.6 * sizes[8]
     fp32 = len(wide_model(15, wq).SerializeToString())
