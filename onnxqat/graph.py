@@ -77,7 +77,7 @@ def register_quantizer_schemas() -> None:
     shape as its input); with it, full shape inference runs through the graph."""
     P = onnx.defs.OpSchema.FormalParameter
     types = {
-        "W": "T", "x": "T", "v": "T", "Wq": "T", "y": "T",
+        "W": "T", "x": "T", "v": "T", "Wq": "T", "y": "T", "dWq_dW": "T",
         "range": "tensor(float)", "alpha": "tensor(float)", "step": "tensor(float)", "grad_scale": "tensor(float)",
         "mode": "tensor(int64)", "scale_fan_out": "tensor(int64)", "signed": "tensor(int64)", "axis": "tensor(int64)",
     }
@@ -90,7 +90,9 @@ def register_quantizer_schemas() -> None:
         schema = onnx.defs.OpSchema(
             op.name, DOMAIN, OPSET_VERSION, f"onnxqat quantizer {op.name} (see onnxqat/ops/schema.py)",
             inputs=[P(n, types[n]) for n in op.inputs],
-            outputs=[P(n, types[n]) for n in op.outputs],
+            outputs=[P(n, types[n]) if op.first_optional_output is None or k < op.first_optional_output
+                     else P(n, types[n], "", param_option=onnx.defs.OpSchema.FormalParameterOption.Optional)
+                     for k, n in enumerate(op.outputs)],
             type_constraints=[("T", ["tensor(float)"], "float32 values")],
         )
         try:

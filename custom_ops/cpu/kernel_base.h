@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -171,6 +172,25 @@ OrtStatusPtr ORT_API_CALL infer_output_shapes(const OrtCustomOp*, OrtShapeInferC
   return nullptr;
 }
 
+// Inputs [0, K::kNumRequiredInputs) are required, the rest optional (default: all required); outputs
+// [0, K::kNumRequiredOutputs) are required (default: none if K::kOptionalOutputs, else all).
+template <class K, class = void>
+struct RequiredInputs {
+  static constexpr size_t value = K::kNumInputs;
+};
+template <class K>
+struct RequiredInputs<K, std::void_t<decltype(K::kNumRequiredInputs)>> {
+  static constexpr size_t value = K::kNumRequiredInputs;
+};
+template <class K, class = void>
+struct RequiredOutputs {
+  static constexpr size_t value = K::kOptionalOutputs ? 0 : K::kNumOutputs;
+};
+template <class K>
+struct RequiredOutputs<K, std::void_t<decltype(K::kNumRequiredOutputs)>> {
+  static constexpr size_t value = K::kNumRequiredOutputs;
+};
+
 template <class K>
 struct CpuOp : Ort::CustomOpBase<CpuOp<K>, K, /*WithStatus=*/true> {
   CpuOp() {
@@ -196,8 +216,11 @@ struct CpuOp : Ort::CustomOpBase<CpuOp<K>, K, /*WithStatus=*/true> {
   ONNXTensorElementDataType GetInputType(size_t i) const { return K::InputType(i); }
   size_t GetOutputTypeCount() const { return K::kNumOutputs; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t) const {
-    return K::kOptionalOutputs ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i < RequiredInputs<K>::value ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
+    return i < RequiredOutputs<K>::value ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
   }
 };
 

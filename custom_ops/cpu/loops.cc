@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
 
 #include "common/quant_math.h"
 #include "cpu/reduce.h"
@@ -19,8 +21,42 @@ namespace cpu {
 #define OQ_CLONES
 #endif
 
-OQ_CLONES void tanh_loop(const float* OQ_R w, float* OQ_R t, size_t n) {
-  for (size_t i = 0; i < n; ++i) t[i] = tanh_f32(w[i]);
+// t = tanh(w) over one block (len <= kBlock), correctly rounded (bit-equal to tanh_f32). Where the CPU has AVX2 and
+// FMA: tanh_f32_fast, then tanh_f32 for the few elements (about 1 in 2000) whose rounding it leaves open.
+namespace {
+
+OQ_CLONES void tanh_block_plain(const float* OQ_R w, float* OQ_R t, size_t len) {
+  for (size_t i = 0; i < len; ++i) t[i] = tanh_f32(w[i]);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(ONNXQAT_NO_CLONES)
+__attribute__((target("avx2,fma"))) void tanh_block_fma(const float* OQ_R w, float* OQ_R t, size_t len) {
+  int32_t amb[kBlock];
+  for (size_t i = 0; i < len; ++i) t[i] = tanh_f32_fast(w[i], &amb[i]);
+  int32_t any = 0;
+  for (size_t i = 0; i < len; ++i) any |= amb[i];
+  if (any == 0) return;
+  for (size_t i = 0; i < len; ++i)
+    if (amb[i]) t[i] = tanh_f32(w[i]);
+}
+
+using TanhBlock = void (*)(const float*, float*, size_t);
+TanhBlock pick_tanh_block() {
+  if (const char* e = std::getenv("ONNXQAT_PLAIN_TANH"); e != nullptr && e[0] == '1') return tanh_block_plain;
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? tanh_block_fma : tanh_block_plain;
+}
+const TanhBlock kTanhBlock = pick_tanh_block();
+#else
+constexpr void (*kTanhBlock)(const float*, float*, size_t) = tanh_block_plain;
+#endif
+
+inline void tanh_block(const float* w, float* t, size_t len) { kTanhBlock(w, t, len); }
+
+}  // namespace
+
+void tanh_loop(const float* w, float* t, size_t n) {
+  for (size_t k0 = 0; k0 < n; k0 += kBlock) tanh_block(w + k0, t + k0, std::min(kBlock, n - k0));
 }
 
 OQ_CLONES float tanh_max_loop(const float* OQ_R w, float* OQ_R t, size_t n) {
@@ -30,7 +66,7 @@ OQ_CLONES float tanh_max_loop(const float* OQ_R w, float* OQ_R t, size_t n) {
     const size_t len = std::min(kBlock, n - k0);
     float* OQ_R tb = t + k0;
     const float* OQ_R wb = w + k0;
-    for (size_t i = 0; i < len; ++i) tb[i] = tanh_f32(wb[i]);
+    tanh_block(wb, tb, len);
     const float bm = max_abs(tb, len);
     m = bm > m ? bm : m;
   }
@@ -57,7 +93,7 @@ inline float level(float tn, float r, float half) {
 }
 
 template <int64_t MODE>
-void level_loop(float* OQ_R y, size_t n, float m, float r, float half, float s) {
+__attribute__((always_inline)) inline void level_loop(float* OQ_R y, size_t n, float m, float r, float half, float s) {
   if (s == 1.0f) {
     for (size_t i = 0; i < n; ++i) y[i] = level<MODE>(y[i] / m, r, half);
   } else {
@@ -66,7 +102,7 @@ void level_loop(float* OQ_R y, size_t n, float m, float r, float half, float s) 
 }
 
 template <int64_t MODE>
-double level_sum(const float* OQ_R t, size_t n, float m, float r, float half) {
+__attribute__((always_inline)) inline double level_sum(const float* OQ_R t, size_t n, float m, float r, float half) {
   float buf[kBlock];
   double sum = 0;
   for (size_t k0 = 0; k0 < n; k0 += kBlock) {
@@ -79,7 +115,7 @@ double level_sum(const float* OQ_R t, size_t n, float m, float r, float half) {
 }
 
 template <int64_t MODE>
-double level_sqdev(const float* OQ_R t, size_t n, float m, float r, float half, double mean) {
+__attribute__((always_inline)) inline double level_sqdev(const float* OQ_R t, size_t n, float m, float r, float half, double mean) {
   float buf[kBlock];
   double sum = 0;
   for (size_t k0 = 0; k0 < n; k0 += kBlock) {
@@ -119,6 +155,88 @@ OQ_CLONES double sat_weight_level_sqdev(int64_t mode, const float* t, size_t n, 
 
 OQ_CLONES void sat_weight_grad_loop(const float* OQ_R g, float* OQ_R dw, size_t n, float ms) {
   for (size_t i = 0; i < n; ++i) dw[i] = sat_weight_grad(g[i], dw[i], ms);
+}
+
+namespace {
+
+// always_inline: inlined into each target clone of its caller (else compiled for the baseline target only).
+template <int64_t MODE, bool FACTOR>
+__attribute__((always_inline)) inline void forward_fused(const float* OQ_R w, float* OQ_R y, float* OQ_R d, size_t n, float m, float r, float half) {
+  float tb[kBlock];
+  for (size_t k0 = 0; k0 < n; k0 += kBlock) {
+    const size_t len = std::min(kBlock, n - k0);
+    const float* OQ_R wb = w + k0;
+    tanh_block(wb, tb, len);
+    float* OQ_R yb = y + k0;
+    for (size_t i = 0; i < len; ++i) yb[i] = level<MODE>(tb[i] / m, r, half);
+    if constexpr (FACTOR) {
+      float* OQ_R db = d + k0;
+      for (size_t i = 0; i < len; ++i) db[i] = sat_weight_grad_factor(tb[i], m);
+    }
+  }
+}
+
+template <int64_t MODE>
+__attribute__((always_inline)) inline double levels_fused(const float* OQ_R w, float* OQ_R y, float* OQ_R t, size_t n, float m, float r, float half) {
+  float tb[kBlock];
+  double sum = 0;
+  for (size_t k0 = 0; k0 < n; k0 += kBlock) {
+    const size_t len = std::min(kBlock, n - k0);
+    const float* OQ_R wb = w + k0;
+    tanh_block(wb, tb, len);
+    float* OQ_R yb = y + k0;
+    for (size_t i = 0; i < len; ++i) yb[i] = level<MODE>(tb[i] / m, r, half);
+    if (t != nullptr) {
+      float* OQ_R ob = t + k0;
+      for (size_t i = 0; i < len; ++i) ob[i] = tb[i];
+    }
+    sum += lane_sum(len, [&](size_t i) { return yb[i]; });
+  }
+  return sum;
+}
+
+}  // namespace
+
+OQ_CLONES void sat_weight_forward_loop(int64_t mode, const float* w, float* y, float* d, size_t n, float m, float r,
+                                       float half) {
+  if (d != nullptr) {
+    if (mode == kSatModeDorefa) return forward_fused<kSatModeDorefa, true>(w, y, d, n, m, r, half);
+    if (mode == kSatModeSymmetric) return forward_fused<kSatModeSymmetric, true>(w, y, d, n, m, r, half);
+    return forward_fused<kSatModeClamp, true>(w, y, d, n, m, r, half);
+  }
+  if (mode == kSatModeDorefa) return forward_fused<kSatModeDorefa, false>(w, y, d, n, m, r, half);
+  if (mode == kSatModeSymmetric) return forward_fused<kSatModeSymmetric, false>(w, y, d, n, m, r, half);
+  return forward_fused<kSatModeClamp, false>(w, y, d, n, m, r, half);
+}
+
+OQ_CLONES double sat_weight_levels_loop(int64_t mode, const float* w, float* y, float* t, size_t n, float m, float r,
+                                        float half) {
+  if (mode == kSatModeDorefa) return levels_fused<kSatModeDorefa>(w, y, t, n, m, r, half);
+  if (mode == kSatModeSymmetric) return levels_fused<kSatModeSymmetric>(w, y, t, n, m, r, half);
+  return levels_fused<kSatModeClamp>(w, y, t, n, m, r, half);
+}
+
+OQ_CLONES double sqdev_loop(const float* OQ_R y, size_t n, double mean) {
+  double sum = 0;
+  for (size_t k0 = 0; k0 < n; k0 += kBlock) {
+    const size_t len = std::min(kBlock, n - k0);
+    const float* OQ_R yb = y + k0;
+    sum += lane_sum(len, [&](size_t i) {
+      double d = static_cast<double>(yb[i]) - mean;
+      return d * d;
+    });
+  }
+  return sum;
+}
+
+OQ_CLONES void sat_weight_scale_loop(float* OQ_R y, float* OQ_R td, size_t n, float s, float ms) {
+  for (size_t i = 0; i < n; ++i) y[i] = y[i] / s;
+  if (td != nullptr)
+    for (size_t i = 0; i < n; ++i) td[i] = sat_weight_grad_factor(td[i], ms);
+}
+
+OQ_CLONES void mul_loop(const float* OQ_R a, const float* OQ_R b, float* OQ_R out, size_t n) {
+  for (size_t i = 0; i < n; ++i) out[i] = a[i] * b[i];
 }
 
 OQ_CLONES void sat_act_forward_loop(const float* OQ_R x, float* OQ_R y, size_t n, float a, float r) {

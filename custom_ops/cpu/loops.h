@@ -16,8 +16,21 @@ float tanh_max_loop(const float* w, float* t, size_t n);
 void sat_weight_level_loop(int64_t mode, float* y, size_t n, float m, float r, float half, float s);
 double sat_weight_level_sum(int64_t mode, const float* t, size_t n, float m, float r, float half);
 double sat_weight_level_sqdev(int64_t mode, const float* t, size_t n, float m, float r, float half, double mean);
-// dw[i] = g[i] * (1 - t^2) / ms, in place (dw holds t = tanh(W) on entry)
+// dw[i] = g[i] * ((1 - t^2) / ms), in place (dw holds t = tanh(W) on entry)
 void sat_weight_grad_loop(const float* g, float* dw, size_t n, float ms);
+// Fused SatWeightQuant passes (M = tanh(max|W|) known beforehand, so tanh is evaluated once per element):
+// without scaling (S = 1): y = level(tanh(w) / m); d (when not null) = (1 - t^2) / m.
+void sat_weight_forward_loop(int64_t mode, const float* w, float* y, float* d, size_t n, float m, float r, float half);
+// with scaling: y = level(tanh(w) / m) (unscaled); t (when not null) = tanh(w); returns the sum of the levels, in
+// the order of sat_weight_level_sum.
+double sat_weight_levels_loop(int64_t mode, const float* w, float* y, float* t, size_t n, float m, float r,
+                              float half);
+// sum of (y - mean)^2 in the order of sat_weight_level_sqdev (y holds the levels)
+double sqdev_loop(const float* y, size_t n, double mean);
+// y /= s; td (when not null) = (1 - td^2) / ms in place (td holds t on entry)
+void sat_weight_scale_loop(float* y, float* td, size_t n, float s, float ms);
+// out = a * b
+void mul_loop(const float* a, const float* b, float* out, size_t n);
 
 // SAT activations.
 void sat_act_forward_loop(const float* x, float* y, size_t n, float a, float r);

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace onnxqat {
@@ -114,6 +115,26 @@ struct StatusKernel : CudaKernel {
 // OrtCustomOp descriptor of CUDA kernel K. K provides what the CPU kernels do (kName, kNumInputs, kNumOutputs,
 // kOptionalOutputs, InputType(i), a constructor (const OrtKernelInfo*), Compute(Ort::KernelContext&)) and
 // OnHost(i): whether input i is a per-node constant read on the host.
+// Inputs [0, K::kNumRequiredInputs) are required, the rest optional (default: all required); outputs
+// [0, K::kNumRequiredOutputs) are required (default: none if K::kOptionalOutputs, else all). Same rule as the CPU
+// descriptors: both register the same op in one domain.
+template <class K, class = void>
+struct RequiredInputs {
+  static constexpr size_t value = K::kNumInputs;
+};
+template <class K>
+struct RequiredInputs<K, std::void_t<decltype(K::kNumRequiredInputs)>> {
+  static constexpr size_t value = K::kNumRequiredInputs;
+};
+template <class K, class = void>
+struct RequiredOutputs {
+  static constexpr size_t value = K::kOptionalOutputs ? 0 : K::kNumOutputs;
+};
+template <class K>
+struct RequiredOutputs<K, std::void_t<decltype(K::kNumRequiredOutputs)>> {
+  static constexpr size_t value = K::kNumRequiredOutputs;
+};
+
 template <class K>
 struct CudaOp : Ort::CustomOpBase<CudaOp<K>, K, /*WithStatus=*/true> {
   CudaOp() {
@@ -137,8 +158,11 @@ struct CudaOp : Ort::CustomOpBase<CudaOp<K>, K, /*WithStatus=*/true> {
   OrtMemType GetInputMemoryType(size_t i) const { return K::OnHost(i) ? OrtMemTypeCPUInput : OrtMemTypeDefault; }
   size_t GetOutputTypeCount() const { return K::kNumOutputs; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t) const {
-    return K::kOptionalOutputs ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i < RequiredInputs<K>::value ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
+    return i < RequiredOutputs<K>::value ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
   }
 };
 

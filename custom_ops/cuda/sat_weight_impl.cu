@@ -1,7 +1,8 @@
 // SAT weight quantizer kernels. Passes: (1) M = max|tanh W| = tanh(max|W|) (tanh is odd and increasing: the pass
 // is a plain max|W|, no tanh per element) as per-block partial maxima + a one-block final pass;
 // (2) only with ApplyScaling: the variance of the unscaled levels as per-block double sums + a final pass;
-// (3) the elementwise output. M, S and M*S stay on the device (no host round trip).
+// (3) the elementwise output (and, when asked for, the derivative factor (1 - t^2) / (M S) in a second pass).
+// M, S and M*S stay on the device (no host round trip). The backward with the forward's factor is one product.
 #include "cuda/sat_weight_impl.cuh"
 
 #include <cmath>
@@ -113,6 +114,17 @@ __global__ void sat_weight_forward_kernel(const float* __restrict__ w, float* __
   map1(w, wq, n, vec, [&](int64_t, float v) { return sat_weight_level(tanhf(v) / M, p) / S; });
 }
 
+__global__ void sat_weight_factor_kernel(const float* __restrict__ w, float* __restrict__ d, int64_t n, bool vec,
+                                         const float* __restrict__ consts) {
+  const float ms = consts[3];
+  map1(w, d, n, vec, [&](int64_t, float v) { return sat_weight_grad_factor(tanhf(v), ms); });
+}
+
+__global__ void mul_kernel(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ y, int64_t n,
+                           bool vec) {
+  map2(a, b, y, n, vec, [&](int64_t, float x, float f) { return x * f; });
+}
+
 __global__ void sat_weight_backward_kernel(const float* __restrict__ dwq, const float* __restrict__ w,
                                            float* __restrict__ dw, int64_t n, bool vec,
                                            const float* __restrict__ consts) {
@@ -139,7 +151,7 @@ cudaError_t compute_constants(cudaStream_t stream, const float* w, int64_t n, co
 size_t sat_weight_scratch_bytes() { return sizeof(double) * 2 * kMaxBlocks + sizeof(float) * (kMaxBlocks + 4); }
 
 cudaError_t sat_weight_forward(cudaStream_t stream, const float* w, int64_t n, float range, int64_t mode,
-                               int64_t fan_out, float* wq, void* scratch) {
+                               int64_t fan_out, float* wq, float* dfactor, void* scratch) {
   if (n <= 0) return cudaSuccess;
   const SatWeightParams p = make_params(range, mode);
   const Scratch s(scratch);
@@ -147,6 +159,17 @@ cudaError_t sat_weight_forward(cudaStream_t stream, const float* w, int64_t n, f
   if (err != cudaSuccess) return err;
   sat_weight_forward_kernel<<<grid_for(n), kThreads, 0, stream>>>(w, wq, n, aligned16(w) && aligned16(wq), p,
                                                                    s.consts);
+  if (dfactor != nullptr)
+    sat_weight_factor_kernel<<<grid_for(n), kThreads, 0, stream>>>(w, dfactor, n, aligned16(w) && aligned16(dfactor),
+                                                                    s.consts);
+  return cudaGetLastError();
+}
+
+cudaError_t sat_weight_backward_factor(cudaStream_t stream, const float* dwq, const float* dfactor, int64_t n,
+                                       float* dw) {
+  if (n <= 0) return cudaSuccess;
+  const bool vec = aligned16(dwq) && aligned16(dfactor) && aligned16(dw);
+  mul_kernel<<<grid_for(n), kThreads, 0, stream>>>(dwq, dfactor, dw, n, vec);
   return cudaGetLastError();
 }
 

@@ -71,13 +71,21 @@ def sat_weight_forward(w, r, mode, fan_out) -> np.ndarray:
     return (wq / s).astype(F32)
 
 
-def sat_weight_backward(dwq, w, r, mode, fan_out) -> np.ndarray:
-    """dW = dWq * (1 - tanh(W)^2) / (M * S); M and S constants, rounding STE."""
+def sat_weight_grad_factor(w, r, mode, fan_out) -> np.ndarray:
+    """The derivative factor dWq/dW = (1 - tanh(W)^2) / (M * S) (float32: 1 - t*t, M*S, then one division); M and S
+    constants, rounding STE. SatWeightQuant's optional second output."""
     t = tanh_f32(w)
     m = sat_weight_max_tanh(w)
     wq = sat_weight_unscaled(w, _scalar(r), int(_scalar(mode)))
     s = sat_weight_scale(wq, int(_scalar(fan_out)))
-    return (dwq.astype(F32) * (F32(1) - t * t) / (m * s)).astype(F32)
+    return ((F32(1) - t * t) / (m * s)).astype(F32)
+
+
+def sat_weight_backward(dwq, w, r, mode, fan_out, factor=None) -> np.ndarray:
+    """dW = dWq * ((1 - tanh(W)^2) / (M * S)): dWq times the derivative factor (SatWeightQuantGrad's optional
+    input 5, else computed from W)."""
+    f = sat_weight_grad_factor(w, r, mode, fan_out) if factor is None else np.asarray(factor, F32)
+    return (np.asarray(dwq, F32) * f).astype(F32)
 
 
 # ------------------------------------------------------------- SAT activations
@@ -163,7 +171,10 @@ def reference_ops():
         op_domain = DOMAIN
 
         def _run(self, w, r, mode, fan_out):
-            return (sat_weight_forward(w, r, mode, fan_out),)
+            wq = sat_weight_forward(w, r, mode, fan_out)
+            if len(self.output) > 1 and self.output[1]:  # optional second output: dWq/dW
+                return (wq, sat_weight_grad_factor(w, r, mode, fan_out))
+            return (wq,)
 
     class SatActQuant(OpRun):
         op_domain = DOMAIN

@@ -27,10 +27,17 @@ class OpSignature:
     name: str
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
-    # Gradient op: takes GO(0) then every forward input; returns one gradient
-    # per trainable forward input (listed in `grad_of`, by forward input index).
+    # Gradient op: takes GO(0), then every forward input, then the forward
+    # outputs listed in `grad_uses_outputs` (by index; ORT's O(k)); returns one
+    # gradient per trainable forward input (listed in `grad_of`, by forward
+    # input index).
     grad_name: str
     grad_of: tuple[int, ...]
+    # Outputs from this index on are optional: an inference graph leaves them
+    # out; the training graph has them (onnxqat.ops.gradients.add_gradient_outputs)
+    # where the gradient op reads them.
+    first_optional_output: int | None = None
+    grad_uses_outputs: tuple[int, ...] = ()
 
 
 SAT_WEIGHT = OpSignature(
@@ -38,10 +45,17 @@ SAT_WEIGHT = OpSignature(
     # W: float32 any shape; range: float32 scalar R >= 1;
     # mode: int64 scalar (SAT_MODE_*); scale_fan_out: int64 scalar, 0 = no
     # ApplyScaling, n > 0 = ApplyScaling with fan-out n.
+    # Outputs: Wq; optional dWq_dW = (1 - tanh(W)^2) / (M * S) (float32, shaped
+    # like W), the derivative factor, so that the gradient op evaluates no tanh.
+    # Gradient op SatWeightQuantGrad(dWq, W, range, mode, scale_fan_out,
+    # [dWq_dW]) -> dW = dWq * dWq_dW; without its optional input 5 it computes
+    # the factor from W (tanh, M, S) itself.
     inputs=("W", "range", "mode", "scale_fan_out"),
-    outputs=("Wq",),
+    outputs=("Wq", "dWq_dW"),
     grad_name="SatWeightQuantGrad",
     grad_of=(0,),
+    first_optional_output=1,
+    grad_uses_outputs=(1,),
 )
 
 SAT_ACT = OpSignature(

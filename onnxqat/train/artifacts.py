@@ -195,6 +195,9 @@ def training_copy(model: onnx.ModelProto, plan: TrainingPlan) -> onnx.ModelProto
     for d in plan.dropouts:
         g.input.append(helper.make_tensor_value_info(d.mask_input, TensorProto.FLOAT, ["mask_batch", *d.shape]))
     _annotate_quantizer_outputs(m)
+    from onnxqat.ops.gradients import add_gradient_outputs
+
+    add_gradient_outputs(m)  # SatWeightQuant's derivative factor, which its gradient node reads (ORT O(1))
     used = {i for n in g.node for i in n.input}
     keep = [i for i in g.initializer if i.name in used]
     del g.initializer[:]

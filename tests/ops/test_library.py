@@ -73,7 +73,8 @@ def test_gradient_definitions_follow_schema():
         key, (node,) = gradient_definition(op)
         assert key == f"{DOMAIN}::{op.name}"
         assert node.op_type == op.grad_name and node.domain == DOMAIN
-        assert list(node.inputs) == ["GO(0)"] + [f"I({i})" for i in range(len(op.inputs))]
+        assert list(node.inputs) == (["GO(0)"] + [f"I({i})" for i in range(len(op.inputs))]
+                                     + [f"O({k})" for k in op.grad_uses_outputs])
         assert list(node.outputs) == [f"GI({i})" for i in op.grad_of]
 
 
@@ -98,3 +99,23 @@ def test_reference_evaluator_runs_our_ops():
     model = one_node_model("SatActQuant", inputs, 1)
     (want,) = ReferenceEvaluator(model, new_ops=reference_ops()).run(None, {f"in{k}": a for k, a in enumerate(inputs)})
     np.testing.assert_array_equal(run_op("SatActQuant", inputs)[0], want)
+
+
+def test_add_gradient_outputs():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxqat.ops.gradients import add_gradient_outputs
+    from onnxqat.ops.schema import DOMAIN
+
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "W")
+    nodes = [helper.make_node("SatWeightQuant", ["W", "r", "m", "f"], ["W_q"], domain=DOMAIN, name="q"),
+             helper.make_node("LsqQuant", ["x", "s", "r", "sg", "g", "ax"], ["x_q"], domain=DOMAIN, name="l")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                          [helper.make_tensor_value_info("x_q", TensorProto.FLOAT, [2])], [w])
+    m = add_gradient_outputs(helper.make_model(g))
+    assert list(m.graph.node[0].output) == ["W_q", "W_q_dWq_dW"]
+    assert list(m.graph.node[1].output) == ["x_q"]  # LSQ's gradient reads no forward output
+    (vi,) = [v for v in m.graph.value_info if v.name == "W_q_dWq_dW"]
+    assert [d.dim_value for d in vi.type.tensor_type.shape.dim] == [4, 3]
+    add_gradient_outputs(m)  # idempotent
+    assert list(m.graph.node[0].output) == ["W_q", "W_q_dWq_dW"] and len(m.graph.value_info) == 1

@@ -147,3 +147,93 @@ def test_scaling_factor_value():
 def test_symmetric_r1_rejected_by_reference_too():
     with pytest.raises(ValueError, match="R >= 2"):
         ref.sat_weight_forward(np.ones(3, F32), 1.0, SAT_MODE_SYMMETRIC, 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("fan", [0, 144])
+def test_derivative_factor_output_and_grad_input(mode, fan):
+    """The optional second output dWq_dW = (1 - t^2)/(M S) equals the reference factor; the gradient op given it
+    returns dWq * dWq_dW, bit-equal to the gradient op that recomputes the factor from W (same M, same S)."""
+    rng = np.random.default_rng(11 + mode + fan)
+    w = (rng.normal(size=(16, 8, 3, 3)) * 0.7).astype(F32)
+    w[3, 2, 1, 1] = 10.0  # saturated element (tanh = 1.0f): factor 0
+    args = _args(w, 15, mode, fan)
+    wq1 = run_op("SatWeightQuant", args)[0]
+    wq, f = run_op("SatWeightQuant", args, n_out=2)
+    np.testing.assert_array_equal(wq, wq1)  # the extra output changes nothing
+    want_f = ref.sat_weight_grad_factor(*args)
+    assert f.shape == w.shape and f.dtype == np.float32
+    if fan:
+        np.testing.assert_allclose(f, want_f, rtol=2.0**-22, atol=0)  # S: 1 ulp at most
+    else:
+        np.testing.assert_array_equal(f, want_f)
+    assert f[3, 2, 1, 1] == 0
+    dy = rng.normal(size=w.shape).astype(F32)
+    dw = run_op("SatWeightQuantGrad", [dy] + args + [f])[0]
+    np.testing.assert_array_equal(dw, dy * f)
+    np.testing.assert_array_equal(dw, ref.sat_weight_backward(dy, *args, factor=f))
+    np.testing.assert_array_equal(dw, run_op("SatWeightQuantGrad", [dy] + args)[0])  # no factor: recomputed
+
+
+def test_derivative_factor_large_tensor_threads():
+    rng = np.random.default_rng(12)
+    w = (rng.normal(size=(1 << 20) + 5) * 0.5).astype(F32)
+    for fan in (0, 64):
+        args = _args(w, 15, SAT_MODE_DOREFA, fan)
+        a = run_op("SatWeightQuant", args, n_out=2, threads=1)
+        b = run_op("SatWeightQuant", args, n_out=2, threads=2)
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+        np.testing.assert_array_equal(a[0], run_op("SatWeightQuant", args)[0])
+        if not fan:
+            np.testing.assert_array_equal(a[1], ref.sat_weight_grad_factor(*args))
+
+
+def test_grad_factor_shape_mismatch_rejected():
+    w = np.ones((4, 3), F32)
+    args = _args(w, 15, SAT_MODE_DOREFA, 0)
+    with pytest.raises(Exception, match="dWq_dW has shape"):
+        run_op("SatWeightQuantGrad", [w] + args + [np.ones((3, 4), F32)])
+
+
+def _float_sweep(lo=2.0**-30, hi=12.0, stride=127):
+    """Every `stride`-th float32 in [lo, hi) (all binades between), both signs, and 10.0 (tanh = 1.0f: M = 1)."""
+    b = np.arange(np.float32(lo).view(np.int32), np.float32(hi).view(np.int32), stride, dtype=np.int32)
+    x = b.view(F32)
+    return np.concatenate([x, -x, np.float32([10.0, 0.0, -0.0])])
+
+
+def test_tanh_sweep_is_correctly_rounded():
+    """Clamp mode with M = 1 outputs tanh itself: bit-equal to the reference's correctly rounded tanh on ~4.4M floats
+    over 34 binades (the kernel's fast tanh path and its exact fallback for the ambiguous elements); the factor is
+    1 - t^2."""
+    w = _float_sweep()
+    args = _args(w, 15, SAT_MODE_CLAMP, 0)
+    t, f = run_op("SatWeightQuant", args, n_out=2)
+    want = ref.tanh_f32(w)
+    np.testing.assert_array_equal(t, want)
+    np.testing.assert_array_equal(f, (F32(1) - want * want).astype(F32))
+
+
+def test_tanh_plain_path_agrees(tmp_path):
+    """ONNXQAT_PLAIN_TANH=1 selects the plain tanh (no FMA fast path): same bits."""
+    import os
+    import subprocess
+    import sys
+
+    from onnxqat.ops.library import library_path
+
+    w = _float_sweep(stride=997)
+    np.save(tmp_path / "w.npy", w)
+    code = ("import sys, numpy as np; sys.path.insert(0, sys.argv[2]); from conftest import run_op, F32, I64; "
+            "w = np.load(sys.argv[1]); "
+            "t = run_op('SatWeightQuant', [w, np.array(15, F32), np.array(0, I64), np.array(0, I64)])[0]; "
+            "np.save(sys.argv[1], t)")
+    env = dict(os.environ, ONNXQAT_PLAIN_TANH="1", ONNXQAT_OPS_LIBRARY=library_path())
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "w.npy"), os.path.dirname(__file__)],
+                         env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    plain = np.load(tmp_path / "w.npy")
+    fast = run_op("SatWeightQuant", _args(w, 15, SAT_MODE_CLAMP, 0))[0]
+    np.testing.assert_array_equal(plain, fast)
+    np.testing.assert_array_equal(fast, ref.tanh_f32(w))

@@ -49,11 +49,12 @@ def q(op, inputs, out, name):
 
 def make_artifacts(model, requires_grad, tmp_path, lr):
     import onnxqat
-    from onnxqat.ops.gradients import register_gradients
+    from onnxqat.ops.gradients import add_gradient_outputs, register_gradients
 
     artifacts, CheckpointState, Module, Optimizer = _training_api()
     register_gradients()
     register_gradients()  # idempotent
+    model = add_gradient_outputs(onnx.ModelProto.FromString(model.SerializeToString()))  # SatWeightQuant: O(1)
     artifacts.generate_artifacts(model, requires_grad=requires_grad, loss=artifacts.LossType.MSELoss,
                                  optimizer=artifacts.OptimType.SGD, artifact_directory=str(tmp_path),
                                  custom_op_library=onnxqat.library_path())
@@ -154,6 +155,11 @@ def test_training_quantized_model(tmp_path):
     model = build(params, consts, nodes, N, C_IN, HW, OUT)
     onnx.checker.check_model(model)
     state, module, opt = make_artifacts(model, list(params), tmp_path, lr=0.02)
+    # the backward multiplies by the forward's derivative factor (SatWeightQuant output 1): no tanh recomputed
+    tg = onnx.load(str(tmp_path / "training_model.onnx")).graph
+    (fw,) = [n for n in tg.node if n.op_type == "SatWeightQuant"]
+    (bw,) = [n for n in tg.node if n.op_type == "SatWeightQuantGrad"]
+    assert len(fw.output) == 2 and fw.output[1] and list(bw.input)[5:] == [fw.output[1]]
     x = rng.uniform(0, 1, size=(N, C_IN, HW, HW)).astype(F32)
     t = (rng.normal(size=(N, OUT)) * 0.5).astype(F32)
 
