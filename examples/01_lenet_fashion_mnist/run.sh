@@ -3,7 +3,7 @@
 #
 #   bash examples/01_lenet_fashion_mnist/run.sh [--quick] [--out DIR] [--epochs N] [--seed S]
 #
-# full:    all 60000 training images (54000 train + 6000 validation), 8 epochs per stage, out runs/ex01 (~15 min)
+# full:    all 60000 training images (54000 train + 6000 validation), 8 epochs per stage, out runs/ex01 (7-15 min)
 # --quick: the first 30000 training images (27000 + 3000), 1 epoch per stage, out runs/ex01-quick (a few minutes)
 # Both evaluate on the full 10000-image test set and end with the results table (report.py).
 # Needs scripts/setup.sh done (.venv with onnxqat); the fused model's check makes .venv-stock on first use.

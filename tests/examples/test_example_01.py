@@ -58,7 +58,7 @@ def quick(tmp_path_factory):
 
 def test_readme_quick_ranges(quick):
     s = quick["stages"]
-    # README "Quick run": FP32 78.30, clamp 77.38, W4A4 fake-quant 80.01, fused 80.01 (seed 0, this machine)
+    # README (commit 075c162): FP32 78.30, clamp 77.05, W4A4 fake-quant 79.45, fused 79.44 (seed 0, this machine)
     assert quick["test_images"] == 10000
     assert 75.0 <= s["fp32"]["top1"] <= 84.0, s["fp32"]
     assert 73.0 <= s["clamp"]["top1"] <= 83.0, s["clamp"]
@@ -114,3 +114,10 @@ def test_python_api_twin(tmp_path):
     assert res["stages"]["sat4"]["top1"] > 30.0  # ten classes: chance is 10%
     assert res["agreement"]["top1_agreement"] == 100.0
     assert (out / "lenet.int.onnx").is_file() and (out / "pictures" / "fused_graph.png").is_file()
+
+
+def test_top_readme_runs_the_same_quick_command():
+    """The top-level README's main-job command is this example's quick command (no drift between the two READMEs)."""
+    (cmd,) = readme_commands("run.sh --quick")
+    top = (REPO / "README.md").read_text()
+    assert shlex.join(cmd) in top, f"README.md does not run `{shlex.join(cmd)}`"
