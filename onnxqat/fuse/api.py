@@ -22,7 +22,8 @@ import numpy as np
 import onnx
 
 from onnxqat.errors import FuseError, ModelError
-from onnxqat.fuse.lower import Lowerer, OutputInfo
+from onnxqat.fuse.lower import Lowerer
+from onnxqat.fuse.values import OutputInfo
 from onnxqat.fuse.verify import Agreement, load_verify_data, verify
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 
 class GraphBuilder:
@@ -42,6 +42,3 @@ class GraphBuilder:
 
     def cast(self, x: str, to: int, base: str) -> str:
         return self.op("Cast", [x], base, to=to)
-
-
-DTYPE_NAME = {v: k for k, v in TensorProto.DataType.items()}

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from onnxqat.errors import DataError, FuseError
-from onnxqat.fuse.lower import OutputInfo
+from onnxqat.fuse.values import OutputInfo
 
 
 @dataclass

@@ -15,7 +15,8 @@ from onnx.reference import ReferenceEvaluator
 from onnxqat.fuse import stock
 from onnxqat.fuse.api import fuse
 from onnxqat.fuse.builder import GraphBuilder
-from onnxqat.fuse.lower import Acc, Lowerer
+from onnxqat.fuse.requantize import requantize_integer
+from onnxqat.fuse.values import Acc
 from onnxqat.ops.reference import reference_ops
 from qat_models import QatBuilder
 
@@ -168,12 +169,11 @@ def test_requant_rounds_ties_to_even(seed, rescale):
     unit = np.ldexp(1.0, np.maximum(-e - 1, 0))
     span = np.ceil((r + 8) / (unit * np.ldexp(1.0, e)))
     t1 = (np.round(rng.uniform(-1, 1, size=(512, c)) * span) * unit).astype(np.int32)  # |t1| < 2^29
-    low = Lowerer.__new__(Lowerer)
-    low.b, low.format, low.rescale = GraphBuilder({"t1"}), "int", rescale
+    b = GraphBuilder({"t1"})
     acc = Acc([("t1", s1, 2.0**30)], bias, (c,), -1, clip)
-    codes = low._requant(acc, s_out, r, "y", zp)
-    g = helper.make_graph(low.b.nodes, "g", [helper.make_tensor_value_info("t1", TensorProto.INT32, None)],
-                          [helper.make_tensor_value_info(codes.name, TensorProto.UINT8, None)], low.b.initializers)
+    codes = requantize_integer(b, acc, s_out, r, "y", zp, rescale)
+    g = helper.make_graph(b.nodes, "g", [helper.make_tensor_value_info("t1", TensorProto.INT32, None)],
+                          [helper.make_tensor_value_info(codes.name, TensorProto.UINT8, None)], b.initializers)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     got = ReferenceEvaluator(m).run(None, {"t1": t1})[0]
     exact = np.clip(t1 * s1 + bias, clip[0], clip[1]) / s_out  # exact in float64; the code is round(exact) + zp

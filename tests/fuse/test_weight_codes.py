@@ -8,8 +8,9 @@ from onnx.reference import ReferenceEvaluator
 
 from onnxqat.fuse.builder import GraphBuilder
 from onnxqat.fuse.graph import QatGraph
-from onnxqat.fuse.lower import Acc, Lowerer
+from onnxqat.fuse.requantize import requantize_integer
 from onnxqat.fuse.storage import emit_codes, pack, unpack_reference
+from onnxqat.fuse.values import Acc
 from onnxqat.fuse.weights import weight_codes
 from onnxqat.ops import reference as ref
 from onnxqat.ops.schema import SAT_MODE_DOREFA, SAT_MODE_SYMMETRIC
@@ -90,13 +91,12 @@ def test_fixed_point_requant_matches_exact_rounding():
     s1 = rng.uniform(1e-5, 1e-3, c) * np.where(rng.uniform(size=c) < 0.3, -1, 1)
     bias = rng.standard_normal(c)
     s_out = 0.173
-    low = Lowerer.__new__(Lowerer)
-    low.b, low.format, low.rescale = GraphBuilder({"t1", "t2"}), "int", "fixed-point"
+    b = GraphBuilder({"t1", "t2"})
     acc = Acc([("t1", s1, 40000.0), ("t2", np.array([0.05]), 15.0)], bias, (c,), -1)
-    codes = low._requant(acc, s_out, 15, "y")
-    g = helper.make_graph(low.b.nodes, "g", [helper.make_tensor_value_info("t1", TensorProto.INT32, None),
-                                             helper.make_tensor_value_info("t2", TensorProto.UINT8, None)],
-                          [helper.make_tensor_value_info(codes.name, TensorProto.UINT8, None)], low.b.initializers)
+    codes = requantize_integer(b, acc, s_out, 15, "y")
+    g = helper.make_graph(b.nodes, "g", [helper.make_tensor_value_info("t1", TensorProto.INT32, None),
+                                         helper.make_tensor_value_info("t2", TensorProto.UINT8, None)],
+                          [helper.make_tensor_value_info(codes.name, TensorProto.UINT8, None)], b.initializers)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     got = ReferenceEvaluator(m).run(None, {"t1": t1, "t2": t2})[0]
     exact = (t1 * s1 + t2 * 0.05 + bias) / s_out
@@ -120,12 +120,11 @@ def test_requant_property_random_scales(seed):
     bias = rng.standard_normal(c) * 10.0 ** rng.uniform(-3, 2, c)
     s_out = float(10.0 ** rng.uniform(-3, 0))
     clip = (float(rng.uniform(-1, 0.2)), float(rng.uniform(0.3, 3))) if seed >= 3 else (-np.inf, np.inf)
-    low = Lowerer.__new__(Lowerer)
-    low.b, low.format, low.rescale = GraphBuilder({"t1"}), "int", "fixed-point"
+    b = GraphBuilder({"t1"})
     acc = Acc([("t1", s1, 2.0**20)], bias, (c,), -1, clip)
-    codes = low._requant(acc, s_out, r, "y", zp)
-    g = helper.make_graph(low.b.nodes, "g", [helper.make_tensor_value_info("t1", TensorProto.INT32, None)],
-                          [helper.make_tensor_value_info(codes.name, TensorProto.UINT8, None)], low.b.initializers)
+    codes = requantize_integer(b, acc, s_out, r, "y", zp)
+    g = helper.make_graph(b.nodes, "g", [helper.make_tensor_value_info("t1", TensorProto.INT32, None)],
+                          [helper.make_tensor_value_info(codes.name, TensorProto.UINT8, None)], b.initializers)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     got = ReferenceEvaluator(m).run(None, {"t1": t1})[0].astype(np.int64)
     v = np.clip(t1 * s1 + bias, clip[0], clip[1])
