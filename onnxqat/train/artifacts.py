@@ -15,8 +15,11 @@ in the graph, the op library's gradients are registered first and the library is
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import sys
+import tempfile
 import types
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,6 +208,32 @@ def training_copy(model: onnx.ModelProto, plan: TrainingPlan) -> onnx.ModelProto
     return m
 
 
+_ORT_INFO_LINE = re.compile(r"^\S+ \S+ \[I:onnxruntime")
+
+
+@contextlib.contextmanager
+def _without_ort_info_lines():
+    """Drops ONNX Runtime's INFO lines from the process's stderr (fd 2) and passes every other line on.
+
+    generate_artifacts builds the gradient graph through a logger that ignores set_default_logger_severity and
+    prints each graph transformer it runs; users should see warnings and errors, not 40 lines of INFO.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [ln for ln in capture.read().decode(errors="replace").splitlines() if not _ORT_INFO_LINE.match(ln)]
+            if kept:
+                sys.stderr.write("\n".join(kept) + "\n")
+
+
 def generate(model: onnx.ModelProto, directory: str | os.PathLike, plan: TrainingPlan | None = None) -> dict:
     """Writes the artifacts; returns their paths and the plan."""
     plan = plan or plan_training(model)
@@ -223,10 +252,11 @@ def generate(model: onnx.ModelProto, directory: str | os.PathLike, plan: Trainin
         kwargs["custom_op_library"] = str(library_path())
     tm = training_copy(model, plan)
     try:
-        artifacts.generate_artifacts(
-            tm, requires_grad=plan.trainable + plan.quantizer_params, frozen_params=plan.frozen,
-            loss=artifacts.LossType.CrossEntropyLoss, artifact_directory=str(d),
-            additional_output_names=[plan.output_name], **kwargs)
+        with _without_ort_info_lines():
+            artifacts.generate_artifacts(
+                tm, requires_grad=plan.trainable + plan.quantizer_params, frozen_params=plan.frozen,
+                loss=artifacts.LossType.CrossEntropyLoss, artifact_directory=str(d),
+                additional_output_names=[plan.output_name], **kwargs)
     except Exception as exc:
         raise TrainingError(f"ONNX Runtime could not build the training graph: {str(exc).splitlines()[0]}") from exc
     return {"train": d / "training_model.onnx", "eval": d / "eval_model.onnx", "checkpoint": d / "checkpoint",
