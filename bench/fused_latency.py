@@ -25,8 +25,8 @@ from onnx import helper, numpy_helper
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests" / "fuse")]
 
-from onnxqat.fuse.api import fuse  # noqa: E402
-from onnxqat.fuse.graph import QatGraph  # noqa: E402
+from onnxqat.fusion.api import fuse  # noqa: E402
+from onnxqat.fusion.graph import QatGraph  # noqa: E402
 from onnxqat.ops.schema import DOMAIN  # noqa: E402
 
 _TIMER = r"""
@@ -140,7 +140,7 @@ def main() -> None:
             models[f"{name}/fp32"] = fp
             sizes[name] = (os.path.getsize(fp), res.size, res.weight_params)
         if args.runtime == "stock":
-            from onnxqat.fuse.stock import stock_python
+            from onnxqat.fusion.stock import stock_python
 
             py = str(stock_python())
         else:

@@ -84,8 +84,8 @@ def run_torch(args, fp32_model: str | None) -> dict:
     import torch.nn.functional as F
     from onnx import numpy_helper
 
-    from onnxqat.train.data import Batches, resolve_data
-    from onnxqat.train.transforms import default_transforms
+    from onnxqat.training.data import Batches, resolve_data
+    from onnxqat.training.transforms import default_transforms
 
     torch.set_num_threads(max(1, args.threads or 1))
     torch.manual_seed(args.seed)

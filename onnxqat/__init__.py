@@ -24,8 +24,8 @@ _API = {
     "inspect": "onnxqat.passes.inspect",
     "load_recipe": "onnxqat.recipes",
     "list_recipes": "onnxqat.recipes",
-    "train": "onnxqat.train.run",
-    "fuse": "onnxqat.fuse.api",
+    "train": "onnxqat.training.run",
+    "fuse": "onnxqat.fusion.api",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -38,7 +38,7 @@ LOGIT_TOL = 1e-4  # float32 rounding of the fake-quantized logits (|logit| < ~30
 
 
 def load_test_set(limit: int | None):
-    from onnxqat.train.data import resolve_data
+    from onnxqat.training.data import resolve_data
 
     _, test = resolve_data("fashion-mnist")
     test = test.limit(limit)
@@ -70,7 +70,7 @@ def run_ort(path: Path, x_codes: np.ndarray, batch: int = 1000) -> np.ndarray:
 
 def run_stock_fused(path: Path, x_codes: np.ndarray, batch: int = 2500) -> tuple[np.ndarray, str]:
     """Logits of the fused model on stock onnxruntime (.venv-stock), fed uint8 codes."""
-    from onnxqat.fuse.stock import run_stock
+    from onnxqat.fusion.stock import run_stock
 
     model = onnx.load(str(path))
     name = model.graph.input[0].name

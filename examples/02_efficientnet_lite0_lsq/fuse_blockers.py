@@ -121,7 +121,7 @@ CASES = [case_baseline, case_input_normalisation, case_relu6, case_depthwise, ca
 def run_case(build, recipe="lsq8") -> str:
     import onnxruntime as ort
 
-    from onnxqat.fuse.api import fuse
+    from onnxqat.fusion.api import fuse
     from onnxqat.ops.library import session_options
     from onnxqat.passes.insert import insert
 

@@ -158,9 +158,9 @@ def try_fuse(qat, path: Path, x: np.ndarray, check: bool = True):
     """fuse() -> (logits of the fused model on x, FuseResult) or (None, error line). check: fuse's own self-check on
     x (fake-quant with the op library vs fused: output codes and every activation quantizer's codes)."""
     try:
-        from onnxqat.fuse.api import fuse
+        from onnxqat.fusion.api import fuse
     except ImportError as exc:
-        return None, f"onnxqat.fuse.api not available ({exc})"
+        return None, f"onnxqat.fusion.api not available ({exc})"
     try:
         res = fuse(qat, str(path), verify_data=x if check else None, check=check, verify_engine="onnxruntime")
     except Exception as exc:  # reported under the table, not hidden

@@ -1,4 +1,4 @@
-"""`onnxqat fuse`: a trained QAT model -> integer-only ONNX (or QDQ) model; thin wrapper of onnxqat.fuse.api.fuse."""
+"""`onnxqat fuse`: a trained QAT model -> integer-only ONNX (or QDQ) model; thin wrapper of onnxqat.fusion.api.fuse."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def fuse_command(
                                                     help="float logits (last DequantizeLinear) or int32 codes")] = True,
 ) -> None:
     """Fold BatchNorm and quantizers into an integer-only ONNX model of standard ops (runs on stock onnxruntime)."""
-    from onnxqat.fuse.api import fuse
+    from onnxqat.fusion.api import fuse
 
     if output is None:
         output = model.with_name(model.stem + (".qdq.onnx" if format == "qdq" else ".int.onnx"))

@@ -51,7 +51,7 @@ def train_command(
 ) -> None:
     """Train MODEL on DATA; writes metrics.csv/json, checkpoint_best/last.npz, model.onnx, model_best.onnx and
     histograms/*.png into --out."""
-    from onnxqat.train.run import train
+    from onnxqat.training.run import train
 
     try:
         res = train(model, data, epochs=epochs, out=out, recipe=recipe, batch_size=batch_size, lr=lr,

@@ -4,7 +4,7 @@ ORT builds the backward graph of a custom op from a registered definition: one g
 `<Op>Grad(GO(0), I(0), I(1), ..., O(k)...)` -> `GI(k)` for every trainable forward input k (schema.py `grad_of`);
 the O(k) are the forward outputs of schema.py `grad_uses_outputs` (SatWeightQuant: its derivative factor dWq_dW,
 so that SatWeightQuantGrad evaluates no tanh). ORT needs the forward node to *have* those outputs: run
-add_gradient_outputs(model) on the graph given to generate_artifacts (onnxqat.train.artifacts does).
+add_gradient_outputs(model) on the graph given to generate_artifacts (onnxqat.training.artifacts does).
 Per-node values (R, mode, qmin/qmax...) are forward *inputs*, so they reach the gradient node as I(i): attributes
 would be fixed per op type at registration. Call register_gradients() in the process that calls
 onnxruntime.training.artifacts.generate_artifacts, before that call.

@@ -1,0 +1,343 @@
+"""The training loop over ONNX Runtime training's Module: steps, accumulation, evaluation, checkpoints, metrics."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxqat.errors import DataError, TrainingError
+from onnxqat.training import artifacts as art
+from onnxqat.training.checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint, save_checkpoint
+from onnxqat.training.data import Batches
+from onnxqat.training.solver import LRSchedule, Solver, quantizer_floor
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_iterations: int | None = None  # optimizer updates; stops early when reached
+    batch_size: int = 128
+    iteration_size: int = 1
+    solver: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    decay: float = 0.0
+    quantizer_lr: float | None = None  # None: same as lr
+    quantizer_decay: float | None = None  # None: same as decay
+    lr_policy: str = "none"
+    warmup: float = 0.0  # epochs (fractions allowed) of linear warmup
+    step_size: float | None = None  # epochs between step decays (policy step); None: a third of the run
+    gamma: float = 0.1
+    seed: int = 0
+    threads: int = 0  # ORT intra-op threads; 0 = ORT's default
+    eval_test: bool = True  # evaluate the test set every epoch (else only at the end)
+
+    def signature(self) -> dict:
+        d = asdict(self)
+        d.pop("threads")
+        d.pop("eval_test")
+        d.pop("epochs")  # a resumed run may ask for more epochs
+        return d
+
+
+class Engine:
+    """One ORT training Module over a model, with the trainable parameters as one flat float32 vector."""
+
+    def __init__(self, model: onnx.ModelProto, workdir: str | Path, threads: int = 0):
+        self.model = model
+        self.plan = art.plan_training(model)
+        paths = art.generate(model, Path(workdir), self.plan)
+        ort, _, Module, CheckpointState = art.import_ort_training()
+        if self.plan.uses_custom_ops:
+            from onnxqat.ops.library import session_options
+
+            so = session_options()
+        else:
+            so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = int(threads)
+        so.use_deterministic_compute = True
+        self._OrtValue = ort.OrtValue
+        self.state = CheckpointState.load_checkpoint(str(paths["checkpoint"]))
+        self.module = Module(str(paths["train"]), self.state, str(paths["eval"]), session_options=so)
+        self.module.train()
+        self.train_inputs = list(self.module.input_names())
+        self.module.eval()
+        self.eval_inputs = list(self.module.input_names())
+        self.module.train()
+        self.all_params = list(self.state._state.parameter_names())
+        self._probe_layout()
+        qset = set(self.plan.quantizer_params)
+        self.quant_mask = np.zeros(self.size, bool)
+        for name, off, n, _ in self.layout:
+            if name in qset:
+                self.quant_mask[off:off + n] = True
+
+    def _probe_layout(self) -> None:
+        """Finds each trainable parameter's place in ORT's contiguous buffer (its order is ORT's own)."""
+        names = [n for n in self.plan.trainable + self.plan.quantizer_params if n in self.all_params]
+        saved = {n: self.state.parameters[n].data.copy() for n in names}
+        for k, n in enumerate(names):
+            self.state.parameters[n].data = np.full(saved[n].shape, k + 1, np.float32)
+        buf = self.module.get_contiguous_parameters(trainable_only=True).numpy()
+        layout = []
+        for k, n in enumerate(names):
+            idx = np.nonzero(buf == k + 1)[0]
+            if idx.size != saved[n].size or (idx.size and idx[-1] - idx[0] + 1 != idx.size):
+                raise TrainingError(f"cannot locate parameter {n} in ORT's parameter buffer")
+            layout.append((n, int(idx[0]) if idx.size else 0, int(saved[n].size), saved[n].shape))
+        if sum(x[2] for x in layout) != buf.size:
+            raise TrainingError("ORT's trainable parameter buffer holds parameters the plan does not know")
+        for n in names:
+            self.state.parameters[n].data = saved[n]
+        self.layout = sorted(layout, key=lambda x: x[1])
+        self.size = int(buf.size)
+
+    # ---------------------------------------------------------------- parameters
+    def get_flat(self) -> np.ndarray:
+        return np.array(self.module.get_contiguous_parameters(trainable_only=True).numpy(), np.float32)
+
+    def set_flat(self, flat: np.ndarray) -> None:
+        self.module.copy_buffer_to_parameters(self._OrtValue.ortvalue_from_numpy(flat)._ortvalue, trainable_only=True)
+
+    def grad_flat(self) -> np.ndarray:
+        p = self.state.parameters
+        return np.concatenate([p[n].grad.reshape(-1) for n, _, _, _ in self.layout]).astype(np.float32, copy=False)
+
+    def params(self) -> dict[str, np.ndarray]:
+        """Every ORT parameter (trainable and BN statistics) by name."""
+        return {n: self.state.parameters[n].data.copy() for n in self.all_params}
+
+    def load_params(self, params: dict[str, np.ndarray]) -> None:
+        for n in self.all_params:
+            if n in params:
+                self.state.parameters[n].data = np.asarray(params[n], np.float32).reshape(self.state.parameters[n].data.shape)
+
+    # ---------------------------------------------------------------- steps
+    def masks(self, batch: int, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+        out = {}
+        for d in self.plan.dropouts:
+            if rng is None:
+                out[d.mask_input] = np.ones((1, *d.shape), np.float32)
+            else:
+                keep = rng.random((batch, *d.shape), dtype=np.float32) >= np.float32(d.ratio)
+                out[d.mask_input] = keep.astype(np.float32) * np.float32(1.0 / (1.0 - d.ratio))
+        return out
+
+    def _feeds(self, names, x, y, masks):
+        feeds = dict(masks)
+        feeds[self.plan.input_name] = x
+        feeds["labels"] = y
+        return [feeds[n] for n in names]
+
+    def train_step(self, x, y, mask_rng) -> tuple[float, np.ndarray]:
+        self.module.train()
+        loss, logits = self.module(*self._feeds(self.train_inputs, x, y, self.masks(x.shape[0], mask_rng)))
+        return float(loss), logits
+
+    def eval_step(self, x, y) -> tuple[float, np.ndarray]:
+        self.module.eval()
+        loss, logits = self.module(*self._feeds(self.eval_inputs, x, y, self.masks(x.shape[0], None)))
+        return float(loss), logits
+
+
+def evaluate(engine: Engine, batches: Batches) -> tuple[float, float]:
+    """(mean loss, top-1 %) over a data set."""
+    tot_loss, correct, n = 0.0, 0, 0
+    for _, x, y in batches.epoch(0):
+        loss, logits = engine.eval_step(x, y)
+        tot_loss += loss * len(y)
+        correct += int((np.argmax(logits, axis=1) == y).sum())
+        n += len(y)
+    return tot_loss / max(n, 1), 100.0 * correct / max(n, 1)
+
+
+def model_digest(model: onnx.ModelProto) -> str:
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+
+@dataclass
+class FitResult:
+    out_dir: Path
+    model_path: Path
+    best_model_path: Path | None
+    metrics: list[dict] = field(default_factory=list)
+    best_metric: float | None = None
+    test_top1: float | None = None
+    test_loss: float | None = None
+    params: dict | None = None
+
+
+METRIC_FIELDS = ("epoch", "iterations", "lr", "quantizer_lr", "train_loss", "train_top1", "val_loss", "val_top1",
+                 "test_loss", "test_top1", "images_per_s", "epoch_seconds", "cpu_seconds")
+
+
+def _write_metrics(out: Path, history: list[dict]) -> None:
+    atomic_write_text(out / "metrics.json", json.dumps(history, indent=1))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in METRIC_FIELDS})
+    atomic_write_text(out / "metrics.csv", buf.getvalue())
+
+
+def _save_model(path: Path, model: onnx.ModelProto, params: dict) -> None:
+    atomic_write_bytes(path, art.write_back(model, params).SerializeToString())
+
+
+def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_batches: Batches | None,
+        test_batches: Batches | None, out: str | Path, resume: bool = False, progress: bool = True,
+        stop_after_batches: int | None = None, log=print) -> FitResult:
+    """Trains `model` and writes checkpoints, metrics and the trained model into `out`.
+
+    stop_after_batches: (tests) raise KeyboardInterrupt after that many physical batches, like a kill mid-epoch.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.iteration_size < 1:
+        raise TrainingError(f"iteration size must be >= 1, got {cfg.iteration_size}")
+    if cfg.epochs < 1 and not cfg.max_iterations:
+        raise TrainingError("nothing to do: epochs must be >= 1 (or give max iterations)")
+    engine = Engine(model, out / "artifacts", cfg.threads)
+    _check_shapes(engine, train_batches)
+
+    n_batches = len(train_batches)
+    if n_batches == 0:
+        raise DataError("the training set is smaller than one batch")
+    updates_per_epoch = -(-n_batches // cfg.iteration_size)
+    total = updates_per_epoch * cfg.epochs
+    if cfg.max_iterations:
+        total = min(total, cfg.max_iterations) if cfg.epochs >= 1 else cfg.max_iterations
+    epochs = cfg.epochs if not cfg.max_iterations else max(cfg.epochs, -(-total // updates_per_epoch))
+    warm = int(round(cfg.warmup * updates_per_epoch))
+    step_size = int(round(cfg.step_size * updates_per_epoch)) if cfg.step_size else None
+    sched = LRSchedule(cfg.lr, cfg.lr_policy, total, warm, step_size, cfg.gamma)
+    qsched = LRSchedule(cfg.lr if cfg.quantizer_lr is None else cfg.quantizer_lr, cfg.lr_policy, total, warm,
+                        step_size, cfg.gamma)
+    # quantizer floors from the model's own initial values (before any resume), so a resumed run clamps alike
+    solver = Solver(cfg.solver, engine.size, engine.quant_mask, cfg.momentum, cfg.decay, cfg.quantizer_decay,
+                    quant_floor=quantizer_floor(engine.get_flat(), engine.quant_mask))
+
+    signature = {"config": cfg.signature(), "model": model_digest(model), "train_size": len(train_batches.ds)}
+    last_ckpt, best_ckpt = out / "checkpoint_last.npz", out / "checkpoint_best.npz"
+    history: list[dict] = []
+    start_epoch, step, best = 0, 0, None
+    if resume and last_ckpt.is_file():
+        params, sstate, meta = load_checkpoint(last_ckpt)
+        if meta.get("signature") != signature:
+            raise TrainingError(f"{last_ckpt}: written by a run with another model, data size or configuration; "
+                                "resume needs the same ones (or start without --resume / use another --out)")
+        engine.load_params(params)
+        solver.load_state_dict(sstate)
+        start_epoch, step, best, history = meta["epoch"], meta["step"], meta.get("best"), meta["history"]
+        log(f"resuming after epoch {start_epoch} (update {step}) from {last_ckpt}")
+    elif resume:
+        log(f"no checkpoint in {out}: starting from the beginning")
+
+    w = engine.get_flat()
+    seen_batches = 0
+    for epoch in range(start_epoch, epochs):
+        if step >= total:
+            break
+        t0, c0 = time.perf_counter(), time.process_time()
+        tot_loss, correct, n_seen = 0.0, 0, 0
+        accum = 0
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+        lr = qlr = None
+        for b, x, y in train_batches.epoch(epoch):
+            if accum == 0:
+                engine.module.lazy_reset_grad()
+            loss, logits = engine.train_step(x, y, np.random.default_rng([cfg.seed, epoch, 3, b]))
+            if not math.isfinite(loss):
+                raise TrainingError(f"loss is {loss} at epoch {epoch + 1}, step {b + 1}: training stopped; last good "
+                                    f"checkpoint: {last_ckpt if last_ckpt.is_file() else 'none (first epoch)'}")
+            accum += 1
+            if accum == cfg.iteration_size or b == n_batches - 1:
+                g = engine.grad_flat()
+                if accum > 1:
+                    g = g / np.float32(accum)
+                if not np.all(np.isfinite(g)):
+                    raise TrainingError(f"gradient is not finite at epoch {epoch + 1}, step {b + 1}: training stopped; "
+                                        f"last good checkpoint: {last_ckpt if last_ckpt.is_file() else 'none'}")
+                lr, qlr = sched(step), qsched(step)
+                solver.step(w, g, lr, qlr)
+                engine.set_flat(w)
+                step += 1
+                accum = 0
+            tot_loss += loss * len(y)
+            correct += int((np.argmax(logits, axis=1) == y).sum())
+            n_seen += len(y)
+            seen_batches += 1
+            if bar is not None:
+                el = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{tot_loss / n_seen:.4f}", acc=f"{100.0 * correct / n_seen:.2f}",
+                                img_s=f"{n_seen / max(el, 1e-9):.0f}", refresh=False)
+                bar.update(1)
+            if stop_after_batches is not None and seen_batches >= stop_after_batches:
+                if bar is not None:
+                    bar.close()
+                raise KeyboardInterrupt
+            if step >= total:
+                break
+        if bar is not None:
+            bar.close()
+        train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
+        row = {"epoch": epoch + 1, "iterations": step, "lr": lr, "quantizer_lr": qlr,
+               "train_loss": tot_loss / max(n_seen, 1), "train_top1": 100.0 * correct / max(n_seen, 1),
+               "images_per_s": n_seen / max(train_s, 1e-9), "epoch_seconds": train_s,
+               "cpu_seconds": train_cpu}
+        if val_batches is not None:
+            row["val_loss"], row["val_top1"] = evaluate(engine, val_batches)
+        last = epoch == epochs - 1 or step >= total
+        if test_batches is not None and (cfg.eval_test or last):
+            row["test_loss"], row["test_top1"] = evaluate(engine, test_batches)
+        history.append(row)
+        metric = row.get("val_top1", row.get("test_top1", row["train_top1"]))
+        params = engine.params()
+        if best is None or metric > best:
+            best = metric
+            save_checkpoint(best_ckpt, params, solver.state_dict(),
+                            {"epoch": epoch + 1, "step": step, "best": best, "history": history, "signature": signature})
+            _save_model(out / "model_best.onnx", model, params)
+        save_checkpoint(last_ckpt, params, solver.state_dict(),
+                        {"epoch": epoch + 1, "step": step, "best": best, "history": history, "signature": signature})
+        _write_metrics(out, history)
+        msg = (f"epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2f}%"
+               + (f" | val {row['val_top1']:.2f}%" if "val_top1" in row else "")
+               + (f" | test {row['test_top1']:.2f}%" if "test_top1" in row else "")
+               + f" | lr {lr:.4g} | {row['images_per_s']:.0f} img/s")
+        log(msg)
+    params = engine.params()
+    _save_model(out / "model.onnx", model, params)
+    final = history[-1] if history else {}
+    test_loss, test_top1 = final.get("test_loss"), final.get("test_top1")
+    if test_batches is not None and test_top1 is None:
+        test_loss, test_top1 = evaluate(engine, test_batches)
+    return FitResult(out, out / "model.onnx", out / "model_best.onnx" if (out / "model_best.onnx").is_file() else None,
+                     history, best, test_top1, test_loss, params)
+
+
+def _check_shapes(engine: Engine, batches: Batches) -> None:
+    c, h, w = batches.ds.sample_shape
+    x = batches.transforms(batches.ds.images[:1], np.random.default_rng(0), True) if batches.transforms else \
+        batches.ds.images[:1]
+    got = (x.shape[3], x.shape[1], x.shape[2])
+    want = engine.plan.input_shape[1:]
+    if len(want) != 3 or any(wd is not None and wd != gd for wd, gd in zip(want, got)):
+        raise DataError(f"input shape mismatch: the data gives samples of shape {list(got)} (C, H, W) after "
+                        f"transforms, the model input {engine.plan.input_name} expects "
+                        f"{[d if d else '?' for d in want]}")
