@@ -8,12 +8,14 @@ nodes (those are cut off with a note).
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
 from collections import defaultdict
 
 import onnx
 from PIL import Image, ImageDraw, ImageFont
+
+from onnxqat.files import atomic_write_bytes
 
 _INTEGER_TYPES = {
     onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
@@ -151,14 +153,7 @@ def render_graph(model: onnx.ModelProto | str, path: str, title: str | None = No
     if truncated:
         draw.text((lx, ly + 2), f"(first {MAX_NODES} nodes shown)", fill="black", font=f_small)
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
-    os.close(fd)
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    png = io.BytesIO()
+    img.save(png, format="PNG")
+    atomic_write_bytes(path, png.getvalue())
     return path

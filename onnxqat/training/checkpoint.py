@@ -1,4 +1,4 @@
-"""Training checkpoints: one .npz per checkpoint, written atomically (temp file in the same folder, fsync, rename).
+"""Training checkpoints: one .npz per checkpoint, written atomically (onnxqat.files).
 
 A checkpoint holds every ORT parameter (trainable ones and BN running statistics) under `param/<name>`, the solver
 state, and a JSON `meta` (epoch finished, update count, metric history, best metric, the run's configuration).
@@ -10,42 +10,12 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from onnxqat.errors import TrainingError
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+from onnxqat.files import atomic_write_bytes
 
 
 def save_checkpoint(path: str | os.PathLike, params: dict[str, np.ndarray], solver_state: dict[str, np.ndarray],

@@ -16,7 +16,8 @@ import onnx
 
 from onnxqat.errors import DataError, TrainingError
 from onnxqat.training import artifacts as art
-from onnxqat.training.checkpoint import atomic_write_bytes, atomic_write_text, load_checkpoint, save_checkpoint
+from onnxqat.files import atomic_write_bytes, atomic_write_text
+from onnxqat.training.checkpoint import load_checkpoint, save_checkpoint
 from onnxqat.training.data import Batches
 from onnxqat.training.solver import LRSchedule, Solver, quantizer_floor
 

@@ -24,9 +24,9 @@ import numpy as np
 import onnx
 
 from onnxqat.errors import DataError, ModelError, RecipeError
+from onnxqat.files import atomic_write_text
 from onnxqat.ops.schema import DOMAIN, QUANTIZER_OP_TYPES
 from onnxqat.training import artifacts as art
-from onnxqat.training.checkpoint import atomic_write_text
 from onnxqat.training.data import Batches, check_labels, resolve_data, validation_split
 from onnxqat.training.loop import FitResult, TrainConfig, fit
 from onnxqat.training.transforms import Compose, build_transforms, default_transforms
