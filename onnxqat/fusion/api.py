@@ -15,16 +15,16 @@ the integer codes as the output). No custom domain: runs on stock onnxruntime an
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
-from onnxqat.errors import FuseError, ModelError
+from onnxqat.errors import FuseError
 from onnxqat.fusion.lower import Lowerer
 from onnxqat.fusion.values import OutputInfo
 from onnxqat.fusion.verify import Agreement, load_verify_data, verify
+from onnxqat.graph import load_model, save_model
 
 
 @dataclass
@@ -51,32 +51,6 @@ class FuseResult:
         return "\n".join(lines)
 
 
-def _load(model) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
-        return model
-    path = os.fspath(model)
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: no such model file")
-    try:
-        return onnx.load(path)
-    except Exception as exc:  # protobuf decode errors have many types
-        raise ModelError(f"{path}: not a readable ONNX model ({type(exc).__name__})") from exc
-
-
-def _write_atomic(model: onnx.ModelProto, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".fuse-", suffix=".onnx.tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def fuse(model, output=None, format: str = "int", rescale: str = "fixed-point", verify_data=None, strict: bool = False,
          *, input_scale: float = 1 / 255, input_type: str = "uint8", keep_float=(), dequantize_output: bool = True,
          verify_samples: int = 64, seed: int = 0, check: bool = True, verify_engine: str = "reference") -> FuseResult:
@@ -94,7 +68,7 @@ def fuse(model, output=None, format: str = "int", rescale: str = "fixed-point", 
     """
     if verify_engine not in ("reference", "onnxruntime"):
         raise FuseError(f"unknown verify engine '{verify_engine}' (reference or onnxruntime)")
-    qat = _load(model)
+    qat = load_model(model)
     low = Lowerer(qat, format=format, rescale=rescale, input_scale=input_scale, input_type=input_type,
                   keep_float=keep_float, dequantize_output=dequantize_output).run()
     try:
@@ -116,7 +90,7 @@ def fuse(model, output=None, format: str = "int", rescale: str = "fixed-point", 
     path = None
     if output is not None:
         path = os.fspath(output)
-        _write_atomic(low.model, path)
-    size = len(low.model.SerializeToString())
+        save_model(low.model, path)
+    size = low.model.ByteSize()
     return FuseResult(low.model, path, size, format, low.weight_params, low.weight_bits, low.outputs, agreement,
                       low.kept_float)
