@@ -1,5 +1,5 @@
-// Infrastructure of the CPU kernels: error reporting that names op and node, input access, chunked parallel loops
-// on ORT's intra-op thread pool, and the OrtCustomOp descriptor template.
+// Infrastructure of the CPU kernels: input access (over common/ort_kernel.h), chunked parallel loops on ORT's
+// intra-op thread pool, and the OrtCustomOp descriptor template.
 #pragma once
 
 #include <onnxruntime_cxx_api.h>
@@ -11,6 +11,8 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
+
+#include "common/ort_kernel.h"
 
 namespace onnxqat {
 namespace cpu {
@@ -27,41 +29,21 @@ inline size_t chunk_len(size_t n) {
   return c < lo ? lo : (c > hi ? hi : c);
 }
 
-struct OpError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-std::string shape_str(const std::vector<int64_t>& shape);
-
-class KernelBase {
+// OrtKernelBase (common/ort_kernel.h) with the float tensor input in host memory.
+class KernelBase : public OrtKernelBase {
  public:
-  KernelBase(const OrtKernelInfo* info, const char* op_name);
-
-  // "<Op> node '<name>': <problem>" as an OpError (turned into an ORT_INVALID_ARGUMENT status).
-  [[noreturn]] void fail(const std::string& problem) const;
-  void check(const std::string& problem) const {
-    if (!problem.empty()) fail(problem);
-  }
+  using OrtKernelBase::OrtKernelBase;
 
   struct FloatIn {
     const float* data;
     std::vector<int64_t> shape;
     size_t size;
   };
-  FloatIn float_input(Ort::KernelContext& ctx, size_t index, const char* name) const;
-  float float_scalar(Ort::KernelContext& ctx, size_t index, const char* name) const;
-  int64_t int_scalar(Ort::KernelContext& ctx, size_t index, const char* name) const;
-  // Output `index` with `shape`, or nullptr when the node leaves that (optional) output out.
-  float* output(Ort::KernelContext& ctx, size_t index, const std::vector<int64_t>& shape) const;
-
-  const std::string& node_name() const { return node_; }
-  const char* op_name() const { return op_; }
-
- private:
-  Ort::ConstValue input(Ort::KernelContext& ctx, size_t index, const char* name, ONNXTensorElementDataType type,
-                        const char* type_name) const;
-  std::string node_;
-  const char* op_;
+  FloatIn float_input(Ort::KernelContext& ctx, size_t index, const char* name) const {
+    Ort::ConstValue v = input(ctx, index, name, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "float32");
+    auto info = v.GetTensorTypeAndShapeInfo();
+    return FloatIn{v.GetTensorData<float>(), info.GetShape(), info.GetElementCount()};
+  }
 };
 
 // Number of tasks for n elements.
@@ -171,25 +153,6 @@ OrtStatusPtr ORT_API_CALL infer_output_shapes(const OrtCustomOp*, OrtShapeInferC
 #endif
   return nullptr;
 }
-
-// Inputs [0, K::kNumRequiredInputs) are required, the rest optional (default: all required); outputs
-// [0, K::kNumRequiredOutputs) are required (default: none if K::kOptionalOutputs, else all).
-template <class K, class = void>
-struct RequiredInputs {
-  static constexpr size_t value = K::kNumInputs;
-};
-template <class K>
-struct RequiredInputs<K, std::void_t<decltype(K::kNumRequiredInputs)>> {
-  static constexpr size_t value = K::kNumRequiredInputs;
-};
-template <class K, class = void>
-struct RequiredOutputs {
-  static constexpr size_t value = K::kOptionalOutputs ? 0 : K::kNumOutputs;
-};
-template <class K>
-struct RequiredOutputs<K, std::void_t<decltype(K::kNumRequiredOutputs)>> {
-  static constexpr size_t value = K::kNumRequiredOutputs;
-};
 
 template <class K>
 struct CpuOp : Ort::CustomOpBase<CpuOp<K>, K, /*WithStatus=*/true> {

@@ -36,49 +36,10 @@ Scratch::~Scratch() {
   }
 }
 
-CudaKernel::CudaKernel(const OrtKernelInfo* info, const char* op_name) : op_(op_name) {
-  try {
-    node_ = Ort::ConstKernelInfo(info).GetNodeName();
-  } catch (const Ort::Exception&) {
-    node_ = "?";
-  }
-}
-
-void CudaKernel::fail(const std::string& problem) const {
-  throw OpError(std::string(op_) + " node '" + node_ + "': " + problem);
-}
-
 void CudaKernel::cuda_check(cudaError_t err, const char* what) const {
   if (err == cudaSuccess) return;
-  throw CudaCallError(std::string(op_) + " node '" + node_ + "': CUDA error in " + what + ": " +
+  throw CudaCallError(std::string(op_name()) + " node '" + node_name() + "': CUDA error in " + what + ": " +
                       cudaGetErrorName(err) + " (" + cudaGetErrorString(err) + ")");
-}
-
-static const char* type_name_of(ONNXTensorElementDataType t) {
-  switch (t) {
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "float64";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
-    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL: return "bool";
-    default: return "another type";
-  }
-}
-
-Ort::ConstValue CudaKernel::input(Ort::KernelContext& ctx, size_t index, const char* name,
-                                  ONNXTensorElementDataType type, const char* type_name) const {
-  if (index >= ctx.GetInputCount()) fail(std::string("input '") + name + "' is missing");
-  Ort::ConstValue v = ctx.GetInput(index);
-  if (!v) fail(std::string("input '") + name + "' is missing");
-  if (!v.IsTensor()) fail(std::string("input '") + name + "' must be a tensor");
-  auto info = v.GetTensorTypeAndShapeInfo();
-  if (info.GetElementType() != type)
-    fail(std::string("input '") + name + "' must be " + type_name + ", got " + type_name_of(info.GetElementType()));
-  return v;
 }
 
 CudaKernel::DeviceIn CudaKernel::float_input(Ort::KernelContext& ctx, size_t index, const char* name) const {
@@ -90,29 +51,6 @@ CudaKernel::DeviceIn CudaKernel::float_input(Ort::KernelContext& ctx, size_t ind
   in.data = v.GetTensorData<float>();
   in.device_id = v.GetTensorMemoryInfo().GetDeviceId();
   return in;
-}
-
-float CudaKernel::float_scalar(Ort::KernelContext& ctx, size_t index, const char* name) const {
-  Ort::ConstValue v = input(ctx, index, name, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "float32");
-  auto info = v.GetTensorTypeAndShapeInfo();
-  if (info.GetElementCount() != 1)
-    fail(std::string("input '") + name + "' must be a scalar (one element), got shape " + shape_str(info.GetShape()));
-  return v.GetTensorData<float>()[0];
-}
-
-int64_t CudaKernel::int_scalar(Ort::KernelContext& ctx, size_t index, const char* name) const {
-  Ort::ConstValue v = input(ctx, index, name, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, "int64");
-  auto info = v.GetTensorTypeAndShapeInfo();
-  if (info.GetElementCount() != 1)
-    fail(std::string("input '") + name + "' must be a scalar (one element), got shape " + shape_str(info.GetShape()));
-  return v.GetTensorData<int64_t>()[0];
-}
-
-float* CudaKernel::output(Ort::KernelContext& ctx, size_t index, const std::vector<int64_t>& shape) const {
-  if (index >= ctx.GetOutputCount()) return nullptr;
-  Ort::UnownedValue v = ctx.GetOutput(index, shape.data(), shape.size());
-  if (!v) return nullptr;
-  return v.GetTensorMutableData<float>();
 }
 
 cudaStream_t CudaKernel::stream(Ort::KernelContext& ctx, int device_id) const {

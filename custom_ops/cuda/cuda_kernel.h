@@ -1,6 +1,6 @@
 // ORT-facing infrastructure of the CUDA kernels: errors that name op and node (CUDA errors included), inputs on the
 // device or (per-node constants) in host memory, the compute stream, scratch memory from ORT's CUDA allocator, and
-// the OrtCustomOp descriptor (CUDAExecutionProvider, op version 19). Mirrors cpu/kernel_base.h.
+// the OrtCustomOp descriptor (CUDAExecutionProvider, op version 19). Mirrors cpu/kernel_base.h; what both share is common/ort_kernel.h.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -13,15 +13,14 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/ort_kernel.h"
+
 namespace onnxqat {
 namespace cuda {
 
 // The ORT API version announced on every op (runtime 1.19; headers may be newer).
 constexpr uint32_t kOrtApiVersion = 19;
 
-struct OpError : std::runtime_error {  // invalid input: ORT_INVALID_ARGUMENT
-  using std::runtime_error::runtime_error;
-};
 struct CudaCallError : std::runtime_error {  // a CUDA call failed: ORT_EP_FAIL
   using std::runtime_error::runtime_error;
 };
@@ -44,14 +43,11 @@ class Scratch {
   cudaError_t error_ = cudaSuccess;
 };
 
-class CudaKernel {
+// OrtKernelBase (common/ort_kernel.h) with float tensor inputs on the device, CUDA errors and the stream.
+class CudaKernel : public OrtKernelBase {
  public:
-  CudaKernel(const OrtKernelInfo* info, const char* op_name);
+  using OrtKernelBase::OrtKernelBase;
 
-  [[noreturn]] void fail(const std::string& problem) const;
-  void check(const std::string& problem) const {
-    if (!problem.empty()) fail(problem);
-  }
   // Throws CudaCallError "<Op> node '<name>': CUDA error in <what>: <cuda message>" unless err is cudaSuccess.
   void cuda_check(cudaError_t err, const char* what) const;
 
@@ -62,24 +58,10 @@ class CudaKernel {
     int device_id;
   };
   DeviceIn float_input(Ort::KernelContext& ctx, size_t index, const char* name) const;
-  // Scalars of the per-node constant inputs, which the op declares as host-memory (CPU) inputs.
-  float float_scalar(Ort::KernelContext& ctx, size_t index, const char* name) const;
-  int64_t int_scalar(Ort::KernelContext& ctx, size_t index, const char* name) const;
-  // Output `index` with `shape`, or nullptr when the node leaves that (optional) output out.
-  float* output(Ort::KernelContext& ctx, size_t index, const std::vector<int64_t>& shape) const;
   // The compute stream ORT hands the kernel; makes the input's device current.
   cudaStream_t stream(Ort::KernelContext& ctx, int device_id) const;
   // Copies n device floats to the host (waits for the stream: alpha/step values are checked on the host).
   std::vector<float> to_host(const float* device, size_t n, cudaStream_t stream) const;
-
-  const std::string& node_name() const { return node_; }
-  const char* op_name() const { return op_; }
-
- private:
-  Ort::ConstValue input(Ort::KernelContext& ctx, size_t index, const char* name, ONNXTensorElementDataType type,
-                        const char* type_name) const;
-  std::string node_;
-  const char* op_;
 };
 
 // ComputeV2 body: runs kernel.Compute and turns any exception into an ORT status naming op and node.
@@ -115,26 +97,6 @@ struct StatusKernel : CudaKernel {
 // OrtCustomOp descriptor of CUDA kernel K. K provides what the CPU kernels do (kName, kNumInputs, kNumOutputs,
 // kOptionalOutputs, InputType(i), a constructor (const OrtKernelInfo*), Compute(Ort::KernelContext&)) and
 // OnHost(i): whether input i is a per-node constant read on the host.
-// Inputs [0, K::kNumRequiredInputs) are required, the rest optional (default: all required); outputs
-// [0, K::kNumRequiredOutputs) are required (default: none if K::kOptionalOutputs, else all). Same rule as the CPU
-// descriptors: both register the same op in one domain.
-template <class K, class = void>
-struct RequiredInputs {
-  static constexpr size_t value = K::kNumInputs;
-};
-template <class K>
-struct RequiredInputs<K, std::void_t<decltype(K::kNumRequiredInputs)>> {
-  static constexpr size_t value = K::kNumRequiredInputs;
-};
-template <class K, class = void>
-struct RequiredOutputs {
-  static constexpr size_t value = K::kOptionalOutputs ? 0 : K::kNumOutputs;
-};
-template <class K>
-struct RequiredOutputs<K, std::void_t<decltype(K::kNumRequiredOutputs)>> {
-  static constexpr size_t value = K::kNumRequiredOutputs;
-};
-
 template <class K>
 struct CudaOp : Ort::CustomOpBase<CudaOp<K>, K, /*WithStatus=*/true> {
   CudaOp() {

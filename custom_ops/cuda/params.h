@@ -14,15 +14,6 @@
 namespace onnxqat {
 namespace cuda {
 
-inline std::string shape_str(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(shape[i]);
-  }
-  return s + "]";
-}
-
 inline std::string check_sat_weight_args(float range, int64_t mode, int64_t fan_out) {
   std::string e = check_range(range);
   if (e.empty()) e = check_sat_mode(mode, range);

@@ -1,0 +1,125 @@
+// ORT-facing parts shared by the CPU and CUDA kernels (host code, ORT C++ API): errors that name op and node, the
+// checks every input gets (present, a tensor, the declared element type), scalar inputs, outputs, and the rule
+// that says which inputs and outputs of a descriptor are optional. Header-only so that the CUDA part still builds
+// on its own (custom_ops/cuda/CMakeLists.txt).
+#pragma once
+
+#include <onnxruntime_cxx_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "common/checks.h"
+
+namespace onnxqat {
+
+// Invalid input: becomes an ORT_INVALID_ARGUMENT status.
+struct OpError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+inline const char* element_type_name(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE: return "float64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return "float16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: return "bfloat16";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64: return "int64";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32: return "int32";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL: return "bool";
+    default: return "another type";
+  }
+}
+
+// Base of cpu::KernelBase and cuda::CudaKernel, which add the float tensor input of their memory.
+class OrtKernelBase {
+ public:
+  OrtKernelBase(const OrtKernelInfo* info, const char* op_name) : op_(op_name) {
+    try {
+      node_ = Ort::ConstKernelInfo(info).GetNodeName();
+    } catch (const Ort::Exception&) {
+      node_ = "?";
+    }
+  }
+
+  // "<Op> node '<name>': <problem>" as an OpError.
+  [[noreturn]] void fail(const std::string& problem) const {
+    throw OpError(std::string(op_) + " node '" + node_ + "': " + problem);
+  }
+  void check(const std::string& problem) const {
+    if (!problem.empty()) fail(problem);
+  }
+
+  // Scalars of the per-node constant inputs (host memory on either provider).
+  float float_scalar(Ort::KernelContext& ctx, size_t index, const char* name) const {
+    return scalar<float>(ctx, index, name, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, "float32");
+  }
+  int64_t int_scalar(Ort::KernelContext& ctx, size_t index, const char* name) const {
+    return scalar<int64_t>(ctx, index, name, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, "int64");
+  }
+  // Output `index` with `shape`, or nullptr when the node leaves that (optional) output out.
+  float* output(Ort::KernelContext& ctx, size_t index, const std::vector<int64_t>& shape) const {
+    if (index >= ctx.GetOutputCount()) return nullptr;
+    Ort::UnownedValue v = ctx.GetOutput(index, shape.data(), shape.size());
+    if (!v) return nullptr;
+    return v.GetTensorMutableData<float>();
+  }
+
+  const std::string& node_name() const { return node_; }
+  const char* op_name() const { return op_; }
+
+ protected:
+  Ort::ConstValue input(Ort::KernelContext& ctx, size_t index, const char* name, ONNXTensorElementDataType type,
+                        const char* type_name) const {
+    if (index >= ctx.GetInputCount()) fail(std::string("input '") + name + "' is missing");
+    Ort::ConstValue v = ctx.GetInput(index);
+    if (!v) fail(std::string("input '") + name + "' is missing");
+    if (!v.IsTensor()) fail(std::string("input '") + name + "' must be a tensor");
+    const ONNXTensorElementDataType got = v.GetTensorTypeAndShapeInfo().GetElementType();
+    if (got != type)
+      fail(std::string("input '") + name + "' must be " + type_name + ", got " + element_type_name(got));
+    return v;
+  }
+
+ private:
+  template <class T>
+  T scalar(Ort::KernelContext& ctx, size_t index, const char* name, ONNXTensorElementDataType type,
+           const char* type_name) const {
+    Ort::ConstValue v = input(ctx, index, name, type, type_name);
+    auto info = v.GetTensorTypeAndShapeInfo();
+    if (info.GetElementCount() != 1)
+      fail(std::string("input '") + name + "' must be a scalar (one element), got shape " + shape_str(info.GetShape()));
+    return v.GetTensorData<T>()[0];
+  }
+
+  std::string node_;
+  const char* op_;
+};
+
+// Inputs [0, K::kNumRequiredInputs) are required, the rest optional (default: all required); outputs
+// [0, K::kNumRequiredOutputs) are required (default: none if K::kOptionalOutputs, else all). The CPU and CUDA
+// descriptors of an op follow the same rule: both register it under one name in one domain.
+template <class K, class = void>
+struct RequiredInputs {
+  static constexpr size_t value = K::kNumInputs;
+};
+template <class K>
+struct RequiredInputs<K, std::void_t<decltype(K::kNumRequiredInputs)>> {
+  static constexpr size_t value = K::kNumRequiredInputs;
+};
+template <class K, class = void>
+struct RequiredOutputs {
+  static constexpr size_t value = K::kOptionalOutputs ? 0 : K::kNumOutputs;
+};
+template <class K>
+struct RequiredOutputs<K, std::void_t<decltype(K::kNumRequiredOutputs)>> {
+  static constexpr size_t value = K::kNumRequiredOutputs;
+};
+
+}  // namespace onnxqat
