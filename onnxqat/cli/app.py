@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import typer
 
@@ -14,6 +16,20 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Inside a command: an OnnxqatError becomes `onnxqat: error: <message>` on stderr and exit code 1.
+
+    Each command uses it (not only main()) because typer's CliRunner and other embedders call `app` directly,
+    where main()'s handler does not run. SystemExit rather than typer.Exit: it keeps its code in standalone_mode=False.
+    """
+    try:
+        yield
+    except OnnxqatError as exc:
+        typer.echo(f"onnxqat: error: {exc}", err=True)
+        raise SystemExit(1) from None
+
 
 # One module per command group; each registers its commands on `app` when imported.
 _COMMAND_MODULES = ("insert", "train", "fuse")

@@ -7,40 +7,47 @@ from typing import Annotated, Optional
 
 import typer
 
-from onnxqat.cli.app import app
+from onnxqat.cli.app import app, one_line_errors
 
 
 @app.command("fuse")
 def fuse_command(
-    model: Annotated[Path, typer.Argument(help="QAT model (.onnx) with trained quantizers")],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="fused model path "
-                                                   "(default: MODEL with .int.onnx / .qdq.onnx)")] = None,
-    format: Annotated[str, typer.Option("--format", help="int (integer-only graph) or qdq (QuantizeLinear/"
-                                        "DequantizeLinear around float ops)")] = "int",
-    rescale: Annotated[str, typer.Option("--rescale", help="fixed-point (multiplier + rounding shift) or float")] = "fixed-point",
-    verify_data: Annotated[Optional[Path], typer.Option("--verify-data", help="NPZ of inputs for the self-check "
-                                                        "(uint8 codes or float in the input range)")] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="fail when fused and fake-quantized outputs differ")] = False,
-    input_scale: Annotated[float, typer.Option("--input-scale", help="real value of one input code")] = 1 / 255,
-    input_type: Annotated[str, typer.Option("--input-type", help="uint8 (image codes) or float (quantized in the "
-                                            "graph)")] = "uint8",
-    keep_float: Annotated[Optional[list[str]], typer.Option("--keep-float", help="node to keep in float between "
-                                                            "Dequantize/Quantize (repeatable)")] = None,
-    samples: Annotated[int, typer.Option("--samples", help="self-check batch size")] = 64,
-    no_verify: Annotated[bool, typer.Option("--no-verify", help="skip the self-check")] = False,
-    verify_engine: Annotated[str, typer.Option("--verify-engine", help="runs the fake-quantized model: reference "
-                                               "(onnx.reference, the spec) or onnxruntime (op library, faster)")]
-    = "reference",
-    dequantize_output: Annotated[bool, typer.Option("--dequantize-output/--integer-output",
-                                                    help="float logits (last DequantizeLinear) or int32 codes")] = True,
+    model: Annotated[Path, typer.Argument(help="QAT model (.onnx) with trained quantizers.", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option(
+        "-o", "--output", help="Fused model path (default: MODEL with .int.onnx / .qdq.onnx).")] = None,
+    format: Annotated[str, typer.Option(
+        "--format", help="int (integer-only graph) or qdq (QuantizeLinear/DequantizeLinear around float ops).",
+    )] = "int",
+    rescale: Annotated[str, typer.Option(
+        "--rescale", help="fixed-point (multiplier + rounding shift) or float.")] = "fixed-point",
+    verify_data: Annotated[Optional[Path], typer.Option(
+        "--verify-data", help="NPZ of inputs for the self-check (uint8 codes or float in the input range); "
+        "default: random codes.")] = None,
+    strict: Annotated[bool, typer.Option(
+        "--strict", help="Fail when fused and fake-quantized outputs differ.")] = False,
+    input_scale: Annotated[float, typer.Option(
+        "--input-scale", help="Real value of one input code.", show_default="1/255")] = 1 / 255,
+    input_type: Annotated[str, typer.Option(
+        "--input-type", help="uint8 (image codes) or float (quantized in the graph).")] = "uint8",
+    keep_float: Annotated[Optional[list[str]], typer.Option(
+        "--keep-float", help="Node to keep in float between Dequantize/Quantize (repeatable).")] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Self-check batch size.")] = 64,
+    no_verify: Annotated[bool, typer.Option(
+        "--no-verify", help="Skip the self-check (--strict runs it anyway).")] = False,
+    verify_engine: Annotated[str, typer.Option(
+        "--verify-engine", help="Runs the fake-quantized model: reference (onnx.reference, the spec) or onnxruntime "
+        "(op library, faster).")] = "reference",
+    dequantize_output: Annotated[bool, typer.Option(
+        "--dequantize-output/--integer-output", help="Float logits (last DequantizeLinear) or int32 codes.")] = True,
 ) -> None:
     """Fold BatchNorm and quantizers into an integer-only ONNX model of standard ops (runs on stock onnxruntime)."""
     from onnxqat.fusion.api import fuse
 
     if output is None:
         output = model.with_name(model.stem + (".qdq.onnx" if format == "qdq" else ".int.onnx"))
-    result = fuse(model, output, format=format, rescale=rescale, verify_data=verify_data, strict=strict,
-                  input_scale=input_scale, input_type=input_type, keep_float=keep_float or (),
-                  verify_samples=samples, check=not no_verify or strict, verify_engine=verify_engine,
-                  dequantize_output=dequantize_output)
+    with one_line_errors():
+        result = fuse(model, output, format=format, rescale=rescale, verify_data=verify_data, strict=strict,
+                      input_scale=input_scale, input_type=input_type, keep_float=keep_float or (),
+                      verify_samples=samples, check=not no_verify or strict, verify_engine=verify_engine,
+                      dequantize_output=dequantize_output)
     typer.echo(result.summary())

@@ -8,17 +8,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from onnxqat.cli.app import app
+from onnxqat.cli.app import app, one_line_errors
 from onnxqat.errors import OnnxqatError
 
 ModelArg = Annotated[Path, typer.Argument(help="ONNX model file.", show_default=False)]
-
-
-def _fail(exc: Exception) -> SystemExit:
-    """One line on stderr, exit code 1. SystemExit rather than typer.Exit: onnxqat.cli.main runs the app with
-    standalone_mode=False, where an Exit's code would be returned (and lost) instead of becoming the status."""
-    typer.echo(f"onnxqat: error: {exc}", err=True)
-    return SystemExit(1)
 
 
 def _echo_warnings(caught) -> None:
@@ -50,9 +43,9 @@ def insert_command(
     """Insert SAT/LSQ quantizer nodes into MODEL as RECIPE says."""
     from onnxqat.passes import insert as passes
 
-    if output is None and not dry_run:
-        raise _fail(OnnxqatError("missing --output/-o (or use --dry-run)"))
-    try:
+    with one_line_errors():
+        if output is None and not dry_run:
+            raise OnnxqatError("missing --output/-o (or use --dry-run)")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if dry_run:
@@ -61,8 +54,6 @@ def insert_command(
             else:
                 plan = passes.insert_file(model, recipe, output, calibration_data)
         _echo_warnings(caught)
-    except OnnxqatError as exc:
-        raise _fail(exc) from None
     if not dry_run:
         typer.echo(
             f"wrote {output}: {len(plan.weights)} weight quantizers, {len(plan.activations)} activation quantizers "
@@ -75,10 +66,8 @@ def recipes_command() -> None:
     """List the shipped recipes, one line each."""
     from onnxqat.recipes import list_recipes
 
-    try:
+    with one_line_errors():
         recipes = list_recipes()
-    except OnnxqatError as exc:
-        raise _fail(exc) from None
     width = max((len(r.name) for r in recipes), default=0)
     for r in recipes:
         stage = f" (after {r.previous_stage})" if r.previous_stage else ""
@@ -90,10 +79,8 @@ def inspect_command(model: ModelArg) -> None:
     """Print MODEL's quantizers (node, method, bits, parameters) and its weight memory at those bits."""
     from onnxqat.passes.inspect import inspect
 
-    try:
+    with one_line_errors():
         report = inspect(model)
-    except OnnxqatError as exc:
-        raise _fail(exc) from None
     if not report.rows:
         typer.echo(f"onnxqat: {model}: no quantizer nodes (run `onnxqat insert` first)", err=True)
     typer.echo(report.format(), nl=False)

@@ -7,8 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from onnxqat.cli.app import app
-from onnxqat.errors import OnnxqatError
+from onnxqat.cli.app import app, one_line_errors
 
 
 @app.command("train")
@@ -53,15 +52,12 @@ def train_command(
     histograms/*.png into --out."""
     from onnxqat.training.run import train
 
-    try:
+    with one_line_errors():
         res = train(model, data, epochs=epochs, out=out, recipe=recipe, batch_size=batch_size, lr=lr,
                     momentum=momentum, decay=decay, lr_policy=lr_policy, warmup=warmup, iteration_size=iteration_size,
                     quantizer_lr=quantizer_lr, quantizer_decay=quantizer_decay, solver=solver,
                     max_iterations=max_iterations, limit_train=limit_train, limit_test=limit_test,
                     validation=validation, resume=resume, init_from=init_from, seed=seed, threads=threads,
                     progress=not no_progress, log=lambda m: typer.echo(m, err=True))
-    except OnnxqatError as exc:
-        typer.echo(f"onnxqat: error: {exc}", err=True)
-        raise SystemExit(1) from None
     top1 = f"{res.test_top1:.2f}%" if res.test_top1 is not None else "n/a"
     typer.echo(f"{res.model_path} (test top-1 {top1})")
