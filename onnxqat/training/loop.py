@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 
 from onnxqat.errors import DataError, TrainingError
-from onnxqat.training import artifacts as art
 from onnxqat.files import atomic_write_bytes, atomic_write_text
+from onnxqat.training import artifacts as art
 from onnxqat.training.checkpoint import load_checkpoint, save_checkpoint
 from onnxqat.training.data import Batches
 from onnxqat.training.solver import LRSchedule, Solver, quantizer_floor
@@ -308,14 +308,15 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
             row["test_loss"], row["test_top1"] = evaluate(engine, test_batches)
         history.append(row)
         metric = row.get("val_top1", row.get("test_top1", row["train_top1"]))
-        params = engine.params()
-        if best is None or metric > best:
+        params, solver_state = engine.params(), solver.state_dict()
+        improved = best is None or metric > best
+        if improved:
             best = metric
-            save_checkpoint(best_ckpt, params, solver.state_dict(),
-                            {"epoch": epoch + 1, "step": step, "best": best, "history": history, "signature": signature})
+        meta = {"epoch": epoch + 1, "step": step, "best": best, "history": history, "signature": signature}
+        if improved:
+            save_checkpoint(best_ckpt, params, solver_state, meta)
             _save_model(out / "model_best.onnx", model, params)
-        save_checkpoint(last_ckpt, params, solver.state_dict(),
-                        {"epoch": epoch + 1, "step": step, "best": best, "history": history, "signature": signature})
+        save_checkpoint(last_ckpt, params, solver_state, meta)
         _write_metrics(out, history)
         msg = (f"epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2f}%"
                + (f" | val {row['val_top1']:.2f}%" if "val_top1" in row else "")

@@ -92,16 +92,10 @@ def _load_recipe(recipe):
     return load_recipe(recipe)
 
 
-def _strip_fn():
-    try:
-        from onnxqat.passes.insert import strip_quantizers
-    except ImportError:
-        from onnxqat.passes.strip import strip_quantizers
-    return strip_quantizers
-
-
 def _strip(model: onnx.ModelProto) -> onnx.ModelProto:
-    return _strip_fn()(model) if has_quantizers(model) else model
+    from onnxqat.passes.strip import strip_quantizers
+
+    return strip_quantizers(model) if has_quantizers(model) else model
 
 
 def _insert(model: onnx.ModelProto, recipe) -> onnx.ModelProto:
@@ -165,12 +159,9 @@ def train(model, data="fashion-mnist", *, epochs: int | None = None, out: str | 
         eb = Batches(test_ds, cfg.batch_size, tf, train=False, seed=cfg.seed)
         res: FitResult = fit(m, cfg, tb, vb, eb, stage_out, resume=resume, progress=progress, log=log)
         if histograms:
-            try:
-                from onnxqat.report.histograms import write_weight_histograms
+            from onnxqat.report.histograms import write_weight_histograms
 
-                write_weight_histograms(onnx.load(str(res.model_path)), stage_out / "histograms")
-            except ImportError:
-                pass
+            write_weight_histograms(res.model_path, stage_out / "histograms")
         atomic_write_text(stage_out / "done.json", json.dumps({"epochs": len(res.metrics), "test_top1": res.test_top1}))
         return TrainResult(res.model_path, res.best_model_path, stage_out, res.metrics, res.test_top1, res.test_loss,
                            res.best_metric)
