@@ -37,11 +37,7 @@ _COMMAND_MODULES = ("insert", "train", "fuse")
 
 def _register_commands() -> None:
     for name in _COMMAND_MODULES:
-        try:
-            importlib.import_module(f"onnxqat.cli.{name}")
-        except ModuleNotFoundError as exc:  # a command group not written yet
-            if exc.name != f"onnxqat.cli.{name}":
-                raise
+        importlib.import_module(f"onnxqat.cli.{name}")
 
 
 _register_commands()
