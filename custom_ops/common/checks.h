@@ -60,4 +60,27 @@ inline std::string check_finite(const char* what, float v) {
   return {};
 }
 
+// SatWeightQuant's range, mode and scale_fan_out, in that order (c_api.cu; the kernels check each as they read it).
+inline std::string check_sat_weight_args(float range, int64_t mode, int64_t fan_out) {
+  std::string e = check_range(range);
+  if (e.empty()) e = check_sat_mode(mode, range);
+  if (e.empty()) e = check_fan_out(fan_out);
+  return e;
+}
+
+inline std::string check_alpha_shape(const std::vector<int64_t>& shape, int64_t size) {
+  if (size != 1 || shape.size() > 1) return "alpha must be a scalar of shape [] or [1], got shape " + shape_str(shape);
+  return {};
+}
+
+// LsqQuant's step values (per tensor or per channel).
+inline std::string check_steps(const float* step, int64_t size) {
+  for (int64_t c = 0; c < size; ++c) {
+    if (!std::isfinite(step[c]) || !(step[c] > 0.0f))
+      return "step must be finite and > 0, got " + fmt_float(step[c]) +
+             (size > 1 ? " at channel " + std::to_string(c) : std::string());
+  }
+  return {};
+}
+
 }  // namespace onnxqat

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "common/checks.h"
+#include "common/lsq_layout.h"
 #include "common/quant_math.h"
 #include "cpu/kernel_base.h"
 #include "cpu/loops.h"
@@ -33,30 +34,11 @@ LsqParams read_params(const KernelBase& k, Ort::KernelContext& ctx, size_t first
   p.bounds = lsq_bounds(r, sgn == 1);
   p.step = step.data;
   p.step_shape = step.shape;
-  if (step.shape.size() > 1 || step.size == 0)
-    k.fail("step must have shape [] or [1] (per tensor) or [C] with C = v.shape[axis] (per channel), got shape " +
-           shape_str(step.shape));
-  if (step.size == 1) {
-    p.channels = 1;
-    p.inner = v.size;
-  } else {
-    const int64_t rank = static_cast<int64_t>(v.shape.size());
-    if (axis_in < -rank || axis_in >= rank || rank == 0)
-      k.fail("axis " + std::to_string(axis_in) + " is out of range for v of shape " + shape_str(v.shape));
-    const int64_t axis = axis_in < 0 ? axis_in + rank : axis_in;
-    if (static_cast<int64_t>(step.size) != v.shape[axis])
-      k.fail("per-channel step has " + std::to_string(step.size) + " elements but v.shape[" + std::to_string(axis) +
-             "] = " + std::to_string(v.shape[axis]) + " (v shape " + shape_str(v.shape) + ")");
-    p.channels = step.size;
-    size_t inner = 1;
-    for (int64_t d = axis + 1; d < rank; ++d) inner *= static_cast<size_t>(v.shape[d]);
-    p.inner = inner;
-  }
-  for (size_t c = 0; c < step.size; ++c) {
-    if (!std::isfinite(step.data[c]) || !(step.data[c] > 0.0f))
-      k.fail("step must be finite and > 0, got " + fmt_float(step.data[c]) +
-             (step.size > 1 ? " at channel " + std::to_string(c) : std::string()));
-  }
+  LsqLayout layout;
+  k.check(lsq_layout(v.shape, step.shape, axis_in, &layout));
+  p.channels = static_cast<size_t>(layout.channels);
+  p.inner = static_cast<size_t>(layout.inner);
+  k.check(check_steps(step.data, static_cast<int64_t>(step.size)));
   return p;
 }
 

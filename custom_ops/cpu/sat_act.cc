@@ -20,8 +20,7 @@ struct ActParams {
 ActParams read_params(const KernelBase& k, Ort::KernelContext& ctx, size_t first) {
   ActParams p;
   KernelBase::FloatIn alpha = k.float_input(ctx, first, "alpha");
-  if (alpha.size != 1 || alpha.shape.size() > 1)
-    k.fail("alpha must be a scalar of shape [] or [1], got shape " + shape_str(alpha.shape));
+  k.check(check_alpha_shape(alpha.shape, static_cast<int64_t>(alpha.size)));
   p.a = alpha.data[0];
   k.check(check_positive("alpha", p.a));
   p.alpha_shape = alpha.shape;

@@ -12,7 +12,6 @@
 #include "common/checks.h"
 #include "common/quant_math.h"
 #include "cuda/lsq_impl.cuh"
-#include "cuda/params.h"
 #include "cuda/sat_act_impl.cuh"
 #include "cuda/sat_weight_impl.cuh"
 

@@ -1,7 +1,6 @@
 #include "cuda/cuda_kernel.h"
 
 #include "cuda/cuda_ops.h"
-#include "cuda/params.h"
 
 namespace onnxqat {
 namespace cuda {

@@ -4,7 +4,6 @@
 #include "common/quant_math.h"
 #include "cuda/cuda_kernel.h"
 #include "cuda/lsq_impl.cuh"
-#include "cuda/params.h"
 
 namespace onnxqat {
 namespace cuda {

@@ -8,16 +8,10 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "common/lsq_layout.h"
+
 namespace onnxqat {
 namespace cuda {
-
-struct LsqLayout {
-  int64_t outer = 1;
-  int64_t channels = 1;
-  int64_t inner = 1;
-  bool per_channel = false;
-  int64_t size() const { return outer * channels * inner; }
-};
 
 // y = s * round(clip(v / s, qn, qp)).
 cudaError_t lsq_forward(cudaStream_t stream, const float* v, const LsqLayout& layout, float step_value,

@@ -1,8 +1,8 @@
 // SatActQuant / SatActQuantGrad for the CUDAExecutionProvider (kernels: sat_act_impl.cu). alpha is a trainable
 // parameter and lives on the device: its value is copied to the host and checked there (finite, > 0), as the CPU
 // kernel checks it; range is a per-node constant read from host memory.
+#include "common/checks.h"
 #include "cuda/cuda_kernel.h"
-#include "cuda/params.h"
 #include "cuda/sat_act_impl.cuh"
 
 namespace onnxqat {

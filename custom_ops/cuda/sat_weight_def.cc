@@ -1,6 +1,6 @@
 // SatWeightQuant / SatWeightQuantGrad for the CUDAExecutionProvider (kernels: sat_weight_impl.cu).
+#include "common/checks.h"
 #include "cuda/cuda_kernel.h"
-#include "cuda/params.h"
 #include "cuda/sat_weight_impl.cuh"
 
 namespace onnxqat {

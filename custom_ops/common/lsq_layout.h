@@ -1,32 +1,24 @@
-// Host-side checks and geometry of the CUDA ops' arguments, shared by the ORT-facing kernels (*_def.cc) and the
-// test entry point (c_api.cu). No ORT types. Messages are the CPU kernels' (common/checks.h, cpu/*.cc), so an
-// invalid node fails with the same words on either provider. Each returns "" when the arguments are valid.
+// LsqQuant: the tensor v viewed as [outer, channels, inner] around the channel axis, from the shapes of v and step
+// and the axis input; shared by the CPU and CUDA kernels (host code, no ORT types).
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
 
 #include "common/checks.h"
-#include "cuda/lsq_impl.cuh"
 
 namespace onnxqat {
-namespace cuda {
 
-inline std::string check_sat_weight_args(float range, int64_t mode, int64_t fan_out) {
-  std::string e = check_range(range);
-  if (e.empty()) e = check_sat_mode(mode, range);
-  if (e.empty()) e = check_fan_out(fan_out);
-  return e;
-}
+struct LsqLayout {
+  int64_t outer = 1;
+  int64_t channels = 1;  // 1 per tensor
+  int64_t inner = 1;     // prod(v.shape[axis+1:]); all of v per tensor
+  bool per_channel = false;
+  int64_t size() const { return outer * channels * inner; }
+};
 
-inline std::string check_alpha_shape(const std::vector<int64_t>& shape, int64_t size) {
-  if (size != 1 || shape.size() > 1) return "alpha must be a scalar of shape [] or [1], got shape " + shape_str(shape);
-  return {};
-}
-
-// LSQ: step shape, axis and channel count -> layout of v. Values of step are checked by check_steps.
+// The layout for v and step, or the problem in words. The values of step are check_steps' (checks.h).
 inline std::string lsq_layout(const std::vector<int64_t>& v_shape, const std::vector<int64_t>& step_shape,
                               int64_t axis_in, LsqLayout* out) {
   int64_t step_size = 1;
@@ -61,14 +53,4 @@ inline std::string lsq_layout(const std::vector<int64_t>& v_shape, const std::ve
   return {};
 }
 
-inline std::string check_steps(const float* step, int64_t size) {
-  for (int64_t c = 0; c < size; ++c) {
-    if (!std::isfinite(step[c]) || !(step[c] > 0.0f))
-      return "step must be finite and > 0, got " + fmt_float(step[c]) +
-             (size > 1 ? " at channel " + std::to_string(c) : std::string());
-  }
-  return {};
-}
-
-}  // namespace cuda
 }  // namespace onnxqat
