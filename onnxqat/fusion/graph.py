@@ -9,7 +9,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxqat.errors import FuseError
-from onnxqat.ops.schema import DOMAIN, QUANTIZER_OP_TYPES
+from onnxqat.ops.schema import is_quantizer
 
 
 def node_label(node: onnx.NodeProto) -> str:
@@ -40,7 +40,7 @@ class QatGraph:
         init_names = {t.name for t in g.initializer}
         self.inputs = [i for i in g.input if i.name not in init_names]
         self.output_names = [o.name for o in g.output]
-        self.quantizers = [n for n in g.node if n.domain == DOMAIN and n.op_type in QUANTIZER_OP_TYPES]
+        self.quantizers = [n for n in g.node if is_quantizer(n)]
 
     def const(self, name: str, node: onnx.NodeProto, what: str) -> np.ndarray:
         if name not in self.consts:

@@ -39,7 +39,7 @@ def add_gradient_outputs(model):
     like the node's input 0 where that shape is known. Nodes that already have them are left alone."""
     from onnx import helper
 
-    from onnxqat.ops.schema import QUANTIZER_OP_TYPES, signature
+    from onnxqat.ops.schema import is_quantizer, signature
 
     g = model.graph
     shapes = {i.name: list(i.dims) for i in g.initializer}
@@ -49,7 +49,7 @@ def add_gradient_outputs(model):
             shapes.setdefault(vi.name, [d.dim_value for d in t.shape.dim])
     known = {vi.name for vi in list(g.value_info) + list(g.output)}
     for n in g.node:
-        if n.domain != DOMAIN or n.op_type not in QUANTIZER_OP_TYPES:
+        if not is_quantizer(n):
             continue
         op = signature(n.op_type)
         for k in op.grad_uses_outputs:

@@ -85,6 +85,11 @@ ALL_OPS = (SAT_WEIGHT, SAT_ACT, LSQ)
 QUANTIZER_OP_TYPES = frozenset(op.name for op in ALL_OPS)
 
 
+def is_quantizer(node) -> bool:
+    """Whether an onnx NodeProto is one of the quantizer ops above (domain and op type both)."""
+    return node.domain == DOMAIN and node.op_type in QUANTIZER_OP_TYPES
+
+
 def signature(op_type: str) -> OpSignature:
     for op in ALL_OPS:
         if op.name == op_type:

@@ -13,7 +13,7 @@ import numpy as np
 from onnx import numpy_helper
 
 from onnxqat.graph import GraphIndex, load_model
-from onnxqat.passes.strip import is_quantizer
+from onnxqat.ops.schema import is_quantizer
 from onnxqat.passes.weights import WEIGHTED_OPS
 
 _METHOD = {"SatWeightQuant": "sat", "SatActQuant": "sat", "LsqQuant": "lsq"}

@@ -15,7 +15,7 @@ import onnx
 from onnx import helper
 
 from onnxqat.graph import load_model
-from onnxqat.ops.schema import DOMAIN, QUANTIZER_OP_TYPES
+from onnxqat.ops.schema import DOMAIN, is_quantizer
 
 REPLACES_PREFIX = "onnxqat.replaces:"
 
@@ -35,10 +35,6 @@ def _replaced_node(q: onnx.NodeProto) -> onnx.NodeProto:
         return node
     name = q.name[: -len("_aquant")] if q.name.endswith("_aquant") else q.name
     return helper.make_node("Relu", [q.input[0]], [q.output[0]], name=name)
-
-
-def is_quantizer(node: onnx.NodeProto) -> bool:
-    return node.domain == DOMAIN and node.op_type in QUANTIZER_OP_TYPES
 
 
 def strip_quantizers(model) -> onnx.ModelProto:

@@ -29,7 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxqat.errors import ModelError, TrainingError
-from onnxqat.ops.schema import DOMAIN, QUANTIZER_OP_TYPES
+from onnxqat.ops.schema import DOMAIN, is_quantizer
 
 _WEIGHT_OPS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (0, 1)}
 _PASS_THROUGH = {"Identity"}
@@ -73,16 +73,12 @@ def _dims(vi) -> tuple:
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim)
 
 
-def _is_quantizer(node) -> bool:
-    return node.domain == DOMAIN and node.op_type in QUANTIZER_OP_TYPES
-
-
 def _shape_proxy(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy for shape inference: quantizer nodes (shape-preserving, unknown to onnx) become Identity."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     for n in m.graph.node:
-        if _is_quantizer(n):
+        if is_quantizer(n):
             x, y, name = n.input[0], n.output[0], n.name
             n.CopyFrom(helper.make_node("Identity", [x], [y], name=name))
     return m
@@ -92,7 +88,7 @@ def _annotate_quantizer_outputs(m: onnx.ModelProto) -> None:
     """Adds value_info (type and shape) for the outputs of quantizer nodes, which onnx cannot infer. ORT needs it:
     MaxPoolGrad reads its output shape from the graph and crashes (segfault) when a custom op's unknown-shape output
     feeds the MaxPool (e.g. SatActQuant replacing the Relu before a pool)."""
-    outs = [o for n in m.graph.node if _is_quantizer(n) for o in n.output if o]
+    outs = [o for n in m.graph.node if is_quantizer(n) for o in n.output if o]
     known = {vi.name for vi in list(m.graph.value_info) + list(m.graph.output)}
     todo = [o for o in outs if o not in known]
     if not todo:
@@ -124,7 +120,7 @@ def plan_training(model: onnx.ModelProto) -> TrainingPlan:
         seen = 0
         while name not in inits and name in producers and seen < 8:
             p = producers[name]
-            if not (_is_quantizer(p) or p.op_type in _PASS_THROUGH) or not p.input:
+            if not (is_quantizer(p) or p.op_type in _PASS_THROUGH) or not p.input:
                 return None
             name = p.input[0]
             seen += 1
@@ -137,7 +133,7 @@ def plan_training(model: onnx.ModelProto) -> TrainingPlan:
             lst.append(name)
 
     for n in g.node:
-        if _is_quantizer(n):
+        if is_quantizer(n):
             if n.op_type in ("SatActQuant", "LsqQuant") and len(n.input) > 1:
                 add(quant, n.input[1])
         elif n.op_type in _WEIGHT_OPS:

@@ -20,12 +20,11 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import onnx
 
-from onnxqat.errors import DataError, ModelError, RecipeError
+from onnxqat.errors import ModelError, RecipeError
 from onnxqat.files import atomic_write_text
-from onnxqat.ops.schema import DOMAIN, QUANTIZER_OP_TYPES
+from onnxqat.ops.schema import is_quantizer
 from onnxqat.training import artifacts as art
 from onnxqat.training.data import Batches, check_labels, resolve_data, validation_split
 from onnxqat.training.loop import FitResult, TrainConfig, fit
@@ -61,7 +60,7 @@ def _load_model(model) -> onnx.ModelProto:
 
 
 def has_quantizers(model: onnx.ModelProto) -> bool:
-    return any(n.domain == DOMAIN and n.op_type in QUANTIZER_OP_TYPES for n in model.graph.node)
+    return any(is_quantizer(n) for n in model.graph.node)
 
 
 _TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
