@@ -59,6 +59,26 @@ inline void for_segments(size_t b, size_t e, const LsqParams& p, Seg&& seg) {
   }
 }
 
+// LsqQuantGrad keeps C double partial sums of dstep per task. For large C, fewer (longer) tasks keep them under
+// 2^22 doubles (32 MiB): `items` (rows or elements) are split into *tasks tasks of *per items each.
+void bound_partials(size_t items, size_t C, size_t* tasks, size_t* per) {
+  constexpr size_t max_partials = size_t{1} << 22;
+  if (*tasks <= 1 || *tasks * C <= max_partials) return;
+  *tasks = std::max<size_t>(1, max_partials / C);
+  *per = (items + *tasks - 1) / *tasks;
+  *tasks = (items + *per - 1) / *per;
+}
+
+// dstep[ch] = float(g * sum of the tasks' partials of channel ch), summed in task order (thread-count independent).
+void reduce_dstep(const std::vector<double>& part, size_t tasks, size_t C, float g, float* dstep) {
+  const double gs = static_cast<double>(g);
+  for (size_t ch = 0; ch < C; ++ch) {
+    double s = 0;
+    for (size_t t = 0; t < tasks; ++t) s += part[t * C + ch];
+    dstep[ch] = static_cast<float>(gs * s);
+  }
+}
+
 struct LsqKernel : StatusKernel<LsqKernel> {
   static constexpr const char* kName = "LsqQuant";
   static constexpr size_t kNumInputs = 6;
@@ -126,38 +146,20 @@ struct LsqGradKernel : StatusKernel<LsqGradKernel> {
       const size_t rows = n / C;
       size_t per_task = std::max<size_t>(1, chunk_len(n) / C);
       size_t tasks = (rows + per_task - 1) / per_task;
-      const size_t max_partials = size_t{1} << 22;
-      if (dstep != nullptr && tasks > 1 && tasks * C > max_partials) {
-        tasks = std::max<size_t>(1, max_partials / C);
-        per_task = (rows + tasks - 1) / tasks;
-        tasks = (rows + per_task - 1) / per_task;
-      }
+      if (dstep != nullptr) bound_partials(rows, C, &tasks, &per_task);
       std::vector<double> part(dstep != nullptr ? tasks * C : 0, 0.0);
       parallel_for(ctx, tasks, [&](size_t t) {
         const size_t r0 = t * per_task, r1 = std::min(rows, r0 + per_task);
         lsq_grad_rows(g + r0 * C, vd + r0 * C, dv != nullptr ? dv + r0 * C : nullptr, r1 - r0, C, p.step, bd.qn,
                       bd.qp, dstep != nullptr ? part.data() + t * C : nullptr);
       });
-      if (dstep != nullptr) {
-        const double gs = static_cast<double>(p.g);
-        for (size_t ch = 0; ch < C; ++ch) {
-          double s = 0;
-          for (size_t t = 0; t < tasks; ++t) s += part[t * C + ch];
-          dstep[ch] = static_cast<float>(gs * s);
-        }
-      }
+      if (dstep != nullptr) reduce_dstep(part, tasks, C, p.g, dstep);
       return;
     }
 
-    // Tasks of `chunk` elements; each keeps C double partial sums of dstep (bounded memory for large C).
     size_t tasks = num_chunks(n);
     size_t chunk = chunk_len(n);
-    const size_t max_partials = size_t{1} << 22;
-    if (dstep != nullptr && tasks > 1 && tasks * C > max_partials) {
-      tasks = std::max<size_t>(1, max_partials / C);
-      chunk = (n + tasks - 1) / tasks;
-      tasks = (n + chunk - 1) / chunk;
-    }
+    if (dstep != nullptr) bound_partials(n, C, &tasks, &chunk);
     std::vector<double> part(dstep != nullptr ? tasks * C : 0, 0.0);
     parallel_for(ctx, tasks, [&](size_t t) {
       const size_t b = t * chunk, e = std::min(n, b + chunk);
@@ -171,14 +173,7 @@ struct LsqGradKernel : StatusKernel<LsqGradKernel> {
         acc[ch] += lsq_grad_loop(g + sb, vd + sb, dv != nullptr ? dv + sb : nullptr, se - sb, s, bd.qn, bd.qp);
       });
     });
-    if (dstep != nullptr) {
-      const double gs = static_cast<double>(p.g);
-      for (size_t ch = 0; ch < C; ++ch) {
-        double s = 0;
-        for (size_t t = 0; t < tasks; ++t) s += part[t * C + ch];
-        dstep[ch] = static_cast<float>(gs * s);
-      }
-    }
+    if (dstep != nullptr) reduce_dstep(part, tasks, C, p.g, dstep);
   }
 };
 
