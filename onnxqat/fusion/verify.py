@@ -7,6 +7,7 @@ where its kernels cover the graph, else on onnx.reference.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,9 +47,10 @@ class Agreement:
         return s
 
 
-def run_fake_quant(model: onnx.ModelProto, x: np.ndarray, engine: str = "reference") -> list[np.ndarray]:
-    """engine "reference": onnx.reference + the numpy quantizer references (the executable spec);
-    "onnxruntime": onnxruntime with the compiled op library (fast, for large models)."""
+def fake_quant_runner(model: onnx.ModelProto, engine: str = "reference") -> Callable[[np.ndarray], list[np.ndarray]]:
+    """x -> outputs of the QAT model. engine "reference": onnx.reference + the numpy quantizer references (the
+    executable spec); "onnxruntime": onnxruntime with the compiled op library (fast, for large models).
+    The session is built once: verify and accuracy_check run it on chunk after chunk."""
     name = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}][0]
     if engine == "onnxruntime":
         import onnxruntime as ort
@@ -58,42 +60,35 @@ def run_fake_quant(model: onnx.ModelProto, x: np.ndarray, engine: str = "referen
         so = session_options()
         so.log_severity_level = 3
         sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        return [np.asarray(o) for o in sess.run(None, {name: x})]
-    from onnx.reference import ReferenceEvaluator
+    else:
+        from onnx.reference import ReferenceEvaluator
 
-    from onnxqat.ops.reference import reference_ops
+        from onnxqat.ops.reference import reference_ops
 
-    sess = ReferenceEvaluator(model, new_ops=reference_ops())
-    return [np.asarray(o) for o in sess.run(None, {name: x})]
-
-
-def run_onnx_reference(model: onnx.ModelProto, x: np.ndarray) -> list[np.ndarray]:
-    from onnx.reference import ReferenceEvaluator
-
-    sess = ReferenceEvaluator(model)
-    return [np.asarray(o) for o in sess.run(None, {model.graph.input[0].name: x})]
+        sess = ReferenceEvaluator(model, new_ops=reference_ops())
+    return lambda x: [np.asarray(o) for o in sess.run(None, {name: x})]
 
 
-def run_onnxruntime(model: onnx.ModelProto, x: np.ndarray, threads: int = 1) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    return sess.run(None, {model.graph.input[0].name: x})
-
-
-def run_fused(model: onnx.ModelProto, x: np.ndarray) -> tuple[list[np.ndarray], str]:
+def fused_runner(model: onnx.ModelProto, threads: int = 1) -> tuple[Callable[[np.ndarray], list[np.ndarray]], str]:
+    """(x -> outputs of the fused model, engine name): onnxruntime, or onnx.reference where the installed
+    runtime has no kernel for an op (e.g. 1.19.2's coverage; ORT reports that when it builds the session)."""
+    name = model.graph.input[0].name
     try:
         import onnxruntime as ort
 
-        return run_onnxruntime(model, x), f"onnxruntime {ort.__version__}"
-    except Exception as exc:  # an op the installed runtime lacks (e.g. 1.19.2 coverage): fall back to onnx.reference
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        return (lambda x: sess.run(None, {name: x})), f"onnxruntime {ort.__version__}"
+    except Exception as exc:
         if "NOT_IMPLEMENTED" not in str(exc) and "not implemented" not in str(exc).lower():
             raise
-        return run_onnx_reference(model, x), "onnx.reference"
+    from onnx.reference import ReferenceEvaluator
+
+    ref = ReferenceEvaluator(model)
+    return (lambda x: [np.asarray(o) for o in ref.run(None, {name: x})]), "onnx.reference"
 
 
 def _input_info(model: onnx.ModelProto):
@@ -189,11 +184,10 @@ def verify(qat: onnx.ModelProto, fused: onnx.ModelProto, outputs: list[OutputInf
     step = fixed[0] if fixed and fixed[0] else len(xf)  # a model with a fixed batch size runs chunk by chunk
     if len(xf) % step:
         raise FuseError(f"verify data: {len(xf)} samples is not a multiple of the model's batch size {step}")
-    fq_parts, out_parts = [], []
-    for i in range(0, len(xf), step):
-        fq_parts.append(run_fake_quant(qat_probe, xf[i:i + step], engine))
-        o, fused_engine = run_fused(fused_probe, xin[i:i + step])
-        out_parts.append(o)
+    run_fq = fake_quant_runner(qat_probe, engine)
+    run_fused, fused_engine = fused_runner(fused_probe)
+    fq_parts = [run_fq(xf[i:i + step]) for i in range(0, len(xf), step)]
+    out_parts = [run_fused(xin[i:i + step]) for i in range(0, len(xf), step)]
     fq = [np.concatenate([p[j] for p in fq_parts]) for j in range(len(fq_parts[0]))]
     out = [np.concatenate([p[j] for p in out_parts]) for j in range(len(out_parts[0]))]
     agreement = compare(fq[:n_out], out[:n_out], outputs, fused_engine)
@@ -219,11 +213,13 @@ def accuracy_check(qat, fused, images: np.ndarray, labels: np.ndarray, *, input_
     qat = onnx.load(qat) if isinstance(qat, str) else qat
     fused = onnx.load(fused) if isinstance(fused, str) else fused
     fused_input = "uint8" if fused.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8 else "float"
+    run_fq = fake_quant_runner(qat, engine)
+    run_fused, _ = fused_runner(fused)
     pf, pq = [], []
     for i in range(0, len(images), batch):
         xf, xin = inputs_for(images[i:i + batch], input_scale, fused_input)
-        pq.append(np.argmax(run_fake_quant(qat, xf, engine)[0], 1))
-        pf.append(np.argmax(run_fused(fused, xin)[0][0], 1))
+        pq.append(np.argmax(run_fq(xf)[0], 1))
+        pf.append(np.argmax(run_fused(xin)[0], 1))
     pq, pf = np.concatenate(pq), np.concatenate(pf)
     labels = np.asarray(labels).reshape(-1)
     a, b = 100 * float(np.mean(pq == labels)), 100 * float(np.mean(pf == labels))
