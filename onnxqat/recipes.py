@@ -59,7 +59,6 @@ class ActivationSettings:
     linear: bool = False  # LSQ: also quantize (signed) inputs no ReLU produced (BatchNorm outputs, residual sums ...)
 
 
-# key -> (accepted python types, check, description of the check)
 def _positive(v) -> bool:
     return v > 0
 
@@ -68,6 +67,7 @@ def _in_range(v) -> bool:
     return 1 <= v <= MAX_RANGE
 
 
+# key -> (accepted python types, check, description of the check)
 _COMMON_KEYS: dict[str, tuple[tuple[type, ...], Any, str]] = {
     "enabled": ((bool,), None, ""),
     "method": ((str,), lambda v: v in METHODS, f"one of {', '.join(METHODS)}"),

@@ -20,8 +20,8 @@ from onnxqat.graph import GraphIndex, ensure_opset, infer_shapes, register_quant
 from onnxqat.ops.schema import DOMAIN
 from onnxqat.passes.plan import Plan, PlanEntry
 from onnxqat.passes.strip import encode_replaced
-from onnxqat.passes.weights import SAT_MODE_VALUES, WEIGHTED_OPS
-from onnxqat.recipes import Recipe
+from onnxqat.passes.weights import SAT_MODE_VALUES
+from onnxqat.recipes import WEIGHTED_OP_TYPES, Recipe
 
 
 def _scalar_f(name: str, v: float) -> TensorProto:
@@ -84,7 +84,7 @@ def apply_plan(m: onnx.ModelProto, plan: Plan, recipe: Recipe) -> onnx.ModelProt
     # weights/biases of weighted layers held by Constant nodes -> initializers (trainable)
     trainable = set()
     for node in g.node:
-        if node.op_type in WEIGHTED_OPS and node.domain in ("", "ai.onnx"):
+        if node.op_type in WEIGHTED_OP_TYPES and node.domain in ("", "ai.onnx"):
             trainable.update(i for i in node.input[1:] if i)
     trainable.update(e.tensor for e in plan.weights)
     _constants_to_initializers(m, trainable)

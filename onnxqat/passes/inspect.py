@@ -14,7 +14,7 @@ from onnx import numpy_helper
 
 from onnxqat.graph import GraphIndex, load_model
 from onnxqat.ops.schema import is_quantizer
-from onnxqat.passes.weights import WEIGHTED_OPS
+from onnxqat.recipes import WEIGHTED_OP_TYPES
 
 _METHOD = {"SatWeightQuant": "sat", "SatActQuant": "sat", "LsqQuant": "lsq"}
 _SAT_MODES = {0: "clamp", 1: "quantize", 2: "symmetric"}
@@ -127,7 +127,7 @@ def inspect(model) -> InspectReport:
     # parameters: constant inputs of weighted layers (read through weight quantizers) and of BatchNormalization
     params: dict[str, int] = {}
     for node in m.graph.node:
-        if node.op_type not in WEIGHTED_OPS + ("BatchNormalization",) or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in WEIGHTED_OP_TYPES + ("BatchNormalization",) or node.domain not in ("", "ai.onnx"):
             continue
         for t in node.input:
             q = index.producer.get(t)

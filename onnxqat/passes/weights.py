@@ -18,9 +18,8 @@ import numpy as np
 import onnx
 
 from onnxqat.graph import GraphIndex
-from onnxqat.recipes import WeightSettings
+from onnxqat.recipes import WEIGHTED_OP_TYPES, WeightSettings
 
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # ops that carry weights but get no quantizer: listed in a warning
 UNSUPPORTED_WEIGHTED_OPS = (
     "LSTM", "GRU", "RNN", "Einsum", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul",
@@ -57,7 +56,7 @@ def find_weighted_layers(index: GraphIndex, warnings: list[str]) -> list[Weighte
         if node.op_type in UNSUPPORTED_WEIGHTED_OPS:
             warnings.append(f"{node.op_type} node {node.name}: weights of this op type are not quantized")
             continue
-        if node.op_type not in WEIGHTED_OPS:
+        if node.op_type not in WEIGHTED_OP_TYPES:
             continue
         layer = _weighted_layer(index, node, warnings)
         if layer is not None:
