@@ -15,7 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxqat.errors import ModelError
-from onnxqat.ops.schema import ALL_OPS, DOMAIN, OPSET_VERSION
+from onnxqat.ops.schema import ALL_OPS, DOMAIN, OPSET_VERSION, is_quantizer
 
 # ops whose output is not a function of their inputs: never constant
 _NONDETERMINISTIC = {
@@ -300,6 +300,17 @@ def _constant_node_value(node: onnx.NodeProto) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ shapes
+
+def quantizers_as_identity(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy for onnx shape inference, which cannot infer through the com.onnxqat ops: each quantizer (its output
+    is shaped like its input 0) becomes an Identity of that input."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for n in m.graph.node:
+        if is_quantizer(n):
+            n.CopyFrom(helper.make_node("Identity", [n.input[0]], [n.output[0]], name=n.name))
+    return m
+
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     """Tensor name -> shape (ints, None for unknown dims) from onnx shape inference; absent when unknown."""

@@ -29,6 +29,7 @@ from onnxqat.fusion.lower_weighted import lower_weighted
 from onnxqat.fusion.outputs import assemble_model, lower_output
 from onnxqat.fusion.requantize import lower_activation_quantizer
 from onnxqat.fusion.values import Acc, Codes, Float, Lowered
+from onnxqat.graph import quantizers_as_identity
 from onnxqat.ops.schema import DOMAIN
 
 WEIGHTED = ("Conv", "Gemm", "MatMul")
@@ -108,14 +109,8 @@ class Lowerer:
         """Static dims of a QAT tensor (None where unknown), from shape inference on the QAT graph."""
         if self._shapes is None:
             self._shapes = {}
-            try:  # quantizers keep their input's shape: infer on a copy with Identity in their place
-                m = onnx.ModelProto()
-                m.CopyFrom(self.g.model)
-                for n in m.graph.node:
-                    if n.domain == DOMAIN:
-                        del n.input[1:]
-                        n.op_type, n.domain = "Identity", ""
-                inferred = onnx.shape_inference.infer_shapes(m)
+            try:
+                inferred = onnx.shape_inference.infer_shapes(quantizers_as_identity(self.g.model))
                 for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
                     self._shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None
                                              for d in vi.type.tensor_type.shape.dim]

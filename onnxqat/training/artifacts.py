@@ -29,6 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxqat.errors import ModelError, TrainingError
+from onnxqat.graph import quantizers_as_identity
 from onnxqat.ops.schema import DOMAIN, is_quantizer
 
 _WEIGHT_OPS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (0, 1)}
@@ -73,17 +74,6 @@ def _dims(vi) -> tuple:
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim)
 
 
-def _shape_proxy(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy for shape inference: quantizer nodes (shape-preserving, unknown to onnx) become Identity."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for n in m.graph.node:
-        if is_quantizer(n):
-            x, y, name = n.input[0], n.output[0], n.name
-            n.CopyFrom(helper.make_node("Identity", [x], [y], name=name))
-    return m
-
-
 def _annotate_quantizer_outputs(m: onnx.ModelProto) -> None:
     """Adds value_info (type and shape) for the outputs of quantizer nodes, which onnx cannot infer. ORT needs it:
     MaxPoolGrad reads its output shape from the graph and crashes (segfault) when a custom op's unknown-shape output
@@ -94,7 +84,7 @@ def _annotate_quantizer_outputs(m: onnx.ModelProto) -> None:
     if not todo:
         return
     try:
-        inferred = onnx.shape_inference.infer_shapes(_shape_proxy(m), strict_mode=False)
+        inferred = onnx.shape_inference.infer_shapes(quantizers_as_identity(m), strict_mode=False)
     except Exception:
         return
     vis = {vi.name: vi for vi in inferred.graph.value_info}
@@ -150,7 +140,7 @@ def plan_training(model: onnx.ModelProto) -> TrainingPlan:
     shapes = {}
     if any(n.op_type == "Dropout" for n in g.node):
         try:
-            inferred = onnx.shape_inference.infer_shapes(_shape_proxy(model), strict_mode=False)
+            inferred = onnx.shape_inference.infer_shapes(quantizers_as_identity(model), strict_mode=False)
             shapes = {vi.name: _dims(vi) for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
         except Exception:
             shapes = {}
