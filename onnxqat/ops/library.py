@@ -44,12 +44,7 @@ def _site_dirs() -> list[Path]:
         dirs.append(site.getusersitepackages())
     except (AttributeError, ImportError):
         pass
-    seen: list[Path] = []
-    for d in dirs:
-        p = Path(d)
-        if p not in seen:
-            seen.append(p)
-    return seen
+    return list(dict.fromkeys(Path(d) for d in dirs))  # first occurrence wins, order kept
 
 
 def _package_dirs() -> list[Path]:
@@ -62,11 +57,7 @@ def _package_dirs() -> list[Path]:
         dirs += [Path(p).resolve() for p in getattr(onnxqat, "__path__", [])]
     except ImportError:
         pass
-    out: list[Path] = []
-    for d in dirs:
-        if d not in out:
-            out.append(d)
-    return out
+    return list(dict.fromkeys(dirs))
 
 
 def candidate_paths() -> list[Path]:
