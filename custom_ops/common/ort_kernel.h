@@ -17,9 +17,12 @@
 
 namespace onnxqat {
 
-// Invalid input: becomes an ORT_INVALID_ARGUMENT status.
+// An error whose message already names op and node; compute_with_status turns it into a status with `code`
+// (invalid input unless said otherwise, e.g. a failed CUDA call).
 struct OpError : std::runtime_error {
-  using std::runtime_error::runtime_error;
+  explicit OpError(const std::string& message, OrtErrorCode error_code = ORT_INVALID_ARGUMENT)
+      : std::runtime_error(message), code(error_code) {}
+  OrtErrorCode code;
 };
 
 inline const char* element_type_name(ONNXTensorElementDataType t) {
@@ -101,6 +104,29 @@ class OrtKernelBase {
   std::string node_;
   const char* op_;
 };
+
+// ComputeV2 body: runs kernel->Compute and turns any exception into an ORT status naming op and node (the prefix
+// is built only on the error paths: Compute runs once per node and step).
+template <class K>
+OrtStatusPtr compute_with_status(K* kernel, OrtKernelContext* context) {
+  const OrtApi& api = Ort::GetApi();
+  auto named = [kernel](const char* problem) {
+    return std::string(kernel->op_name()) + " node '" + kernel->node_name() + "': " + problem;
+  };
+  try {
+    Ort::KernelContext ctx(context);
+    kernel->Compute(ctx);
+    return nullptr;
+  } catch (const OpError& e) {
+    return api.CreateStatus(e.code, e.what());
+  } catch (const Ort::Exception& e) {
+    return api.CreateStatus(e.GetOrtErrorCode(), named(e.what()).c_str());
+  } catch (const std::exception& e) {
+    return api.CreateStatus(ORT_RUNTIME_EXCEPTION, named(e.what()).c_str());
+  } catch (...) {
+    return api.CreateStatus(ORT_RUNTIME_EXCEPTION, named("unknown error").c_str());
+  }
+}
 
 // Inputs [0, K::kNumRequiredInputs) are required, the rest optional (default: all required); outputs
 // [0, K::kNumRequiredOutputs) are required (default: none if K::kOptionalOutputs, else all). The CPU and CUDA

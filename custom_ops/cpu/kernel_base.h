@@ -66,28 +66,6 @@ void parallel_for(Ort::KernelContext& ctx, size_t tasks, F&& f) {
   for (size_t i = 0; i < tasks; ++i) f(i);
 }
 
-// ComputeV2 body: runs kernel.Compute and turns any exception into an ORT status.
-template <class K>
-OrtStatusPtr compute_with_status(K* kernel, OrtKernelContext* context) {
-  const OrtApi& api = Ort::GetApi();
-  try {
-    Ort::KernelContext ctx(context);
-    kernel->Compute(ctx);
-    return nullptr;
-  } catch (const OpError& e) {
-    return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
-  } catch (const Ort::Exception& e) {
-    std::string msg = std::string(kernel->op_name()) + " node '" + kernel->node_name() + "': " + e.what();
-    return api.CreateStatus(e.GetOrtErrorCode(), msg.c_str());
-  } catch (const std::exception& e) {
-    std::string msg = std::string(kernel->op_name()) + " node '" + kernel->node_name() + "': " + e.what();
-    return api.CreateStatus(ORT_RUNTIME_EXCEPTION, msg.c_str());
-  } catch (...) {
-    std::string msg = std::string(kernel->op_name()) + " node '" + kernel->node_name() + "': unknown error";
-    return api.CreateStatus(ORT_RUNTIME_EXCEPTION, msg.c_str());
-  }
-}
-
 // OrtCustomOp descriptor of kernel K. K provides: kName, kNumInputs, kNumOutputs, kOptionalOutputs,
 // static InputType(i), static ShapeSource(output) (the input whose shape the output has), a constructor (const OrtKernelInfo*), Compute(Ort::KernelContext&).
 // Shape inference (API 17+): output k has the shape of input K::ShapeSource(k), when that shape is known (rank >= 1,

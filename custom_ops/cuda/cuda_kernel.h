@@ -21,8 +21,8 @@ namespace cuda {
 // The ORT API version announced on every op (runtime 1.19; headers may be newer).
 constexpr uint32_t kOrtApiVersion = 19;
 
-struct CudaCallError : std::runtime_error {  // a CUDA call failed: ORT_EP_FAIL
-  using std::runtime_error::runtime_error;
+struct CudaCallError : OpError {  // a CUDA call failed: ORT_EP_FAIL
+  explicit CudaCallError(const std::string& message) : OpError(message, ORT_EP_FAIL) {}
 };
 
 // Device scratch memory for one Compute call: from ORT's allocator of the device (its arena), else
@@ -63,28 +63,6 @@ class CudaKernel : public OrtKernelBase {
   // Copies n device floats to the host (waits for the stream: alpha/step values are checked on the host).
   std::vector<float> to_host(const float* device, size_t n, cudaStream_t stream) const;
 };
-
-// ComputeV2 body: runs kernel.Compute and turns any exception into an ORT status naming op and node.
-template <class K>
-OrtStatusPtr compute_with_status(K* kernel, OrtKernelContext* context) {
-  const OrtApi& api = Ort::GetApi();
-  const std::string prefix = std::string(kernel->op_name()) + " node '" + kernel->node_name() + "': ";
-  try {
-    Ort::KernelContext ctx(context);
-    kernel->Compute(ctx);
-    return nullptr;
-  } catch (const OpError& e) {
-    return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
-  } catch (const CudaCallError& e) {
-    return api.CreateStatus(ORT_EP_FAIL, e.what());
-  } catch (const Ort::Exception& e) {
-    return api.CreateStatus(e.GetOrtErrorCode(), (prefix + e.what()).c_str());
-  } catch (const std::exception& e) {
-    return api.CreateStatus(ORT_RUNTIME_EXCEPTION, (prefix + e.what()).c_str());
-  } catch (...) {
-    return api.CreateStatus(ORT_RUNTIME_EXCEPTION, (prefix + "unknown error").c_str());
-  }
-}
 
 template <class Derived>
 struct StatusKernel : CudaKernel {
