@@ -13,7 +13,7 @@ import numpy as np
 from onnx import numpy_helper
 
 from onnxqat.graph import GraphIndex, load_model
-from onnxqat.ops.schema import is_quantizer
+from onnxqat.ops.schema import is_quantizer, signature
 from onnxqat.recipes import WEIGHTED_OP_TYPES
 
 _METHOD = {"SatWeightQuant": "sat", "SatActQuant": "sat", "LsqQuant": "lsq"}
@@ -99,22 +99,24 @@ def inspect(model) -> InspectReport:
     for node in m.graph.node:
         if not is_quantizer(node):
             continue
-        vals = {name: _value(index, t) for name, t in zip(("x", "p1", "p2", "p3", "p4", "p5"), node.input)}
+        # the quantizer's parameter inputs by their schema names (input 0, the quantized tensor, is not read)
+        vals = {name: _value(index, t) for name, t in zip(signature(node.op_type).inputs[1:], node.input[1:])}
+
+        def scalar(name: str) -> float:
+            return float(np.asarray(vals[name]).reshape(-1)[0])
+
+        r = scalar("range")
         if node.op_type == "SatActQuant":
-            r = float(np.asarray(vals["p2"]).reshape(-1)[0])
-            params = f"alpha={float(np.asarray(vals['p1']).reshape(-1)[0]):.6g}"
+            params = f"alpha={scalar('alpha'):.6g}"
             kind = "activation"
         elif node.op_type == "SatWeightQuant":
-            r = float(np.asarray(vals["p1"]).reshape(-1)[0])
-            mode = _SAT_MODES.get(int(np.asarray(vals["p2"]).reshape(-1)[0]), "?")
-            params = f"mode={mode} fan_out={int(np.asarray(vals['p3']).reshape(-1)[0])}"
+            mode = _SAT_MODES.get(int(scalar("mode")), "?")
+            params = f"mode={mode} fan_out={int(scalar('scale_fan_out'))}"
             kind = "weight"
         else:
-            step = np.asarray(vals["p1"]).reshape(-1)
-            r = float(np.asarray(vals["p2"]).reshape(-1)[0])
-            signed = int(np.asarray(vals["p3"]).reshape(-1)[0])
+            step = np.asarray(vals["step"]).reshape(-1)
             s = f"{step[0]:.6g}" if step.size == 1 else f"[{step.size}: {step.min():.6g}..{step.max():.6g}]"
-            params = f"step={s} signed={signed} grad_scale={float(np.asarray(vals['p4']).reshape(-1)[0]):.6g}"
+            params = f"step={s} signed={int(scalar('signed'))} grad_scale={scalar('grad_scale'):.6g}"
             kind = "weight" if index.is_constant(node.input[0]) else "activation"
         elements = 0
         if kind == "weight":
