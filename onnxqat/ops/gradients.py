@@ -37,7 +37,7 @@ def add_gradient_outputs(model):
     """Gives every quantizer node of `model` (in place; returned) the optional forward outputs its gradient reads
     (schema.py `grad_uses_outputs`), named `<output 0>_<output name>` (e.g. `W1_q_dWq_dW`), with value_info shaped
     like the node's input 0 where that shape is known. Nodes that already have them are left alone."""
-    from onnx import helper
+    from onnx import TensorProto, helper
 
     from onnxqat.ops.schema import is_quantizer, signature
 
@@ -60,7 +60,7 @@ def add_gradient_outputs(model):
             name = f"{n.output[0]}_{op.outputs[k]}"
             n.output[k] = name
             if name not in known and n.input[0] in shapes:
-                g.value_info.append(helper.make_tensor_value_info(name, 1, shapes[n.input[0]]))  # 1: FLOAT
+                g.value_info.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shapes[n.input[0]]))
     return model
 
 
