@@ -204,7 +204,10 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
     stop_after_batches: (tests) raise KeyboardInterrupt after that many physical batches, like a kill mid-epoch.
     """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrainingError(f"cannot write {out}: {exc.strerror or exc}") from None
     if cfg.iteration_size < 1:
         raise TrainingError(f"iteration size must be >= 1, got {cfg.iteration_size}")
     if cfg.epochs < 1 and not cfg.max_iterations:
