@@ -59,24 +59,12 @@ void tanh_loop(const float* w, float* t, size_t n) {
   for (size_t k0 = 0; k0 < n; k0 += kBlock) tanh_block(w + k0, t + k0, std::min(kBlock, n - k0));
 }
 
-OQ_CLONES float tanh_max_loop(const float* OQ_R w, float* OQ_R t, size_t n) {
-  // t = tanh(w) and max|t| in one pass, blockwise: the tanh loop vectorises, the max runs over a cached block
-  float m = 0.0f;
-  for (size_t k0 = 0; k0 < n; k0 += kBlock) {
-    const size_t len = std::min(kBlock, n - k0);
-    float* OQ_R tb = t + k0;
-    const float* OQ_R wb = w + k0;
-    tanh_block(wb, tb, len);
-    const float bm = max_abs(tb, len);
-    m = bm > m ? bm : m;
-  }
-  return m;
-}
-
 OQ_CLONES float max_abs_loop(const float* OQ_R x, size_t n) { return max_abs(x, n); }
 
 namespace {
 
+// sat_weight_level (common/quant_math.h) with the mode a template argument: one branch-free body per mode, which
+// gcc vectorises; the same operations in the same order.
 template <int64_t MODE>
 inline float level(float tn, float r, float half) {
   if constexpr (MODE == kSatModeDorefa) {
@@ -89,15 +77,6 @@ inline float level(float tn, float r, float half) {
     (void)r;
     (void)half;
     return tn;
-  }
-}
-
-template <int64_t MODE>
-__attribute__((always_inline)) inline void level_loop(float* OQ_R y, size_t n, float m, float r, float half, float s) {
-  if (s == 1.0f) {
-    for (size_t i = 0; i < n; ++i) y[i] = level<MODE>(y[i] / m, r, half);
-  } else {
-    for (size_t i = 0; i < n; ++i) y[i] = level<MODE>(y[i] / m, r, half) / s;
   }
 }
 
@@ -131,15 +110,6 @@ __attribute__((always_inline)) inline double level_sqdev(const float* OQ_R t, si
 }
 
 }  // namespace
-
-OQ_CLONES void sat_weight_level_loop(int64_t mode, float* y, size_t n, float m, float r, float half, float s) {
-  if (mode == kSatModeDorefa)
-    level_loop<kSatModeDorefa>(y, n, m, r, half, s);
-  else if (mode == kSatModeSymmetric)
-    level_loop<kSatModeSymmetric>(y, n, m, r, half, s);
-  else
-    level_loop<kSatModeClamp>(y, n, m, r, half, s);
-}
 
 OQ_CLONES double sat_weight_level_sum(int64_t mode, const float* t, size_t n, float m, float r, float half) {
   if (mode == kSatModeDorefa) return level_sum<kSatModeDorefa>(t, n, m, r, half);

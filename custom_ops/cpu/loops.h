@@ -10,10 +10,7 @@ namespace cpu {
 
 // SAT weights: t = tanh(W) first, then in-place passes over the same buffer.
 void tanh_loop(const float* w, float* t, size_t n);
-// t = tanh(w); returns max|t| (0 for n == 0)
-float tanh_max_loop(const float* w, float* t, size_t n);
-// y[i] = level(y[i] / m) / s, in place (y holds tanh(W) on entry)
-void sat_weight_level_loop(int64_t mode, float* y, size_t n, float m, float r, float half, float s);
+// sum of level(t / m), and of (level(t / m) - mean)^2 (t holds tanh(W))
 double sat_weight_level_sum(int64_t mode, const float* t, size_t n, float m, float r, float half);
 double sat_weight_level_sqdev(int64_t mode, const float* t, size_t n, float m, float r, float half, double mean);
 // dw[i] = g[i] * ((1 - t^2) / ms), in place (dw holds t = tanh(W) on entry)
