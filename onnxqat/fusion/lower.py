@@ -55,7 +55,11 @@ class Lowerer:
         self.input_type = "float" if format == "qdq" else input_type
         self.keep_float = set(keep_float)
         self.dequantize_output = dequantize_output
-        taken = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+        outputs = {o for n in model.graph.node for o in n.output}
+        unknown = sorted(self.keep_float - outputs - {n.name for n in model.graph.node})
+        if unknown:  # a misspelt name would otherwise be ignored without a word
+            raise FuseError(f"keep_float / --keep-float: no node or node output of the model is named '{unknown[0]}'")
+        taken = outputs | {i.name for i in model.graph.input}
         taken |= set(self.g.consts)
         self.b = GraphBuilder(taken)
         self.val: dict[str, object] = {}

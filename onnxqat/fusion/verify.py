@@ -180,7 +180,10 @@ def verify(qat: onnx.ModelProto, fused: onnx.ModelProto, outputs: list[OutputInf
     n_out = len(qat.graph.output)
     qat_probe = _with_outputs(qat, [(k, onnx.TensorProto.FLOAT) for k in acts])
     fused_probe = _with_outputs(fused, [(v[0], v[2]) for v in acts.values()])
-    fixed = _input_info(qat)[1]
+    input_name, fixed = _input_info(qat)
+    if fixed and (x.ndim != len(fixed) or any(d is not None and d != n for d, n in zip(fixed[1:], x.shape[1:]))):
+        raise DataError(f"verify data: samples of shape {list(x.shape[1:])}, the model input '{input_name}' takes "
+                        f"{[d if d else '?' for d in fixed[1:]]}")
     step = fixed[0] if fixed and fixed[0] else len(xf)  # a model with a fixed batch size runs chunk by chunk
     if len(xf) % step:
         raise FuseError(f"verify data: {len(xf)} samples is not a multiple of the model's batch size {step}")
