@@ -1,7 +1,6 @@
 // ORT-facing parts shared by the CPU and CUDA kernels (host code, ORT C++ API): errors that name op and node, the
-// checks every input gets (present, a tensor, the declared element type), scalar inputs, outputs, and the rule
-// that says which inputs and outputs of a descriptor are optional. Header-only so that the CUDA part still builds
-// on its own (custom_ops/cuda/CMakeLists.txt).
+// checks every input gets (present, a tensor, the declared element type), scalar inputs, outputs, and the status a
+// Compute call returns. Header-only so that the CUDA part still builds on its own (custom_ops/cuda/CMakeLists.txt).
 #pragma once
 
 #include <onnxruntime_cxx_api.h>
@@ -10,7 +9,6 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -127,25 +125,5 @@ OrtStatusPtr compute_with_status(K* kernel, OrtKernelContext* context) {
     return api.CreateStatus(ORT_RUNTIME_EXCEPTION, named("unknown error").c_str());
   }
 }
-
-// Inputs [0, K::kNumRequiredInputs) are required, the rest optional (default: all required); outputs
-// [0, K::kNumRequiredOutputs) are required (default: none if K::kOptionalOutputs, else all). The CPU and CUDA
-// descriptors of an op follow the same rule: both register it under one name in one domain.
-template <class K, class = void>
-struct RequiredInputs {
-  static constexpr size_t value = K::kNumInputs;
-};
-template <class K>
-struct RequiredInputs<K, std::void_t<decltype(K::kNumRequiredInputs)>> {
-  static constexpr size_t value = K::kNumRequiredInputs;
-};
-template <class K, class = void>
-struct RequiredOutputs {
-  static constexpr size_t value = K::kOptionalOutputs ? 0 : K::kNumOutputs;
-};
-template <class K>
-struct RequiredOutputs<K, std::void_t<decltype(K::kNumRequiredOutputs)>> {
-  static constexpr size_t value = K::kNumRequiredOutputs;
-};
 
 }  // namespace onnxqat

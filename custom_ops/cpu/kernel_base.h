@@ -66,8 +66,10 @@ void parallel_for(Ort::KernelContext& ctx, size_t tasks, F&& f) {
   for (size_t i = 0; i < tasks; ++i) f(i);
 }
 
-// OrtCustomOp descriptor of kernel K. K provides: kName, kNumInputs, kNumOutputs, kOptionalOutputs,
-// static InputType(i), static ShapeSource(output) (the input whose shape the output has), a constructor (const OrtKernelInfo*), Compute(Ort::KernelContext&).
+// OrtCustomOp descriptor of kernel K. K provides: kName, kNumInputs, kNumOutputs, kNumRequiredInputs and
+// kNumRequiredOutputs (inputs/outputs [0, n) are required, the rest optional), static InputType(i), static
+// ShapeSource(output) (the input whose shape the output has), a constructor (const OrtKernelInfo*),
+// Compute(Ort::KernelContext&).
 // Shape inference (API 17+): output k has the shape of input K::ShapeSource(k), when that shape is known (rank >= 1,
 // every dimension a value or a name). An input without shape information looks like a scalar through this API,
 // so rank 0 is left unset (unknown) rather than claimed. Never throws.
@@ -158,10 +160,10 @@ struct CpuOp : Ort::CustomOpBase<CpuOp<K>, K, /*WithStatus=*/true> {
   size_t GetOutputTypeCount() const { return K::kNumOutputs; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i < RequiredInputs<K>::value ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+    return i < K::kNumRequiredInputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
   }
   OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
-    return i < RequiredOutputs<K>::value ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+    return i < K::kNumRequiredOutputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
   }
 };
 

@@ -82,8 +82,9 @@ void reduce_dstep(const std::vector<double>& part, size_t tasks, size_t C, float
 struct LsqKernel : StatusKernel<LsqKernel> {
   static constexpr const char* kName = "LsqQuant";
   static constexpr size_t kNumInputs = 6;
+  static constexpr size_t kNumRequiredInputs = kNumInputs;
   static constexpr size_t kNumOutputs = 1;
-  static constexpr bool kOptionalOutputs = false;
+  static constexpr size_t kNumRequiredOutputs = kNumOutputs;
   static size_t ShapeSource(size_t) { return 0; }
   static ONNXTensorElementDataType InputType(size_t i) {
     return (i == 3 || i == 5) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
@@ -119,8 +120,9 @@ struct LsqKernel : StatusKernel<LsqKernel> {
 struct LsqGradKernel : StatusKernel<LsqGradKernel> {
   static constexpr const char* kName = "LsqQuantGrad";
   static constexpr size_t kNumInputs = 7;   // dy, v, step, range, signed, grad_scale, axis
+  static constexpr size_t kNumRequiredInputs = kNumInputs;
   static constexpr size_t kNumOutputs = 2;  // dv, dstep
-  static constexpr bool kOptionalOutputs = true;
+  static constexpr size_t kNumRequiredOutputs = 0;
   static size_t ShapeSource(size_t k) { return k + 1; }  // GI(k) is shaped like forward input k
   static ONNXTensorElementDataType InputType(size_t i) {
     return (i == 4 || i == 6) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;

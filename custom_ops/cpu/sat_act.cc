@@ -32,8 +32,9 @@ ActParams read_params(const KernelBase& k, Ort::KernelContext& ctx, size_t first
 struct SatActKernel : StatusKernel<SatActKernel> {
   static constexpr const char* kName = "SatActQuant";
   static constexpr size_t kNumInputs = 3;
+  static constexpr size_t kNumRequiredInputs = kNumInputs;
   static constexpr size_t kNumOutputs = 1;
-  static constexpr bool kOptionalOutputs = false;
+  static constexpr size_t kNumRequiredOutputs = kNumOutputs;
   static size_t ShapeSource(size_t) { return 0; }
   static ONNXTensorElementDataType InputType(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
   explicit SatActKernel(const OrtKernelInfo* info) : StatusKernel(info, kName) {}
@@ -56,8 +57,9 @@ struct SatActKernel : StatusKernel<SatActKernel> {
 struct SatActGradKernel : StatusKernel<SatActGradKernel> {
   static constexpr const char* kName = "SatActQuantGrad";
   static constexpr size_t kNumInputs = 4;   // dy, x, alpha, range
+  static constexpr size_t kNumRequiredInputs = kNumInputs;
   static constexpr size_t kNumOutputs = 2;  // dx, dalpha
-  static constexpr bool kOptionalOutputs = true;
+  static constexpr size_t kNumRequiredOutputs = 0;
   static size_t ShapeSource(size_t k) { return k + 1; }  // GI(k) is shaped like forward input k
   static ONNXTensorElementDataType InputType(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
   explicit SatActGradKernel(const OrtKernelInfo* info) : StatusKernel(info, kName) {}

@@ -80,9 +80,9 @@ float scale_factor(Ort::KernelContext& ctx, const float* t, size_t n, float m, c
 struct SatWeightKernel : StatusKernel<SatWeightKernel> {
   static constexpr const char* kName = "SatWeightQuant";
   static constexpr size_t kNumInputs = 4;
+  static constexpr size_t kNumRequiredInputs = kNumInputs;
   static constexpr size_t kNumOutputs = 2;  // Wq, [dWq/dW]
   static constexpr size_t kNumRequiredOutputs = 1;
-  static constexpr bool kOptionalOutputs = false;
   // Only Wq's shape is inferred: ORT 1.19's ShapeInferContext_SetOutputTypeShape does not check the index against
   // the node's outputs (a node without the optional output would be written past its end); no input has index -1.
   static size_t ShapeSource(size_t k) { return k == 0 ? 0 : SIZE_MAX; }
@@ -140,7 +140,7 @@ struct SatWeightGradKernel : StatusKernel<SatWeightGradKernel> {
   static constexpr size_t kNumInputs = 6;  // dWq, W, range, mode, scale_fan_out, [dWq/dW]
   static constexpr size_t kNumRequiredInputs = 5;
   static constexpr size_t kNumOutputs = 1;  // dW
-  static constexpr bool kOptionalOutputs = true;
+  static constexpr size_t kNumRequiredOutputs = 0;
   static size_t ShapeSource(size_t k) { return k + 1; }  // GI(k) is shaped like forward input k
   static ONNXTensorElementDataType InputType(size_t i) {
     return (i >= 3 && i <= 4) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;

@@ -10,7 +10,6 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 #include "common/ort_kernel.h"
@@ -73,8 +72,9 @@ struct StatusKernel : CudaKernel {
 };
 
 // OrtCustomOp descriptor of CUDA kernel K. K provides what the CPU kernels do (kName, kNumInputs, kNumOutputs,
-// kOptionalOutputs, InputType(i), a constructor (const OrtKernelInfo*), Compute(Ort::KernelContext&)) and
-// OnHost(i): whether input i is a per-node constant read on the host.
+// kNumRequiredInputs, kNumRequiredOutputs, InputType(i), a constructor (const OrtKernelInfo*),
+// Compute(Ort::KernelContext&)) and OnHost(i): whether input i is a per-node constant read on the host. The
+// required counts must equal the CPU kernel's: both register the same op in one domain.
 template <class K>
 struct CudaOp : Ort::CustomOpBase<CudaOp<K>, K, /*WithStatus=*/true> {
   CudaOp() {
@@ -99,10 +99,10 @@ struct CudaOp : Ort::CustomOpBase<CudaOp<K>, K, /*WithStatus=*/true> {
   size_t GetOutputTypeCount() const { return K::kNumOutputs; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i < RequiredInputs<K>::value ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+    return i < K::kNumRequiredInputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
   }
   OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
-    return i < RequiredOutputs<K>::value ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+    return i < K::kNumRequiredOutputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
   }
 };
 

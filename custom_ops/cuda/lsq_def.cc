@@ -42,8 +42,9 @@ LsqArgs read_args(const CudaKernel& k, Ort::KernelContext& ctx, size_t first, co
 struct LsqKernel : StatusKernel<LsqKernel> {
   static constexpr const char* kName = "LsqQuant";
   static constexpr size_t kNumInputs = 6;  // v, step, range, signed, grad_scale, axis
+  static constexpr size_t kNumRequiredInputs = kNumInputs;
   static constexpr size_t kNumOutputs = 1;
-  static constexpr bool kOptionalOutputs = false;
+  static constexpr size_t kNumRequiredOutputs = kNumOutputs;
   static ONNXTensorElementDataType InputType(size_t i) {
     return (i == 3 || i == 5) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
@@ -63,8 +64,9 @@ struct LsqKernel : StatusKernel<LsqKernel> {
 struct LsqGradKernel : StatusKernel<LsqGradKernel> {
   static constexpr const char* kName = "LsqQuantGrad";
   static constexpr size_t kNumInputs = 7;   // dy, v, step, range, signed, grad_scale, axis
+  static constexpr size_t kNumRequiredInputs = kNumInputs;
   static constexpr size_t kNumOutputs = 2;  // dv, dstep
-  static constexpr bool kOptionalOutputs = true;
+  static constexpr size_t kNumRequiredOutputs = 0;
   static ONNXTensorElementDataType InputType(size_t i) {
     return (i == 4 || i == 6) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }

@@ -30,8 +30,9 @@ ActArgs read_args(const CudaKernel& k, Ort::KernelContext& ctx, size_t first, cu
 struct SatActKernel : StatusKernel<SatActKernel> {
   static constexpr const char* kName = "SatActQuant";
   static constexpr size_t kNumInputs = 3;  // x, alpha, range
+  static constexpr size_t kNumRequiredInputs = kNumInputs;
   static constexpr size_t kNumOutputs = 1;
-  static constexpr bool kOptionalOutputs = false;
+  static constexpr size_t kNumRequiredOutputs = kNumOutputs;
   static ONNXTensorElementDataType InputType(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
   static bool OnHost(size_t i) { return i == 2; }
   explicit SatActKernel(const OrtKernelInfo* info) : StatusKernel(info, kName) {}
@@ -49,8 +50,9 @@ struct SatActKernel : StatusKernel<SatActKernel> {
 struct SatActGradKernel : StatusKernel<SatActGradKernel> {
   static constexpr const char* kName = "SatActQuantGrad";
   static constexpr size_t kNumInputs = 4;   // dy, x, alpha, range
+  static constexpr size_t kNumRequiredInputs = kNumInputs;
   static constexpr size_t kNumOutputs = 2;  // dx, dalpha
-  static constexpr bool kOptionalOutputs = true;
+  static constexpr size_t kNumRequiredOutputs = 0;
   static ONNXTensorElementDataType InputType(size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
   static bool OnHost(size_t i) { return i == 3; }
   explicit SatActGradKernel(const OrtKernelInfo* info) : StatusKernel(info, kName) {}

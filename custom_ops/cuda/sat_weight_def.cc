@@ -27,9 +27,9 @@ SatArgs read_args(const CudaKernel& k, Ort::KernelContext& ctx, size_t first) {
 struct SatWeightKernel : StatusKernel<SatWeightKernel> {
   static constexpr const char* kName = "SatWeightQuant";
   static constexpr size_t kNumInputs = 4;  // W, range, mode, scale_fan_out
+  static constexpr size_t kNumRequiredInputs = kNumInputs;
   static constexpr size_t kNumOutputs = 2;  // Wq, [dWq_dW] (schema.py; the same descriptor as the CPU kernel's)
   static constexpr size_t kNumRequiredOutputs = 1;
-  static constexpr bool kOptionalOutputs = false;
   static ONNXTensorElementDataType InputType(size_t i) {
     return i >= 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
@@ -54,7 +54,7 @@ struct SatWeightGradKernel : StatusKernel<SatWeightGradKernel> {
   static constexpr size_t kNumInputs = 6;  // dWq, W, range, mode, scale_fan_out, [dWq_dW]
   static constexpr size_t kNumRequiredInputs = 5;
   static constexpr size_t kNumOutputs = 1;  // dW
-  static constexpr bool kOptionalOutputs = true;
+  static constexpr size_t kNumRequiredOutputs = 0;
   static ONNXTensorElementDataType InputType(size_t i) {
     return (i >= 3 && i <= 4) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
