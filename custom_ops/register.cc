@@ -16,7 +16,7 @@ constexpr const char* kDomain = "com.onnxqat";
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
-  const OrtApi* api = api_base->GetApi(onnxqat::cpu::kOrtApiVersion);
+  const OrtApi* api = api_base->GetApi(onnxqat::kOrtApiVersion);
   if (api == nullptr) {
     const OrtApi* api1 = api_base->GetApi(1);
     std::string msg = std::string("libonnxqat_ops needs onnxruntime >= 1.19 (ORT API 19), this runtime is ") +

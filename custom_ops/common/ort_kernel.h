@@ -15,6 +15,10 @@
 
 namespace onnxqat {
 
+// The ORT API version this library asks for and announces on every op: the runtime's (1.19), not the headers'
+// (which may be newer; ORT 1.19 refuses an op that announces 21: "Unsupported version '21'").
+constexpr uint32_t kOrtApiVersion = 19;
+
 // An error whose message already names op and node; compute_with_status turns it into a status with `code`
 // (invalid input unless said otherwise, e.g. a failed CUDA call).
 struct OpError : std::runtime_error {
@@ -125,5 +129,39 @@ OrtStatusPtr compute_with_status(K* kernel, OrtKernelContext* context) {
     return api.CreateStatus(ORT_RUNTIME_EXCEPTION, named("unknown error").c_str());
   }
 }
+
+// What the CPU and CUDA descriptors of a kernel K (cpu::CpuOp, cuda::CudaOp) share: name, input and output counts
+// and types, which of them are required, and kernel creation. Op is the final descriptor (Ort::CustomOpBase calls
+// its methods) and names its provider in kernel-creation errors with Op::kProviderLabel. K provides kName,
+// kNumInputs, kNumOutputs, kNumRequiredInputs and kNumRequiredOutputs (inputs/outputs [0, n) are required, the rest
+// optional), static InputType(i), a constructor (const OrtKernelInfo*) and ComputeV2 (StatusKernel).
+template <class Op, class K>
+struct OpDescriptor : Ort::CustomOpBase<Op, K, /*WithStatus=*/true> {
+  OpDescriptor() {
+    OrtCustomOp::version = kOrtApiVersion;
+    OrtCustomOp::CreateKernel = nullptr;
+    OrtCustomOp::KernelCompute = nullptr;
+  }
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new K(info);
+      return nullptr;
+    } catch (const std::exception& e) {
+      std::string msg = std::string(K::kName) + Op::kProviderLabel + ": cannot create kernel: " + e.what();
+      return api.CreateStatus(ORT_RUNTIME_EXCEPTION, msg.c_str());
+    }
+  }
+  const char* GetName() const { return K::kName; }
+  size_t GetInputTypeCount() const { return K::kNumInputs; }
+  ONNXTensorElementDataType GetInputType(size_t i) const { return K::InputType(i); }
+  size_t GetOutputTypeCount() const { return K::kNumOutputs; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i < K::kNumRequiredInputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
+    return i < K::kNumRequiredOutputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+};
 
 }  // namespace onnxqat

@@ -17,9 +17,6 @@
 namespace onnxqat {
 namespace cpu {
 
-// The ORT API version this library asks for and announces on every op (runtime 1.19; headers may be newer).
-constexpr uint32_t kOrtApiVersion = 19;
-
 // Elements per parallel task: n/8 clamped to [16K, 64K] floats (64-256 KiB), a multiple of 64: mid-size tensors
 // (an MLP's activations) still split across threads, large ones keep the scheduling overhead negligible. It
 // depends on n only, so the results (the order of the partial sums) do not depend on the number of threads.
@@ -66,11 +63,7 @@ void parallel_for(Ort::KernelContext& ctx, size_t tasks, F&& f) {
   for (size_t i = 0; i < tasks; ++i) f(i);
 }
 
-// OrtCustomOp descriptor of kernel K. K provides: kName, kNumInputs, kNumOutputs, kNumRequiredInputs and
-// kNumRequiredOutputs (inputs/outputs [0, n) are required, the rest optional), static InputType(i), static
-// ShapeSource(output) (the input whose shape the output has), a constructor (const OrtKernelInfo*),
-// Compute(Ort::KernelContext&).
-// Shape inference (API 17+): output k has the shape of input K::ShapeSource(k), when that shape is known (rank >= 1,
+// Shape inference (API 17+): output k has the shape of input K::ShapeSource(k) (SIZE_MAX: none), when that shape is known (rank >= 1,
 // every dimension a value or a name). An input without shape information looks like a scalar through this API,
 // so rank 0 is left unset (unknown) rather than claimed. Never throws.
 template <class K>
@@ -134,36 +127,14 @@ OrtStatusPtr ORT_API_CALL infer_output_shapes(const OrtCustomOp*, OrtShapeInferC
   return nullptr;
 }
 
+// CPU descriptor of kernel K: OpDescriptor (common/ort_kernel.h) with shape inference from K::ShapeSource.
 template <class K>
-struct CpuOp : Ort::CustomOpBase<CpuOp<K>, K, /*WithStatus=*/true> {
+struct CpuOp : OpDescriptor<CpuOp<K>, K> {
+  static constexpr const char* kProviderLabel = "";
   CpuOp() {
-    // Announce the runtime's API version, not the headers' (else ORT 1.19: "Unsupported version '21'").
-    OrtCustomOp::version = kOrtApiVersion;
-    OrtCustomOp::CreateKernel = nullptr;
-    OrtCustomOp::KernelCompute = nullptr;
 #if ORT_API_VERSION >= 17
     OrtCustomOp::InferOutputShapeFn = &infer_output_shapes<K>;
 #endif
-  }
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    try {
-      *kernel = new K(info);
-      return nullptr;
-    } catch (const std::exception& e) {
-      std::string msg = std::string(K::kName) + ": cannot create kernel: " + e.what();
-      return api.CreateStatus(ORT_RUNTIME_EXCEPTION, msg.c_str());
-    }
-  }
-  const char* GetName() const { return K::kName; }
-  size_t GetInputTypeCount() const { return K::kNumInputs; }
-  ONNXTensorElementDataType GetInputType(size_t i) const { return K::InputType(i); }
-  size_t GetOutputTypeCount() const { return K::kNumOutputs; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i < K::kNumRequiredInputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-  }
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
-    return i < K::kNumRequiredOutputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
   }
 };
 

@@ -17,9 +17,6 @@
 namespace onnxqat {
 namespace cuda {
 
-// The ORT API version announced on every op (runtime 1.19; headers may be newer).
-constexpr uint32_t kOrtApiVersion = 19;
-
 struct CudaCallError : OpError {  // a CUDA call failed: ORT_EP_FAIL
   explicit CudaCallError(const std::string& message) : OpError(message, ORT_EP_FAIL) {}
 };
@@ -71,39 +68,14 @@ struct StatusKernel : CudaKernel {
   }
 };
 
-// OrtCustomOp descriptor of CUDA kernel K. K provides what the CPU kernels do (kName, kNumInputs, kNumOutputs,
-// kNumRequiredInputs, kNumRequiredOutputs, InputType(i), a constructor (const OrtKernelInfo*),
-// Compute(Ort::KernelContext&)) and OnHost(i): whether input i is a per-node constant read on the host. The
-// required counts must equal the CPU kernel's: both register the same op in one domain.
+// CUDA descriptor of kernel K: OpDescriptor (common/ort_kernel.h) for the CUDAExecutionProvider, with
+// K::OnHost(i): whether input i is a per-node constant read on the host. K's required counts must equal the CPU
+// kernel's: both register the same op in one domain.
 template <class K>
-struct CudaOp : Ort::CustomOpBase<CudaOp<K>, K, /*WithStatus=*/true> {
-  CudaOp() {
-    OrtCustomOp::version = kOrtApiVersion;
-    OrtCustomOp::CreateKernel = nullptr;
-    OrtCustomOp::KernelCompute = nullptr;
-  }
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    try {
-      *kernel = new K(info);
-      return nullptr;
-    } catch (const std::exception& e) {
-      std::string msg = std::string(K::kName) + " (CUDA): cannot create kernel: " + e.what();
-      return api.CreateStatus(ORT_RUNTIME_EXCEPTION, msg.c_str());
-    }
-  }
-  const char* GetName() const { return K::kName; }
+struct CudaOp : OpDescriptor<CudaOp<K>, K> {
+  static constexpr const char* kProviderLabel = " (CUDA)";
   const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
-  size_t GetInputTypeCount() const { return K::kNumInputs; }
-  ONNXTensorElementDataType GetInputType(size_t i) const { return K::InputType(i); }
   OrtMemType GetInputMemoryType(size_t i) const { return K::OnHost(i) ? OrtMemTypeCPUInput : OrtMemTypeDefault; }
-  size_t GetOutputTypeCount() const { return K::kNumOutputs; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i < K::kNumRequiredInputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-  }
-  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
-    return i < K::kNumRequiredOutputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
-  }
 };
 
 // Registration of the three op families (*_def.cc).
