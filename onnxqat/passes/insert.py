@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import warnings as pywarnings
@@ -14,7 +15,7 @@ import numpy as np
 import onnx
 
 from onnxqat.errors import ModelError, RecipeError
-from onnxqat.graph import GraphIndex, infer_shapes, load_model, name_unnamed_nodes
+from onnxqat.graph import GraphIndex, infer_shapes, load_model, name_unnamed_nodes, save_model
 from onnxqat.ops.schema import DOMAIN
 from onnxqat.passes import activations as act_pass
 from onnxqat.passes import weights as w_pass
@@ -226,9 +227,7 @@ def _check_names(m: onnx.ModelProto, plan: Plan) -> None:
 
 
 def _with_consumer(entry: PlanEntry, consumer: str) -> PlanEntry:
-    from dataclasses import replace
-
-    return replace(entry, consumers=entry.consumers + (consumer,))
+    return dataclasses.replace(entry, consumers=entry.consumers + (consumer,))
 
 
 def _warn(plan: Plan) -> None:
@@ -265,8 +264,6 @@ def insert(model, recipe, calibration_data=None) -> onnx.ModelProto:
 
 def insert_file(src: str | os.PathLike, recipe, dst: str | os.PathLike, calibration_data=None) -> Plan:
     """insert() from file to file; the output is written atomically (nothing is written on error)."""
-    from onnxqat.graph import save_model
-
     r = load_recipe(recipe)
     m = prepare(src)
     p = _plan(m, r, calibration_data)
