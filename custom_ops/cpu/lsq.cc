@@ -4,6 +4,7 @@
 
 #include "common/checks.h"
 #include "common/lsq_layout.h"
+#include "common/op_inputs.h"
 #include "common/quant_math.h"
 #include "cpu/kernel_base.h"
 #include "cpu/loops.h"
@@ -24,18 +25,13 @@ struct LsqParams {
 LsqParams read_params(const KernelBase& k, Ort::KernelContext& ctx, size_t first, const KernelBase::FloatIn& v) {
   LsqParams p;
   KernelBase::FloatIn step = k.float_input(ctx, first, "step");
-  const float r = k.float_scalar(ctx, first + 1, "range");
-  k.check(check_range(r));
-  const int64_t sgn = k.int_scalar(ctx, first + 2, "signed");
-  k.check(check_signed(sgn));
-  p.g = k.float_scalar(ctx, first + 3, "grad_scale");
-  k.check(check_finite("grad_scale", p.g));
-  const int64_t axis_in = k.int_scalar(ctx, first + 4, "axis");
-  p.bounds = lsq_bounds(r, sgn == 1);
+  const LsqConstants c = read_lsq_constants(k, ctx, first + 1);
+  p.bounds = c.bounds;
+  p.g = c.g;
   p.step = step.data;
   p.step_shape = step.shape;
   LsqLayout layout;
-  k.check(lsq_layout(v.shape, step.shape, axis_in, &layout));
+  k.check(lsq_layout(v.shape, step.shape, c.axis, &layout));
   p.channels = static_cast<size_t>(layout.channels);
   p.inner = static_cast<size_t>(layout.inner);
   k.check(check_steps(step.data, static_cast<int64_t>(step.size)));

@@ -5,6 +5,7 @@
 #include <type_traits>
 
 #include "common/checks.h"
+#include "common/op_inputs.h"
 #include "common/quant_math.h"
 #include "cpu/kernel_base.h"
 #include "cpu/loops.h"
@@ -21,15 +22,8 @@ struct SatParams {
 };
 
 SatParams read_params(const KernelBase& k, Ort::KernelContext& ctx, size_t first) {
-  SatParams p;
-  p.r = k.float_scalar(ctx, first, "range");
-  k.check(check_range(p.r));
-  p.mode = k.int_scalar(ctx, first + 1, "mode");
-  k.check(check_sat_mode(p.mode, p.r));
-  p.fan_out = k.int_scalar(ctx, first + 2, "scale_fan_out");
-  k.check(check_fan_out(p.fan_out));
-  p.half = std::floor(p.r / 2.0f);
-  return p;
+  const SatWeightArgs a = read_sat_weight_args(k, ctx, first);
+  return SatParams{a.r, std::floor(a.r / 2.0f), a.mode, a.fan_out};
 }
 
 // M = max|tanh W| = tanh(max|W|): a correctly rounded tanh is odd and monotonic, so the max pass needs no tanh

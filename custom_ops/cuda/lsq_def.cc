@@ -2,6 +2,7 @@
 // channel) is a trainable parameter on the device: its values are copied to the host and checked there, as the CPU
 // kernel checks them; range, signed, grad_scale and axis are per-node constants read from host memory.
 #include "common/quant_math.h"
+#include "common/op_inputs.h"
 #include "cuda/cuda_kernel.h"
 #include "cuda/lsq_impl.cuh"
 
@@ -22,17 +23,12 @@ LsqArgs read_args(const CudaKernel& k, Ort::KernelContext& ctx, size_t first, co
                   cudaStream_t s) {
   LsqArgs p;
   CudaKernel::DeviceIn step = k.float_input(ctx, first, "step");
-  const float r = k.float_scalar(ctx, first + 1, "range");
-  k.check(check_range(r));
-  const int64_t sgn = k.int_scalar(ctx, first + 2, "signed");
-  k.check(check_signed(sgn));
-  p.g = k.float_scalar(ctx, first + 3, "grad_scale");
-  k.check(check_finite("grad_scale", p.g));
-  const int64_t axis = k.int_scalar(ctx, first + 4, "axis");
-  p.bounds = lsq_bounds(r, sgn == 1);
+  const LsqConstants c = read_lsq_constants(k, ctx, first + 1);
+  p.bounds = c.bounds;
+  p.g = c.g;
   p.step = step.data;
   p.step_shape = step.shape;
-  k.check(lsq_layout(v.shape, step.shape, axis, &p.layout));
+  k.check(lsq_layout(v.shape, step.shape, c.axis, &p.layout));
   const std::vector<float> host = k.to_host(step.data, static_cast<size_t>(step.size), s);
   k.check(check_steps(host.data(), step.size));
   p.step_value = host[0];

@@ -1,28 +1,11 @@
 // SatWeightQuant / SatWeightQuantGrad for the CUDAExecutionProvider (kernels: sat_weight_impl.cu).
-#include "common/checks.h"
+#include "common/op_inputs.h"
 #include "cuda/cuda_kernel.h"
 #include "cuda/sat_weight_impl.cuh"
 
 namespace onnxqat {
 namespace cuda {
 namespace {
-
-struct SatArgs {
-  float r;
-  int64_t mode;
-  int64_t fan_out;
-};
-
-SatArgs read_args(const CudaKernel& k, Ort::KernelContext& ctx, size_t first) {
-  SatArgs a;
-  a.r = k.float_scalar(ctx, first, "range");
-  k.check(check_range(a.r));
-  a.mode = k.int_scalar(ctx, first + 1, "mode");
-  k.check(check_sat_mode(a.mode, a.r));
-  a.fan_out = k.int_scalar(ctx, first + 2, "scale_fan_out");
-  k.check(check_fan_out(a.fan_out));
-  return a;
-}
 
 struct SatWeightKernel : StatusKernel<SatWeightKernel> {
   static constexpr const char* kName = "SatWeightQuant";
@@ -38,7 +21,7 @@ struct SatWeightKernel : StatusKernel<SatWeightKernel> {
 
   void Compute(Ort::KernelContext& ctx) {
     DeviceIn w = float_input(ctx, 0, "W");
-    const SatArgs a = read_args(*this, ctx, 1);
+    const SatWeightArgs a = read_sat_weight_args(*this, ctx, 1);
     float* y = output(ctx, 0, w.shape);
     float* d = output(ctx, 1, w.shape);
     if (w.size == 0 || y == nullptr) return;
@@ -64,7 +47,7 @@ struct SatWeightGradKernel : StatusKernel<SatWeightGradKernel> {
   void Compute(Ort::KernelContext& ctx) {
     DeviceIn dy = float_input(ctx, 0, "dWq");
     DeviceIn w = float_input(ctx, 1, "W");
-    const SatArgs a = read_args(*this, ctx, 2);
+    const SatWeightArgs a = read_sat_weight_args(*this, ctx, 2);
     if (dy.shape != w.shape)
       fail("gradient dWq has shape " + shape_str(dy.shape) + " but W has shape " + shape_str(w.shape));
     const bool has_factor = ctx.GetInputCount() > 5 && ctx.GetInput(5) != nullptr;
