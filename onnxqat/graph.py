@@ -15,6 +15,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxqat.errors import ModelError
+from onnxqat.files import default_file_mode
 from onnxqat.ops.schema import ALL_OPS, DOMAIN, OPSET_VERSION, is_quantizer
 
 # ops whose output is not a function of their inputs: never constant
@@ -58,6 +59,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
                       location=f"{path.name}.data")
         else:
             onnx.save(model, tmp)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)

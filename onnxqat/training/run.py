@@ -76,8 +76,10 @@ def _recipe_train(recipe) -> dict:
     out = {}
     for k, v in t.items():
         key = _ALIASES.get(k, k)
-        if key in _TRAIN_KEYS or key == "transforms":
-            out[key] = v
+        if key not in _TRAIN_KEYS and key != "transforms":
+            known = ", ".join(sorted(_TRAIN_KEYS | set(_ALIASES) | {"transforms"}))
+            raise RecipeError(f"{getattr(recipe, 'source', '<recipe>')}: unknown key 'train.{k}' (known: {known})")
+        out[key] = v
     return out
 
 
