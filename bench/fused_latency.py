@@ -23,7 +23,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests" / "fuse")]
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "fusion")]
 
 from onnxqat.fusion.api import fuse  # noqa: E402
 from onnxqat.fusion.graph import QatGraph  # noqa: E402
