@@ -1,6 +1,6 @@
 // Elementwise math of the quantizer ops (../../../shared/reference/quantizer-math.md), shared by the CPU and CUDA
 // kernels. Every function evaluates in float32 in the same order as onnxqat/ops/reference.py, so results equal
-// numpy's bit for bit (given the same tanh). Compile without -ffast-math and without FMA contraction.
+// numpy's bit for bit (tanh included: tanh_f32 below). Compile without -ffast-math and without FMA contraction.
 #pragma once
 
 #include <cmath>
@@ -35,96 +35,50 @@ OQ_HD float round_half_even(float x) {
 #endif
 }
 
-// tanh in float32, computed in double: exp by range reduction (2^k * Taylor polynomial of degree 11, relative
-// error < 1e-14), then (e - 1)/(e + 1); the result is float32's correctly rounded tanh except within ~1e-13 of a
-// rounding midpoint (compare: glibc's tanhf and numpy's SIMD tanh are within 1-2 ulps of it). Branch-free so that
-// gcc vectorises it (libm's tanhf is a scalar call); |x| < 2^-12 uses x (1 - x^2/3), |x| >= 10 gives +-1.
-OQ_HD float tanh_f32(float xf) {
-#if defined(__CUDA_ARCH__)
-  return tanhf(xf);
-#else
-  const double x = static_cast<double>(xf);
-  const double ax = std::fabs(x);
-  const double y = 2.0 * (ax < 10.0 ? ax : 10.0);
-  const double shifter = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer
-  const double inv_ln2 = 1.4426950408889634;
-  const double ln2_hi = 0.693147180369123816490;   // high bits of ln 2 (k * ln2_hi exact for |k| < 2^11)
-  const double ln2_lo = 1.90821492927058770002e-10;
-  double kd = y * inv_ln2 + shifter;
-  int64_t kbits;
-  std::memcpy(&kbits, &kd, sizeof kbits);
-  int64_t sbits;
-  std::memcpy(&sbits, &shifter, sizeof sbits);
-  kd = kd - shifter;
-  const double r = (y - kd * ln2_hi) - kd * ln2_lo;  // |r| <= ln2/2
-  double p = 1.0 / 39916800.0;
-  p = p * r + 1.0 / 3628800.0;
-  p = p * r + 1.0 / 362880.0;
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
-  const int64_t ebits = (kbits - sbits + 1023) << 52;  // 2^k
-  double two_k;
-  std::memcpy(&two_k, &ebits, sizeof two_k);
-  const double e = p * two_k;
-  const double big = (e - 1.0) / (e + 1.0);
-  const double small = ax * (1.0 - ax * ax * (1.0 / 3.0));
-  const float t = static_cast<float>(ax < 0.000244140625 ? small : big);
-  const float res = std::copysign(t, xf);
-  return xf != xf ? xf : res;  // NaN stays NaN
-#endif
+// onnxqat's float32 tanh, defined by onnxqat/ops/reference.py `tanh_f32`: the same IEEE float32 operations in the
+// same order on the host and the device (no FMA contraction: -ffp-contract=off, nvcc -fmad=false), so the CPU and
+// CUDA kernels equal numpy bit for bit. At most 1.82 ulp from the exact tanh on every float32, increasing and odd
+// (so max|tanh W| = tanh(max|W|)). Branch-free (both halves computed, one selected): gcc vectorises it.
+//   |x| < 0.55: x + x^3 P(x^2), P a degree-4 minimax fit (Estrin: short dependency chains);
+//   else 1 - 2 / (e^{2|x|} + 1), e^y = 2^k e^r with k = round(y / ln 2), r by a two-constant (Cody-Waite) reduction,
+//   e^r = 1 + r + r^2 Q(r) (degree-6 minimax); |x| is clamped to 10, where tanh is 1.0f. NaN stays NaN.
+constexpr float kTanhSwitch = 0x1.19999ap-1f;  // 0.55: below, the polynomial; from it on, the exp form
+
+// The polynomial half of tanh_f32, for |x| < kTanhSwitch (the same bits as tanh_f32 there).
+OQ_HD float tanh_f32_small(float x) {
+  const float ax = std::fabs(x);
+  const float z = ax * ax;
+  const float z2 = z * z;
+  const float p = (-0x1.55554ap-2f + 0x1.110d26p-3f * z) + z2 * ((-0x1.b9287ap-5f + 0x1.593d08p-6f * z) + z2 * -0x1.9b304cp-8f);
+  return std::copysign(ax + (ax * z) * p, x);
 }
 
-#if !defined(__CUDACC__)
-// A faster float32 tanh for hosts with FMA, used with tanh_f32 as the fallback (cpu/loops.cc tanh_block): in double,
-// expm1(2|x|) = 2^k (1 + s) - 1 = fma(2^k, s, 2^k - 1) with k = round(2|x|/ln2), |r| <= ln2/2, s = r P(r), P a
-// degree-8 fit of expm1(r)/r (relative error 2^-43; no cancellation near 0), then tanh = em1 / (em1 + 2): relative
-// error below 2^-41. *ambiguous is set where q (1 - 2^-38) and q (1 + 2^-38) round to different floats, i.e. where
-// the correctly rounded tanh cannot be read off q; everywhere else the result is the correctly rounded tanh (the
-// value tanh_f32 gives). std::fma: compile the caller for a target with FMA (else it is a libm call).
-inline float tanh_f32_fast(float xf, int32_t* ambiguous) {
-  const double x = static_cast<double>(xf);
-  const double ax = std::fabs(x);
-  const double y = 2.0 * (ax < 10.0 ? ax : 10.0);
-  const double shifter = 6755399441055744.0;  // 1.5 * 2^52
-  const double inv_ln2 = 1.4426950408889634;
-  const double ln2_hi = 0.693147180369123816490;
-  const double ln2_lo = 1.90821492927058770002e-10;
-  double kd = std::fma(y, inv_ln2, shifter);
-  int64_t kbits;
-  std::memcpy(&kbits, &kd, sizeof kbits);
-  int64_t sbits;
-  std::memcpy(&sbits, &shifter, sizeof sbits);
-  kd = kd - shifter;
-  const double r = std::fma(-kd, ln2_lo, std::fma(-kd, ln2_hi, y));
-  double p = 2.763265721400509e-06;
-  p = std::fma(p, r, 2.487618084657186e-05);
-  p = std::fma(p, r, 0.00019841190612344197);
-  p = std::fma(p, r, 0.0013888821646749574);
-  p = std::fma(p, r, 0.008333333367334628);
-  p = std::fma(p, r, 0.041666666891115534);
-  p = std::fma(p, r, 0.166666666666156);
-  p = std::fma(p, r, 0.4999999999979774);
-  p = std::fma(p, r, 1.0000000000000013);
-  const double s = r * p;
-  const int64_t ebits = (kbits - sbits + 1023) << 52;  // 2^k
-  double two_k;
+OQ_HD float tanh_f32(float x) {
+  const float ax = std::fabs(x);
+  const float z = ax * ax;
+  const float z2 = z * z;
+  const float p = (-0x1.55554ap-2f + 0x1.110d26p-3f * z) + z2 * ((-0x1.b9287ap-5f + 0x1.593d08p-6f * z) + z2 * -0x1.9b304cp-8f);
+  const float small = ax + (ax * z) * p;
+  const float y = 2.0f * (ax < 10.0f ? ax : 10.0f);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: (v + shifter) - shifter rounds v to an integer
+  const float kf = (y * 0x1.715476p+0f + shifter) - shifter;
+  const float r = (y - kf * 0x1.62e400p-1f) - kf * 0x1.7f7d1cp-20f;  // ln 2 = hi + lo, k * hi exact for k <= 29
+  const float r2 = r * r;
+  const float r4 = r2 * r2;
+  const float q = ((1.0f + r) + r2 * (0x1.fffffap-2f + 0x1.5553f0p-3f * r)) +
+                  r4 * ((0x1.5558e0p-5f + 0x1.127b12p-7f * r) + r2 * 0x1.6aab3cp-10f);
+  const int32_t ebits = (static_cast<int32_t>(kf) + 127) << 23;  // 2^k
+#if defined(__CUDA_ARCH__)
+  const float two_k = __int_as_float(ebits);
+#else
+  float two_k;
   std::memcpy(&two_k, &ebits, sizeof two_k);
-  const double em1 = std::fma(two_k, s, two_k - 1.0);
-  const double q = em1 / (em1 + 2.0);
-  const float lo = static_cast<float>(q * (1.0 - 0x1p-38));
-  const float hi = static_cast<float>(q * (1.0 + 0x1p-38));
-  *ambiguous = lo != hi ? 1 : 0;
-  const float res = std::copysign(static_cast<float>(q), xf);
-  return xf != xf ? xf : res;  // NaN stays NaN
-}
 #endif
+  const float large = 1.0f - 2.0f / (q * two_k + 1.0f);
+  const float t = ax < kTanhSwitch ? small : large;
+  const float res = std::copysign(t, x);
+  return x != x ? x : res;
+}
 
 // ---- SAT weights: tn = tanh(W) / max|tanh(W)| -> unscaled quantized weight.
 struct SatWeightParams {
@@ -133,15 +87,17 @@ struct SatWeightParams {
   int64_t mode;
 };
 
+// The level index j (an integer as float): DoReFa round(R (tn + 1) / 2) in [0, R], symmetric round(floor(R/2) tn) in
+// [-floor(R/2), floor(R/2)]; the level is then 2 j / R - 1 (DoReFa) or j / floor(R/2) (symmetric), evaluated as
+// sat_weight_level does. ApplyScaling's variance is taken over the indices (exact integer sums).
+OQ_HD float sat_weight_index(float tn, const SatWeightParams& p) {
+  if (p.mode == kSatModeDorefa) return round_half_even(p.r * ((tn + 1.0f) * 0.5f));
+  return round_half_even(p.half * tn);
+}
+
 OQ_HD float sat_weight_level(float tn, const SatWeightParams& p) {
-  if (p.mode == kSatModeDorefa) {
-    float u = (tn + 1.0f) * 0.5f;
-    float uq = round_half_even(p.r * u) / p.r;
-    return 2.0f * uq - 1.0f;
-  }
-  if (p.mode == kSatModeSymmetric) {
-    return round_half_even(p.half * tn) / p.half;
-  }
+  if (p.mode == kSatModeDorefa) return 2.0f * (sat_weight_index(tn, p) / p.r) - 1.0f;
+  if (p.mode == kSatModeSymmetric) return sat_weight_index(tn, p) / p.half;
   return tn;  // clamp
 }
 

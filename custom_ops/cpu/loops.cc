@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 
 #include "common/quant_math.h"
 #include "cpu/reduce.h"
@@ -21,58 +20,33 @@ namespace cpu {
 #define OQ_CLONES
 #endif
 
-// t = tanh(w) over one block (len <= kBlock), correctly rounded (bit-equal to tanh_f32). Where the CPU has AVX2 and
-// FMA: tanh_f32_fast, then tanh_f32 for the few elements (about 1 in 2000) whose rounding it leaves open.
-namespace {
-
-OQ_CLONES void tanh_block_plain(const float* OQ_R w, float* OQ_R t, size_t len) {
-  for (size_t i = 0; i < len; ++i) t[i] = tanh_f32(w[i]);
-}
-
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__) && !defined(ONNXQAT_NO_CLONES)
-__attribute__((target("avx2,fma"))) void tanh_block_fma(const float* OQ_R w, float* OQ_R t, size_t len) {
-  int32_t amb[kBlock];
-  for (size_t i = 0; i < len; ++i) t[i] = tanh_f32_fast(w[i], &amb[i]);
-  int32_t any = 0;
-  for (size_t i = 0; i < len; ++i) any |= amb[i];
-  if (any == 0) return;
-  for (size_t i = 0; i < len; ++i)
-    if (amb[i]) t[i] = tanh_f32(w[i]);
-}
-
-using TanhBlock = void (*)(const float*, float*, size_t);
-TanhBlock pick_tanh_block() {
-  if (const char* e = std::getenv("ONNXQAT_PLAIN_TANH"); e != nullptr && e[0] == '1') return tanh_block_plain;
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? tanh_block_fma : tanh_block_plain;
-}
-const TanhBlock kTanhBlock = pick_tanh_block();
-#else
-constexpr void (*kTanhBlock)(const float*, float*, size_t) = tanh_block_plain;
-#endif
-
-inline void tanh_block(const float* w, float* t, size_t len) { kTanhBlock(w, t, len); }
-
-}  // namespace
-
-void tanh_loop(const float* w, float* t, size_t n) {
-  for (size_t k0 = 0; k0 < n; k0 += kBlock) tanh_block(w + k0, t + k0, std::min(kBlock, n - k0));
-}
-
 OQ_CLONES float max_abs_loop(const float* OQ_R x, size_t n) { return max_abs(x, n); }
 
 namespace {
 
-// sat_weight_level (common/quant_math.h) with the mode a template argument: one branch-free body per mode, which
-// gcc vectorises; the same operations in the same order.
+// sat_weight_index / sat_weight_level (common/quant_math.h) with the mode a template argument: one branch-free body
+// per mode, which gcc vectorises; the same operations in the same order. DoReFa rounds v = R (tn + 1) / 2 >= 0
+// (|tn| <= 1): round_half_even without its sign handling (NaN stays NaN).
+template <int64_t MODE>
+inline float index(float tn, float r, float half) {
+  if constexpr (MODE == kSatModeDorefa) {
+    (void)half;
+    const float two23 = 8388608.0f;
+    const float v = r * ((tn + 1.0f) * 0.5f);
+    const float rounded = (v + two23) - two23;
+    return v < two23 ? rounded : v;
+  } else {
+    (void)r;
+    return round_half_even(half * tn);
+  }
+}
+
 template <int64_t MODE>
 inline float level(float tn, float r, float half) {
   if constexpr (MODE == kSatModeDorefa) {
-    float u = (tn + 1.0f) * 0.5f;
-    float uq = round_half_even(r * u) / r;
-    return 2.0f * uq - 1.0f;
+    return 2.0f * (index<MODE>(tn, r, half) / r) - 1.0f;
   } else if constexpr (MODE == kSatModeSymmetric) {
-    return round_half_even(half * tn) / half;
+    return index<MODE>(tn, r, half) / half;
   } else {
     (void)r;
     (void)half;
@@ -80,129 +54,125 @@ inline float level(float tn, float r, float half) {
   }
 }
 
-template <int64_t MODE>
-__attribute__((always_inline)) inline double level_sum(const float* OQ_R t, size_t n, float m, float r, float half) {
-  float buf[kBlock];
-  double sum = 0;
-  for (size_t k0 = 0; k0 < n; k0 += kBlock) {
-    const size_t len = std::min(kBlock, n - k0);
-    const float* OQ_R tb = t + k0;
-    for (size_t i = 0; i < len; ++i) buf[i] = level<MODE>(tb[i] / m, r, half);
-    sum += lane_sum(len, [&](size_t i) { return buf[i]; });
-  }
-  return sum;
-}
-
-template <int64_t MODE>
-__attribute__((always_inline)) inline double level_sqdev(const float* OQ_R t, size_t n, float m, float r, float half, double mean) {
-  float buf[kBlock];
-  double sum = 0;
-  for (size_t k0 = 0; k0 < n; k0 += kBlock) {
-    const size_t len = std::min(kBlock, n - k0);
-    const float* OQ_R tb = t + k0;
-    for (size_t i = 0; i < len; ++i) buf[i] = level<MODE>(tb[i] / m, r, half);
-    sum += lane_sum(len, [&](size_t i) {
-      double d = static_cast<double>(buf[i]) - mean;
-      return d * d;
-    });
-  }
-  return sum;
-}
-
-}  // namespace
-
-OQ_CLONES double sat_weight_level_sum(int64_t mode, const float* t, size_t n, float m, float r, float half) {
-  if (mode == kSatModeDorefa) return level_sum<kSatModeDorefa>(t, n, m, r, half);
-  if (mode == kSatModeSymmetric) return level_sum<kSatModeSymmetric>(t, n, m, r, half);
-  return level_sum<kSatModeClamp>(t, n, m, r, half);
-}
-
-OQ_CLONES double sat_weight_level_sqdev(int64_t mode, const float* t, size_t n, float m, float r, float half, double mean) {
-  if (mode == kSatModeDorefa) return level_sqdev<kSatModeDorefa>(t, n, m, r, half, mean);
-  if (mode == kSatModeSymmetric) return level_sqdev<kSatModeSymmetric>(t, n, m, r, half, mean);
-  return level_sqdev<kSatModeClamp>(t, n, m, r, half, mean);
-}
-
-OQ_CLONES void sat_weight_grad_loop(const float* OQ_R g, float* OQ_R dw, size_t n, float ms) {
-  for (size_t i = 0; i < n; ++i) dw[i] = sat_weight_grad(g[i], dw[i], ms);
-}
-
-namespace {
-
+// t = tanh_f32(w) over one block (len <= kBlock). Where every |w| of the block lies below the switch point (trained
+// weights mostly do: |W| ~ 0.01-0.3), the polynomial alone: the same bits at a third of the cost.
 // always_inline: inlined into each target clone of its caller (else compiled for the baseline target only).
+__attribute__((always_inline)) inline void tanh_block(const float* OQ_R w, float* OQ_R t, size_t len) {
+  if (max_abs(w, len) < kTanhSwitch) {
+    for (size_t i = 0; i < len; ++i) t[i] = tanh_f32_small(w[i]);
+  } else {
+    for (size_t i = 0; i < len; ++i) t[i] = tanh_f32(w[i]);
+  }
+}
+
+template <int64_t MODE>
+__attribute__((always_inline)) inline void tanh_sums(const float* OQ_R w, float* OQ_R t, size_t n, float m, float r,
+                                                     float half, double shift, LevelSums* acc) {
+  float vb[kBlock];
+  for (size_t k0 = 0; k0 < n; k0 += kBlock) {
+    const size_t len = std::min(kBlock, n - k0);
+    float* OQ_R tb = t + k0;
+    tanh_block(w + k0, tb, len);
+    for (size_t i = 0; i < len; ++i) {
+      if constexpr (MODE == kSatModeClamp) {
+        vb[i] = tb[i] / m;
+      } else {
+        vb[i] = index<MODE>(tb[i] / m, r, half);
+      }
+    }
+    if constexpr (MODE == kSatModeClamp) {
+      shifted_sums(vb, len, shift, &acc->d1, &acc->d2);
+    } else {
+      int_sums(vb, len, &acc->j1, &acc->j2);
+    }
+  }
+}
+
 template <int64_t MODE, bool FACTOR>
-__attribute__((always_inline)) inline void forward_fused(const float* OQ_R w, float* OQ_R y, float* OQ_R d, size_t n, float m, float r, float half) {
+__attribute__((always_inline)) inline void forward(const float* OQ_R w, float* OQ_R y, float* OQ_R d, size_t n, float m,
+                                                   float ms, float r, float half) {
   float tb[kBlock];
   for (size_t k0 = 0; k0 < n; k0 += kBlock) {
     const size_t len = std::min(kBlock, n - k0);
-    const float* OQ_R wb = w + k0;
-    tanh_block(wb, tb, len);
+    tanh_block(w + k0, tb, len);
     float* OQ_R yb = y + k0;
     for (size_t i = 0; i < len; ++i) yb[i] = level<MODE>(tb[i] / m, r, half);
     if constexpr (FACTOR) {
       float* OQ_R db = d + k0;
-      for (size_t i = 0; i < len; ++i) db[i] = sat_weight_grad_factor(tb[i], m);
+      for (size_t i = 0; i < len; ++i) db[i] = sat_weight_grad_factor(tb[i], ms);
     }
   }
 }
 
-template <int64_t MODE>
-__attribute__((always_inline)) inline double levels_fused(const float* OQ_R w, float* OQ_R y, float* OQ_R t, size_t n, float m, float r, float half) {
-  float tb[kBlock];
-  double sum = 0;
-  for (size_t k0 = 0; k0 < n; k0 += kBlock) {
-    const size_t len = std::min(kBlock, n - k0);
-    const float* OQ_R wb = w + k0;
-    tanh_block(wb, tb, len);
-    float* OQ_R yb = y + k0;
-    for (size_t i = 0; i < len; ++i) yb[i] = level<MODE>(tb[i] / m, r, half);
-    if (t != nullptr) {
-      float* OQ_R ob = t + k0;
-      for (size_t i = 0; i < len; ++i) ob[i] = tb[i];
+// t held in d (FACTOR) or in y.
+template <int64_t MODE, bool FACTOR>
+__attribute__((always_inline)) inline void output(float* OQ_R y, float* OQ_R d, size_t n, float m, float s, float ms,
+                                                  float r, float half) {
+  if constexpr (FACTOR) {
+    for (size_t i = 0; i < n; ++i) {
+      const float t = d[i];
+      y[i] = level<MODE>(t / m, r, half) / s;
+      d[i] = sat_weight_grad_factor(t, ms);
     }
-    sum += lane_sum(len, [&](size_t i) { return yb[i]; });
+  } else {
+    (void)ms;
+    for (size_t i = 0; i < n; ++i) y[i] = level<MODE>(y[i] / m, r, half) / s;
   }
-  return sum;
 }
 
 }  // namespace
 
-OQ_CLONES void sat_weight_forward_loop(int64_t mode, const float* w, float* y, float* d, size_t n, float m, float r,
-                                       float half) {
+#define OQ_BY_MODE(mode, f, ...)                                                 \
+  do {                                                                           \
+    if ((mode) == kSatModeDorefa) return f<kSatModeDorefa>(__VA_ARGS__);         \
+    if ((mode) == kSatModeSymmetric) return f<kSatModeSymmetric>(__VA_ARGS__);   \
+    return f<kSatModeClamp>(__VA_ARGS__);                                        \
+  } while (0)
+
+OQ_CLONES void sat_weight_tanh_sums(int64_t mode, const float* w, float* t, size_t n, float m, float r, float half,
+                                    double shift, LevelSums* acc) {
+  OQ_BY_MODE(mode, tanh_sums, w, t, n, m, r, half, shift, acc);
+}
+
+OQ_CLONES void sat_weight_forward_loop(int64_t mode, const float* w, float* y, float* d, size_t n, float m, float ms,
+                                       float r, float half) {
   if (d != nullptr) {
-    if (mode == kSatModeDorefa) return forward_fused<kSatModeDorefa, true>(w, y, d, n, m, r, half);
-    if (mode == kSatModeSymmetric) return forward_fused<kSatModeSymmetric, true>(w, y, d, n, m, r, half);
-    return forward_fused<kSatModeClamp, true>(w, y, d, n, m, r, half);
+    if (mode == kSatModeDorefa) return forward<kSatModeDorefa, true>(w, y, d, n, m, ms, r, half);
+    if (mode == kSatModeSymmetric) return forward<kSatModeSymmetric, true>(w, y, d, n, m, ms, r, half);
+    return forward<kSatModeClamp, true>(w, y, d, n, m, ms, r, half);
   }
-  if (mode == kSatModeDorefa) return forward_fused<kSatModeDorefa, false>(w, y, d, n, m, r, half);
-  if (mode == kSatModeSymmetric) return forward_fused<kSatModeSymmetric, false>(w, y, d, n, m, r, half);
-  return forward_fused<kSatModeClamp, false>(w, y, d, n, m, r, half);
+  if (mode == kSatModeDorefa) return forward<kSatModeDorefa, false>(w, y, d, n, m, ms, r, half);
+  if (mode == kSatModeSymmetric) return forward<kSatModeSymmetric, false>(w, y, d, n, m, ms, r, half);
+  return forward<kSatModeClamp, false>(w, y, d, n, m, ms, r, half);
 }
 
-OQ_CLONES double sat_weight_levels_loop(int64_t mode, const float* w, float* y, float* t, size_t n, float m, float r,
-                                        float half) {
-  if (mode == kSatModeDorefa) return levels_fused<kSatModeDorefa>(w, y, t, n, m, r, half);
-  if (mode == kSatModeSymmetric) return levels_fused<kSatModeSymmetric>(w, y, t, n, m, r, half);
-  return levels_fused<kSatModeClamp>(w, y, t, n, m, r, half);
+OQ_CLONES void sat_weight_output_loop(int64_t mode, float* y, float* d, size_t n, float m, float s, float ms, float r,
+                                      float half) {
+  if (d != nullptr) {
+    if (mode == kSatModeDorefa) return output<kSatModeDorefa, true>(y, d, n, m, s, ms, r, half);
+    if (mode == kSatModeSymmetric) return output<kSatModeSymmetric, true>(y, d, n, m, s, ms, r, half);
+    return output<kSatModeClamp, true>(y, d, n, m, s, ms, r, half);
+  }
+  if (mode == kSatModeDorefa) return output<kSatModeDorefa, false>(y, d, n, m, s, ms, r, half);
+  if (mode == kSatModeSymmetric) return output<kSatModeSymmetric, false>(y, d, n, m, s, ms, r, half);
+  return output<kSatModeClamp, false>(y, d, n, m, s, ms, r, half);
 }
 
-OQ_CLONES double sqdev_loop(const float* OQ_R y, size_t n, double mean) {
-  double sum = 0;
+#undef OQ_BY_MODE
+
+OQ_CLONES void sat_weight_grad_loop(const float* OQ_R g, const float* OQ_R w, float* OQ_R dw, size_t n, float ms) {
+  float tb[kBlock];
   for (size_t k0 = 0; k0 < n; k0 += kBlock) {
     const size_t len = std::min(kBlock, n - k0);
-    const float* OQ_R yb = y + k0;
-    sum += lane_sum(len, [&](size_t i) {
-      double d = static_cast<double>(yb[i]) - mean;
-      return d * d;
-    });
+    tanh_block(w + k0, tb, len);
+    const float* OQ_R gb = g + k0;
+    float* OQ_R db = dw + k0;
+    for (size_t i = 0; i < len; ++i) db[i] = sat_weight_grad(gb[i], tb[i], ms);
   }
-  return sum;
 }
 
-OQ_CLONES void sat_weight_scale_loop(float* OQ_R y, float* OQ_R td, size_t n, float s, float ms) {
-  for (size_t i = 0; i < n; ++i) y[i] = y[i] / s;
-  if (td != nullptr)
-    for (size_t i = 0; i < n; ++i) td[i] = sat_weight_grad_factor(td[i], ms);
+OQ_CLONES void sat_weight_grad_from_t_loop(const float* OQ_R g, float* OQ_R dw, size_t n, float ms) {
+  for (size_t i = 0; i < n; ++i) dw[i] = sat_weight_grad(g[i], dw[i], ms);
 }
 
 OQ_CLONES void mul_loop(const float* OQ_R a, const float* OQ_R b, float* OQ_R out, size_t n) {

@@ -8,24 +8,29 @@
 namespace onnxqat {
 namespace cpu {
 
-// SAT weights: t = tanh(W) first, then in-place passes over the same buffer.
-void tanh_loop(const float* w, float* t, size_t n);
-// sum of level(t / m), and of (level(t / m) - mean)^2 (t holds tanh(W))
-double sat_weight_level_sum(int64_t mode, const float* t, size_t n, float m, float r, float half);
-double sat_weight_level_sqdev(int64_t mode, const float* t, size_t n, float m, float r, float half, double mean);
-// dw[i] = g[i] * ((1 - t^2) / ms), in place (dw holds t = tanh(W) on entry)
-void sat_weight_grad_loop(const float* g, float* dw, size_t n, float ms);
-// Fused SatWeightQuant passes (M = tanh(max|W|) known beforehand, so tanh is evaluated once per element):
-// without scaling (S = 1): y = level(tanh(w) / m); d (when not null) = (1 - t^2) / m.
-void sat_weight_forward_loop(int64_t mode, const float* w, float* y, float* d, size_t n, float m, float r, float half);
-// with scaling: y = level(tanh(w) / m) (unscaled); t (when not null) = tanh(w); returns the sum of the levels, in
-// the order of sat_weight_level_sum.
-double sat_weight_levels_loop(int64_t mode, const float* w, float* y, float* t, size_t n, float m, float r,
-                              float half);
-// sum of (y - mean)^2 in the order of sat_weight_level_sqdev (y holds the levels)
-double sqdev_loop(const float* y, size_t n, double mean);
-// y /= s; td (when not null) = (1 - td^2) / ms in place (td holds t on entry)
-void sat_weight_scale_loop(float* y, float* td, size_t n, float s, float ms);
+// SAT weights (tanh: common/quant_math.h tanh_f32; M = tanh(max|W|) known beforehand; ms = M * S).
+// Level sums for ApplyScaling's variance: DoReFa and symmetric sum the level indices j (exact integers), clamp the
+// levels tn = t / M shifted by `shift` (double).
+struct LevelSums {
+  int64_t j1 = 0;  // sum of j
+  int64_t j2 = 0;  // sum of j^2
+  double d1 = 0;   // sum of (tn - shift)
+  double d2 = 0;   // sum of (tn - shift)^2
+};
+// t = tanh(w); *acc += the level sums of t / m.
+void sat_weight_tanh_sums(int64_t mode, const float* w, float* t, size_t n, float m, float r, float half,
+                          double shift, LevelSums* acc);
+// Without scaling (S = 1): y = level(tanh(w) / m); d (when not null) = (1 - t^2) / ms.
+void sat_weight_forward_loop(int64_t mode, const float* w, float* y, float* d, size_t n, float m, float ms, float r,
+                             float half);
+// With scaling, from t = tanh(w) held in d (when d is not null, which becomes (1 - t^2) / ms) or else in y:
+// y = level(t / m) / s.
+void sat_weight_output_loop(int64_t mode, float* y, float* d, size_t n, float m, float s, float ms, float r,
+                            float half);
+// dw = g * ((1 - tanh(w)^2) / ms)
+void sat_weight_grad_loop(const float* g, const float* w, float* dw, size_t n, float ms);
+// dw = g * ((1 - t^2) / ms), dw holding t on entry
+void sat_weight_grad_from_t_loop(const float* g, float* dw, size_t n, float ms);
 // out = a * b
 void mul_loop(const float* a, const float* b, float* out, size_t n);
 

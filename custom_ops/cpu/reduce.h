@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <cstring>
 
 namespace onnxqat {
@@ -14,20 +15,6 @@ constexpr int kLanes = 8;
 
 // Elements of the stack blocks in which the kernels stage per-element factors before a dot product.
 constexpr size_t kBlock = 512;
-
-// Sum of double(f(i)) over [0, n).
-template <class F>
-inline double lane_sum(size_t n, F&& f) {
-  double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-  size_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int k = 0; k < kLanes; ++k) acc[k] += static_cast<double>(f(i + k));
-  }
-  for (int k = 0; i < n; ++i, ++k) acc[k] += static_cast<double>(f(i));
-  double s = 0;
-  for (int k = 0; k < kLanes; ++k) s += acc[k];
-  return s;
-}
 
 // Sum of double(a[i]) * double(b[i]) over [0, n) (each product exact in double).
 inline double dot_lanes(const float* a, const float* b, size_t n) {
@@ -42,51 +29,59 @@ inline double dot_lanes(const float* a, const float* b, size_t n) {
   return s;
 }
 
-// Max of |x| over [0, n) (0 for n == 0); NaN elements are skipped (a > m is false). Written with GCC vector types:
-// gcc does not vectorise the lane arrays of this reduction by itself (exact either way: max does not round).
-inline float max_abs(const float* x, size_t n) {
-#if defined(__GNUC__)
-  typedef float v8f __attribute__((vector_size(32)));
-  typedef int v8i __attribute__((vector_size(32)));
-  const v8i mask = {0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
-  v8f m0 = {0, 0, 0, 0, 0, 0, 0, 0};
-  v8f m1 = m0;
-  size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    v8i a, b;
-    std::memcpy(&a, x + i, sizeof a);
-    std::memcpy(&b, x + i + 8, sizeof b);
-    const v8f fa = reinterpret_cast<v8f>(a & mask);
-    const v8f fb = reinterpret_cast<v8f>(b & mask);
-    m0 = fa > m0 ? fa : m0;
-    m1 = fb > m1 ? fb : m1;
-  }
-  float mm = 0.0f;
-  for (int k = 0; k < 8; ++k) {
-    mm = m0[k] > mm ? m0[k] : mm;
-    mm = m1[k] > mm ? m1[k] : mm;
-  }
-  for (; i < n; ++i) {
-    float a = std::fabs(x[i]);
-    mm = a > mm ? a : mm;
-  }
-  return mm;
-#else
-  float m[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+// Adds the sum of d and of d^2, d = double(x[i]) - shift, over [0, n) to *sum and *sumsq: the variance in one pass
+// without the cancellation of the plain sum of squares, given a shift near the mean (any element will do).
+inline void shifted_sums(const float* x, size_t n, double shift, double* sum, double* sumsq) {
+  double a[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  double b[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
   size_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    float a[kLanes];
-    for (int k = 0; k < kLanes; ++k) a[k] = std::fabs(x[i + k]);
-    for (int k = 0; k < kLanes; ++k) m[k] = a[k] > m[k] ? a[k] : m[k];
+    for (int k = 0; k < kLanes; ++k) {
+      const double d = static_cast<double>(x[i + k]) - shift;
+      a[k] += d;
+      b[k] += d * d;
+    }
   }
-  for (; i < n; ++i) {
-    float a = std::fabs(x[i]);
-    m[0] = a > m[0] ? a : m[0];
+  for (int k = 0; i < n; ++i, ++k) {
+    const double d = static_cast<double>(x[i]) - shift;
+    a[k] += d;
+    b[k] += d * d;
   }
-  float mm = 0.0f;
-  for (int k = 0; k < kLanes; ++k) mm = m[k] > mm ? m[k] : mm;
-  return mm;
-#endif
+  double s1 = 0, s2 = 0;
+  for (int k = 0; k < kLanes; ++k) {
+    s1 += a[k];
+    s2 += b[k];
+  }
+  *sum += s1;
+  *sumsq += s2;
+}
+
+// Adds the sum of j and of j^2 over [0, n) to *sum and *sumsq, j = x[i] (integers as float, |j| < 2^31).
+inline void int_sums(const float* x, size_t n, int64_t* sum, int64_t* sumsq) {
+  int64_t a = 0, b = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t j = static_cast<int32_t>(x[i]);
+    a += j;
+    b += j * j;
+  }
+  *sum += a;
+  *sumsq += b;
+}
+
+// Max of |x| over [0, n) (0 for n == 0), NaN if any element is NaN (as numpy's max). Taken on the bit patterns of
+// |x| as integers: for non-negative floats the integer order is the float order, and every NaN pattern lies above
+// inf's, so one integer max does both (gcc vectorises it; exact: max does not round).
+inline float max_abs(const float* x, size_t n) {
+  int32_t m = 0;  // integer max is associative: gcc vectorises the reduction itself
+  for (size_t i = 0; i < n; ++i) {
+    int32_t v;
+    std::memcpy(&v, x + i, sizeof v);
+    v &= 0x7fffffff;
+    m = v > m ? v : m;
+  }
+  float r;
+  std::memcpy(&r, &m, sizeof r);
+  return r;
 }
 
 }  // namespace cpu

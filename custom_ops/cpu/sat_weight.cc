@@ -2,7 +2,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 
 #include "common/checks.h"
 #include "common/op_inputs.h"
@@ -26,9 +25,8 @@ SatParams read_params(const KernelBase& k, Ort::KernelContext& ctx, size_t first
   return SatParams{a.r, std::floor(a.r / 2.0f), a.mode, a.fan_out};
 }
 
-// M = max|tanh W| = tanh(max|W|): a correctly rounded tanh is odd and monotonic, so the max pass needs no tanh
-// (1 when every weight is 0: keeps t/M and dW finite).
-float max_tanh(Ort::KernelContext& ctx, const float* w, size_t n) {
+// max|W| (NaN if some weight is NaN).
+float max_abs_w(Ort::KernelContext& ctx, const float* w, size_t n) {
   const size_t tasks = num_chunks(n);
   std::vector<float> part(tasks, 0.0f);
   parallel_for(ctx, tasks, [&](size_t c) {
@@ -36,37 +34,57 @@ float max_tanh(Ort::KernelContext& ctx, const float* w, size_t n) {
     part[c] = max_abs_loop(w + b, e - b);
   });
   float mx = 0.0f;
-  for (float v : part) mx = v > mx ? v : mx;
-  const float m = tanh_f32(mx);
+  for (float v : part) mx = (v > mx || v != v) ? v : mx;
+  return mx;
+}
+
+// M = max|tanh W| = tanh(max|W|) (tanh_f32 is odd and increasing: the max pass needs no tanh); 1 when it is not
+// > 0 (all weights 0, or a NaN weight): keeps t/M and dW finite, as the reference.
+float max_tanh(float max_abs) {
+  const float m = tanh_f32(max_abs);
   return m > 0.0f ? m : 1.0f;
 }
 
-// S = sqrt(n * Var) (Bessel) from the sum of the levels and their squared deviations (double); 1 if not > 0.
-float scale_from(double sq, size_t n, int64_t fan_out) {
-  const double var = sq / static_cast<double>(n - 1);
-  const float s = static_cast<float>(std::sqrt(static_cast<double>(fan_out) * var));
+bool scaled(const SatParams& p, size_t n) { return p.fan_out > 0 && n >= 2; }
+
+// S = sqrt(fan_out * Var(Wq)) (Bessel) from the level sums, in the operations of reference.py sat_weight_scale:
+// DoReFa and symmetric from the exact integer variance of the level indices, clamp from the shifted sums; 1 when
+// it is not > 0 or a weight is NaN.
+float scale_from(const std::vector<LevelSums>& part, size_t n, float max_abs, const SatParams& p) {
+  if (max_abs != max_abs) return 1.0f;
+  LevelSums t;
+  for (const LevelSums& s : part) {
+    t.j1 += s.j1;
+    t.j2 += s.j2;
+    t.d1 += s.d1;
+    t.d2 += s.d2;
+  }
+  const double nd = static_cast<double>(n);
+  double var;
+  if (p.mode == kSatModeClamp) {
+    var = (t.d2 - t.d1 * t.d1 / nd) / (nd - 1.0);
+  } else {
+    const __int128 num = static_cast<__int128>(n) * t.j2 - static_cast<__int128>(t.j1) * t.j1;
+    const double var_j = static_cast<double>(num) / (nd * static_cast<double>(n - 1));
+    const double r = p.r, half = p.half;
+    var = p.mode == kSatModeDorefa ? var_j * 4.0 / (r * r) : var_j / (half * half);
+  }
+  const float s = static_cast<float>(std::sqrt(static_cast<double>(p.fan_out) * var));
   return s > 0.0f ? s : 1.0f;
 }
 
-// S = sqrt(n * Var(Wq)) (Bessel), Wq = level(t/M); 1 without scaling, for fewer than 2 elements, or when Var is 0.
-float scale_factor(Ort::KernelContext& ctx, const float* t, size_t n, float m, const SatParams& p) {
-  if (p.fan_out <= 0 || n < 2) return 1.0f;
+// ApplyScaling: t = tanh(W) into `t` with the level sums (one tanh per element; the output pass reads t back), then S.
+float tanh_and_scale(Ort::KernelContext& ctx, const float* w, float* t, size_t n, float m, float max_abs,
+                     const SatParams& p) {
+  const double shift = tanh_f32(w[0]) / m;  // clamp: any level near the mean keeps the one-pass variance accurate
   const size_t tasks = num_chunks(n);
-  std::vector<double> part(tasks, 0.0);
+  const size_t len = chunk_len(n);
+  std::vector<LevelSums> part(tasks);
   parallel_for(ctx, tasks, [&](size_t c) {
-    const size_t b = c * chunk_len(n), e = std::min(n, b + chunk_len(n));
-    part[c] = sat_weight_level_sum(p.mode, t + b, e - b, m, p.r, p.half);
+    const size_t b = c * len, e = std::min(n, b + len);
+    sat_weight_tanh_sums(p.mode, w + b, t + b, e - b, m, p.r, p.half, shift, &part[c]);
   });
-  double sum = 0;
-  for (double v : part) sum += v;
-  const double mean = sum / static_cast<double>(n);
-  parallel_for(ctx, tasks, [&](size_t c) {
-    const size_t b = c * chunk_len(n), e = std::min(n, b + chunk_len(n));
-    part[c] = sat_weight_level_sqdev(p.mode, t + b, e - b, m, p.r, p.half, mean);
-  });
-  double ss = 0;
-  for (double v : part) ss += v;
-  return scale_from(ss, n, p.fan_out);
+  return scale_from(part, n, max_abs, p);
 }
 
 // Outputs: Wq, and optionally the derivative factor dWq/dW = (1 - tanh(W)^2) / (M * S) (schema.py), which the
@@ -92,37 +110,21 @@ struct SatWeightKernel : StatusKernel<SatWeightKernel> {
     float* d = output(ctx, 1, w.shape);
     const size_t n = w.size;
     if (n == 0 || y == nullptr) return;
-    const float m = max_tanh(ctx, w.data, n);
-    const size_t tasks = num_chunks(n);
+    const float mx = max_abs_w(ctx, w.data, n);
+    const float m = max_tanh(mx);
     const size_t len = chunk_len(n);
-    if (p.fan_out <= 0 || n < 2) {  // S = 1: one pass, tanh once per element
-      parallel_for(ctx, tasks, [&](size_t c) {
+    if (!scaled(p, n)) {  // S = 1: one pass
+      parallel_for(ctx, num_chunks(n), [&](size_t c) {
         const size_t b = c * len, e = std::min(n, b + len);
-        sat_weight_forward_loop(p.mode, w.data + b, y + b, d ? d + b : nullptr, e - b, m, p.r, p.half);
+        sat_weight_forward_loop(p.mode, w.data + b, y + b, d ? d + b : nullptr, e - b, m, m, p.r, p.half);
       });
       return;
     }
-    // ApplyScaling: unscaled levels into y (and t into d) with the level sums, the squared deviations, then y / S
-    // and d = (1 - t^2) / (M S). Same chunks, blocks and summation order as scale_factor: the same S.
-    std::vector<double> part(tasks, 0.0);
-    parallel_for(ctx, tasks, [&](size_t c) {
-      const size_t b = c * len, e = std::min(n, b + len);
-      part[c] = sat_weight_levels_loop(p.mode, w.data + b, y + b, d ? d + b : nullptr, e - b, m, p.r, p.half);
-    });
-    double sum = 0;
-    for (double v : part) sum += v;
-    const double mean = sum / static_cast<double>(n);
-    parallel_for(ctx, tasks, [&](size_t c) {
-      const size_t b = c * len, e = std::min(n, b + len);
-      part[c] = sqdev_loop(y + b, e - b, mean);
-    });
-    double ss = 0;
-    for (double v : part) ss += v;
-    const float s = scale_from(ss, n, p.fan_out);
+    const float s = tanh_and_scale(ctx, w.data, d ? d : y, n, m, mx, p);
     const float ms = m * s;
-    parallel_for(ctx, tasks, [&](size_t c) {
+    parallel_for(ctx, num_chunks(n), [&](size_t c) {
       const size_t b = c * len, e = std::min(n, b + len);
-      sat_weight_scale_loop(y + b, d ? d + b : nullptr, e - b, s, ms);
+      sat_weight_output_loop(p.mode, y + b, d ? d + b : nullptr, e - b, m, s, ms, p.r, p.half);
     });
   }
 };
@@ -167,16 +169,19 @@ struct SatWeightGradKernel : StatusKernel<SatWeightGradKernel> {
       });
       return;
     }
-    const float m = max_tanh(ctx, w.data, n);
-    parallel_for(ctx, tasks, [&](size_t c) {  // dw holds tanh(W) until the last pass
-      const size_t b = c * len, e = std::min(n, b + len);
-      tanh_loop(w.data + b, dw + b, e - b);
-    });
-    const float s = scale_factor(ctx, dw, n, m, p);
-    const float ms = m * s;
+    const float mx = max_abs_w(ctx, w.data, n);
+    const float m = max_tanh(mx);
+    if (!scaled(p, n)) {
+      parallel_for(ctx, tasks, [&](size_t c) {
+        const size_t b = c * len, e = std::min(n, b + len);
+        sat_weight_grad_loop(g + b, w.data + b, dw + b, e - b, m);
+      });
+      return;
+    }
+    const float ms = m * tanh_and_scale(ctx, w.data, dw, n, m, mx, p);  // dw holds t until the last pass
     parallel_for(ctx, tasks, [&](size_t c) {
       const size_t b = c * len, e = std::min(n, b + len);
-      sat_weight_grad_loop(g + b, dw + b, e - b, ms);
+      sat_weight_grad_from_t_loop(g + b, dw + b, e - b, ms);
     });
   }
 };

@@ -60,7 +60,7 @@ def weight_codes(g: QatGraph, q: onnx.NodeProto, out_axis: int, n_out: int) -> W
             raise FuseError(f"{node_label(q)} is in clamp mode (mode 0): its weights are not quantized yet "
                             "(train with mode 1 before fusing)")
         wq = ref.sat_weight_unscaled(w, r, mode)
-        s = float(ref.sat_weight_scale(wq, fan_out))
+        s = float(ref.sat_weight_scale(w, r, mode, fan_out))
         if mode == SAT_MODE_DOREFA:
             wint = np.round(wq.astype(np.float64) * r)
             k = (wint + r) / 2

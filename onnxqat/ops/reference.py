@@ -5,8 +5,8 @@ and CUDA kernels are tested against it, and onnx.reference runs graphs with
 our ops through the `reference_ops()` classes below.
 
 All arithmetic is float32 in the same order as the kernels, so that results
-agree exactly except where a 1-ulp difference in tanh moves a value across a
-rounding boundary.
+agree exactly; tanh is onnxqat's own float32 function (`tanh_f32`), which the
+kernels evaluate with the same operations.
 """
 
 from __future__ import annotations
@@ -24,50 +24,116 @@ def _scalar(x) -> float:
 
 # ---------------------------------------------------------------- SAT weights
 
+def _c(h: str) -> np.float32:
+    """A float32 constant written in hex, as in custom_ops/common/quant_math.h (no decimal rounding on either side)."""
+    return F32(float.fromhex(h))
+
+
+# onnxqat's float32 tanh (quant_math.h `tanh_f32`): the same IEEE float32 operations in the same order in numpy, C++
+# and CUDA, so the three agree bit for bit (libm's tanhf, numpy's SIMD tanh and CUDA's tanhf each differ from each
+# other by an ulp here and there). Checked on every float32 in [0, 11): at most 1.82 ulp from the exact tanh
+# (99.7 % of them correctly rounded), increasing, odd, 1.0 from |x| = 9.01 as the exact tanh.
+_TANH_SMALL = (_c("-0x1.55554ap-2"), _c("0x1.110d26p-3"), _c("-0x1.b9287ap-5"), _c("0x1.593d08p-6"),
+               _c("-0x1.9b304cp-8"))  # x + x^3 P(x^2) on |x| < 0.55: minimax, relative error 1e-9
+_TANH_EXP = (_c("0x1.fffffap-2"), _c("0x1.5553f0p-3"), _c("0x1.5558e0p-5"), _c("0x1.127b12p-7"),
+             _c("0x1.6aab3cp-10"))  # e^r = 1 + r + r^2 P(r) on |r| <= ln2/2: minimax, relative error 2e-9
+_TANH_SWITCH = _c("0x1.19999ap-1")  # 0.55
+_LOG2E = _c("0x1.715476p+0")
+_LN2_HI = _c("0x1.62e400p-1")  # 15 significant bits: k * LN2_HI is exact for the k here (k <= 29)
+_LN2_LO = _c("0x1.7f7d1cp-20")
+_SHIFTER = F32(12582912.0)  # 1.5 * 2^23: (v + shifter) - shifter rounds v to an integer
+
+
 def tanh_f32(w: np.ndarray) -> np.ndarray:
-    """float32 tanh, correctly rounded: computed in float64 and rounded once. numpy's own float32 tanh is a SIMD
-    approximation that differs by an ulp on about a third of the inputs, and differently on different CPUs; the
-    C++ kernel's tanh is correctly rounded as well (bit-equal to this)."""
-    return np.tanh(np.asarray(w, dtype=F32).astype(np.float64)).astype(F32)
+    """onnxqat's float32 tanh (see above): |x| < 0.55: x + x^3 P(x^2) (Estrin); else 1 - 2 / (e^{2|x|} + 1) with
+    e^y = 2^k e^r (Cody-Waite reduction, |x| clamped to 10); sign copied from x; NaN stays NaN."""
+    x = np.asarray(w, dtype=F32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ax = np.abs(x)
+        z = ax * ax
+        z2 = z * z
+        s0, s1, s2, s3, s4 = _TANH_SMALL
+        p = (s0 + s1 * z) + z2 * ((s2 + s3 * z) + z2 * s4)
+        small = ax + (ax * z) * p
+        y = F32(2) * np.where(ax < F32(10), ax, F32(10))
+        kf = (y * _LOG2E + _SHIFTER) - _SHIFTER
+        r = (y - kf * _LN2_HI) - kf * _LN2_LO
+        r2 = r * r
+        r4 = r2 * r2
+        e2, e3, e4, e5, e6 = _TANH_EXP
+        q = ((F32(1) + r) + r2 * (e2 + e3 * r)) + r4 * ((e4 + e5 * r) + r2 * e6)
+        two_k = ((kf.astype(np.int32) + 127) << 23).view(F32)  # 2^k (NaN and inf were clamped to 10)
+        e = q * two_k
+        large = F32(1) - F32(2) / (e + F32(1))
+        t = np.where(ax < _TANH_SWITCH, small, large)
+        return np.where(np.isnan(x), x, np.copysign(t, x)).astype(F32)
 
 
 def sat_weight_max_tanh(w: np.ndarray) -> np.float32:
-    """M = max|tanh(W)|; 1 when every weight is zero (keeps t/M and dW finite)."""
+    """M = max|tanh(W)| (= tanh(max|W|): tanh_f32 is increasing); 1 when every weight is zero (keeps t/M and dW
+    finite)."""
     m = np.max(np.abs(tanh_f32(w))) if w.size else F32(0)
     return F32(m) if m > 0 else F32(1)
 
 
-def sat_weight_unscaled(w: np.ndarray, r: float, mode: int) -> np.ndarray:
-    t = tanh_f32(w)
-    m = sat_weight_max_tanh(w)
-    tn = (t / m).astype(F32)
+def _sat_tn(w: np.ndarray) -> np.ndarray:
+    """tn = tanh(W) / M in [-1, 1]."""
+    return (tanh_f32(w) / sat_weight_max_tanh(w)).astype(F32)
+
+
+def sat_weight_index(tn: np.ndarray, r: float, mode: int) -> np.ndarray:
+    """Level index j (integer-valued float32): DoReFa round(R (tn + 1) / 2) in [0, R]; symmetric
+    round(floor(R/2) tn) in [-floor(R/2), floor(R/2)]."""
     r = F32(r)
-    if mode == SAT_MODE_CLAMP:
-        return tn
     if mode == SAT_MODE_DOREFA:
-        u = ((tn + F32(1)) * F32(0.5)).astype(F32)
-        uq = (np.round(r * u) / r).astype(F32)
-        return (F32(2) * uq - F32(1)).astype(F32)
+        return np.round(r * ((tn + F32(1)) * F32(0.5))).astype(F32)
     if mode == SAT_MODE_SYMMETRIC:
         half = F32(np.floor(r / 2))
         if half < 1:  # R = 1: no level besides 0, and round(0 * tn) / 0 would be NaN
             raise ValueError(f"SAT weight mode {mode} (symmetric) needs R >= 2, got {r}")
-        return (np.round(half * tn) / half).astype(F32)
+        return np.round(half * tn).astype(F32)
     raise ValueError(f"unknown SAT weight mode {mode}")
 
 
-def sat_weight_scale(wq: np.ndarray, fan_out: int) -> np.float32:
-    """S = sqrt(n * Var(Wq)) with Bessel correction; 1 without scaling or when Var is 0."""
-    if fan_out <= 0 or wq.size < 2:
+def sat_weight_unscaled(w: np.ndarray, r: float, mode: int) -> np.ndarray:
+    """The levels before ApplyScaling: tn (clamp), 2 j / R - 1 (DoReFa), j / floor(R/2) (symmetric)."""
+    tn = _sat_tn(w)
+    if mode == SAT_MODE_CLAMP:
+        return tn
+    j = sat_weight_index(tn, r, mode)
+    r = F32(r)
+    if mode == SAT_MODE_DOREFA:
+        return (F32(2) * (j / r) - F32(1)).astype(F32)
+    return (j / F32(np.floor(r / 2))).astype(F32)
+
+
+def sat_weight_scale(w: np.ndarray, r: float, mode: int, fan_out: int) -> np.float32:
+    """S = sqrt(n * Var(Wq)) with Bessel correction, n = fan_out; 1 without scaling (fan_out <= 0), for fewer than 2
+    elements, when a weight is NaN or when Var is 0. For DoReFa and symmetric, Var is that of the exact levels
+    2 j / R - 1 and j / floor(R/2), from exact integer sums of the indices j (the float32 levels differ from these by
+    at most an ulp); for clamp, that of the float32 levels tn."""
+    w = np.asarray(w, dtype=F32)
+    if fan_out <= 0 or w.size < 2 or np.isnan(w).any():
         return F32(1)
-    var = np.var(wq.astype(np.float64), ddof=1)
-    s = np.sqrt(fan_out * var)
-    return F32(s) if s > 0 else F32(1)
+    tn = _sat_tn(w)
+    if mode == SAT_MODE_CLAMP:
+        var = float(np.var(tn.astype(np.float64), ddof=1))
+    else:
+        j = sat_weight_index(tn, r, mode).astype(np.int64)
+        n = int(j.size)
+        num = n * int(np.sum(j * j)) - int(np.sum(j)) ** 2  # exact (Python integers)
+        var_j = float(num) / float(n * (n - 1))
+        rf = float(F32(r))
+        half = float(np.floor(F32(r) / F32(2)))
+        var = var_j * 4.0 / (rf * rf) if mode == SAT_MODE_DOREFA else var_j / (half * half)
+    s = F32(np.sqrt(fan_out * var))
+    return s if s > 0 else F32(1)
 
 
 def sat_weight_forward(w, r, mode, fan_out) -> np.ndarray:
-    wq = sat_weight_unscaled(w, _scalar(r), int(_scalar(mode)))
-    s = sat_weight_scale(wq, int(_scalar(fan_out)))
+    r, mode = _scalar(r), int(_scalar(mode))
+    wq = sat_weight_unscaled(w, r, mode)
+    s = sat_weight_scale(w, r, mode, int(_scalar(fan_out)))
     return (wq / s).astype(F32)
 
 
@@ -76,8 +142,7 @@ def sat_weight_grad_factor(w, r, mode, fan_out) -> np.ndarray:
     constants, rounding STE. SatWeightQuant's optional second output."""
     t = tanh_f32(w)
     m = sat_weight_max_tanh(w)
-    wq = sat_weight_unscaled(w, _scalar(r), int(_scalar(mode)))
-    s = sat_weight_scale(wq, int(_scalar(fan_out)))
+    s = sat_weight_scale(w, _scalar(r), int(_scalar(mode)), int(_scalar(fan_out)))
     return ((F32(1) - t * t) / (m * s)).astype(F32)
 
 

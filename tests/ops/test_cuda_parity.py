@@ -7,12 +7,10 @@ so these tests need neither onnxruntime's CUDA provider nor a GPU build of onnxr
 - Tests marked `gpu` skip, with the reason, when the library is not built or no CUDA device answers.
 - The argument checks run on the host before any CUDA call: those tests run wherever the library is built.
 
-Exactness: forward outputs, dx and dv must equal the reference bit for bit (same float32 operations, IEEE division,
-round-half-to-even). The sums (dalpha, dstep, the ApplyScaling variance) are float64 in another order: they may
-differ by one float32 ulp plus 1e-12 of the sum of |terms|. SatWeight goes through tanh, where CUDA's tanhf and
-numpy's float32 tanh may differ by an ulp or two: random weights are compared exactly except where the rounding
-argument lies within reach of a .5 tie (a few ulps of tn), and there the level may move by one step; weights built
-away from ties are compared to 1e-6 relative.
+Exactness: forward outputs, dx, dv and every SatWeight output must equal the reference bit for bit (same float32
+operations, onnxqat's own tanh_f32, IEEE division, round-half-to-even, no FMA contraction; ApplyScaling's S from exact
+integer sums of the level indices). The float64 sums in another order (dalpha, dstep, and S in clamp mode) may
+differ by one float32 ulp plus 1e-12 of the sum of |terms|.
 """
 
 from __future__ import annotations
@@ -217,41 +215,19 @@ def assert_sum_close(got: np.ndarray, want: np.ndarray, abs_terms: np.ndarray | 
     assert np.all(diff <= tol), f"max diff {diff.max()} > tol {tol.min()}: got {got} want {want}"
 
 
-def rounding_argument(w: np.ndarray, r: float, mode: int) -> np.ndarray:
-    """The value SatWeight rounds (float64, exact tanh): R*u (DoReFa) or floor(R/2)*tn (symmetric)."""
-    t = np.tanh(w.astype(np.float64))
-    m = np.max(np.abs(t)) if np.max(np.abs(t)) > 0 else 1.0
-    tn = t / m
-    if mode == SAT_MODE_DOREFA:
-        return r * (tn + 1.0) * 0.5
-    return np.floor(r / 2) * tn
+def sat_weights(n: int, rng: np.random.Generator) -> np.ndarray:
+    """Normal weights with exact ties on purpose: 0 (DoReFa R/2 for odd R) and repeated values."""
+    w = (0.7 * rng.standard_normal(n)).astype(F32)
+    w[: min(n, 3)] = np.array([0.0, 0.25, 0.25], dtype=F32)[: min(n, 3)]
+    return w
 
 
-def near_tie(a: np.ndarray, r: float, mode: int) -> np.ndarray:
-    """Within reach of a .5 tie: tanh and M may move tn by a few ulps (|d tn| <= 1e-6), a = scale * tn + c."""
-    scale = r / 2 if mode == SAT_MODE_DOREFA else np.floor(r / 2)
-    frac = a - np.floor(a)
-    return np.abs(frac - 0.5) <= 1e-6 * scale + 1e-7 * np.abs(a)
-
-
-def level_step(r: float, mode: int) -> float:
-    return 2.0 / r if mode == SAT_MODE_DOREFA else 1.0 / np.floor(r / 2)
-
-
-def weights_away_from_ties(n: int, r: float, mode: int, rng: np.random.Generator) -> np.ndarray:
-    """Weights whose normalised tanh sits at level +- 0.3 of a step (never near a tie), max|tanh| = 0.9."""
-    if mode == SAT_MODE_DOREFA:
-        k = rng.integers(0, int(r) + 1, n)
-        u = (k + rng.uniform(-0.3, 0.3, n)) / r
-        tn = np.clip(2 * u - 1, -1, 1)
-    elif mode == SAT_MODE_SYMMETRIC:
-        half = np.floor(r / 2)
-        k = rng.integers(-half, half + 1, n)
-        tn = np.clip((k + rng.uniform(-0.3, 0.3, n)) / half, -1, 1)
+def assert_sat_weight_equal(got: np.ndarray, want: np.ndarray, mode: int, fan_out: int, n: int) -> None:
+    """Bit-equal, except S in clamp mode with ApplyScaling (float64 sums in another order: 1 ulp of S)."""
+    if mode == SAT_MODE_CLAMP and fan_out > 0 and n >= 2:
+        np.testing.assert_allclose(got, want, rtol=2.0**-21, atol=0)
     else:
-        tn = rng.uniform(-1, 1, n)
-    tn[0] = 1.0  # fixes M
-    return np.arctanh(0.9 * tn).astype(F32)
+        np.testing.assert_array_equal(got, want)
 
 
 # ------------------------------------------------------------------------------------------------ SAT weights
@@ -271,29 +247,35 @@ SAT_CASES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode,r", SAT_CASES)
 @pytest.mark.parametrize("fan_out", [0, 64])
-def test_sat_weight_matches_reference_away_from_ties(gpu_any_alignment, mode, r, fan_out):
+def test_sat_weight_matches_reference(gpu_any_alignment, mode, r, fan_out):
     k = gpu_any_alignment
     rng = np.random.default_rng(10 + mode)
-    w = weights_away_from_ties(4099, r, mode, rng)
+    w = sat_weights(4099, rng)
     dy = rng.standard_normal(w.size).astype(F32)
-    want = ref.sat_weight_forward(w, r, mode, fan_out)
-    np.testing.assert_allclose(k.sat_weight_forward(w, r, mode, fan_out), want, rtol=1e-6, atol=0)
-    want_dw = ref.sat_weight_backward(dy, w, r, mode, fan_out)
-    np.testing.assert_allclose(k.sat_weight_backward(dy, w, r, mode, fan_out), want_dw, rtol=1e-6, atol=0)
+    assert_sat_weight_equal(k.sat_weight_forward(w, r, mode, fan_out), ref.sat_weight_forward(w, r, mode, fan_out),
+                            mode, fan_out, w.size)
+    assert_sat_weight_equal(k.sat_weight_backward(dy, w, r, mode, fan_out),
+                            ref.sat_weight_backward(dy, w, r, mode, fan_out), mode, fan_out, w.size)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode,r", [c for c in SAT_CASES if c[0] != SAT_MODE_CLAMP])
+@pytest.mark.parametrize("mode,r", SAT_CASES)
 @pytest.mark.parametrize("n", [1, 7, 1000, 3 * 2**20 + 5])
-def test_sat_weight_random_levels_agree_except_at_ties(gpu, mode, r, n):
+def test_sat_weight_sizes_and_scaling(gpu, mode, r, n):
     rng = np.random.default_rng(n)
-    w = (0.7 * rng.standard_normal(n)).astype(F32)
-    got = gpu.sat_weight_forward(w, r, mode, 0)
-    want = ref.sat_weight_forward(w, r, mode, 0)
-    tie = near_tie(rounding_argument(w, r, mode), r, mode)
-    np.testing.assert_array_equal(got[~tie], want[~tie])
-    assert np.all(np.abs(got[tie] - want[tie]) <= level_step(r, mode) * (1 + 1e-6))
-    assert tie.mean() < 1e-3  # the exact comparison covers nearly every element
+    w = sat_weights(n, rng)
+    for fan_out in (0, 147):
+        assert_sat_weight_equal(gpu.sat_weight_forward(w, r, mode, fan_out), ref.sat_weight_forward(w, r, mode, fan_out),
+                                mode, fan_out, n)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,r", [(SAT_MODE_CLAMP, 15.0), (SAT_MODE_DOREFA, 15.0), (SAT_MODE_SYMMETRIC, 15.0)])
+def test_sat_weight_nan_weight(gpu, mode, r):
+    """A NaN weight: M = 1 and S = 1 as in the reference; NaN at that element only."""
+    w = np.array([0.5, -0.2, np.nan, 0.1, 0.9, -1.5], dtype=F32)
+    for fan_out in (0, 9):
+        np.testing.assert_array_equal(gpu.sat_weight_forward(w, r, mode, fan_out), ref.sat_weight_forward(w, r, mode, fan_out))
 
 
 @pytest.mark.gpu
@@ -508,15 +490,15 @@ def test_cuda_equals_cpu_kernels(gpu):
     dv, ds = gpu.lsq_backward(dy, x, step, 15.0, 1, 0.01, 1)
     np.testing.assert_array_equal(dv, dv_cpu)
     assert_sum_close(ds, ds_cpu, 0.01 * 8 * np.abs(dy.astype(np.float64)).sum())
-    # SatWeight (weights away from ties: tanh may differ by an ulp between glibc and CUDA)
+    # SatWeight: the same tanh_f32 and level sums on both: bit-equal (S in clamp mode: 1 ulp)
     for mode, r in [(SAT_MODE_CLAMP, 15.0), (SAT_MODE_DOREFA, 15.0), (SAT_MODE_SYMMETRIC, 255.0)]:
-        w = weights_away_from_ties(1155, r, mode, rng).reshape(5, 7, 33)
+        w = sat_weights(1155, rng).reshape(5, 7, 33)
         dw_in = rng.standard_normal(w.shape).astype(F32)
         for fan_out in (0, 99):
             (wq_cpu,) = cpu("SatWeightQuant", [w, _f32(r), _i64(mode), _i64(fan_out)], 1)
-            np.testing.assert_allclose(gpu.sat_weight_forward(w, r, mode, fan_out), wq_cpu, rtol=1e-6, atol=0)
+            assert_sat_weight_equal(gpu.sat_weight_forward(w, r, mode, fan_out), wq_cpu, mode, fan_out, w.size)
             (dw_cpu,) = cpu("SatWeightQuantGrad", [dw_in, w, _f32(r), _i64(mode), _i64(fan_out)], 1)
-            np.testing.assert_allclose(gpu.sat_weight_backward(dw_in, w, r, mode, fan_out), dw_cpu, rtol=1e-6, atol=0)
+            assert_sat_weight_equal(gpu.sat_weight_backward(dw_in, w, r, mode, fan_out), dw_cpu, mode, fan_out, w.size)
 
 
 # --------------------------------------------------------------------- argument checks (host side, no GPU needed)
@@ -594,10 +576,10 @@ def test_ort_cuda_provider_runs_the_cuda_kernels(gpu):
         want_dv, want_ds = ref.lsq_backward(dy, x, step, 15.0, 1, 0.01, 1)
         np.testing.assert_array_equal(dv, want_dv)
         assert_sum_close(ds, want_ds, 0.08 * np.abs(dy.astype(np.float64)).sum())
-    w = weights_away_from_ties(1056, 15.0, SAT_MODE_DOREFA, rng).reshape(4, 8, 33)
+    w = sat_weights(1056, rng).reshape(4, 8, 33)
     (wq,) = run("SatWeightQuant", [w, _f32(15.0), _i64(SAT_MODE_DOREFA), _i64(72)], 1)
-    np.testing.assert_allclose(wq, ref.sat_weight_forward(w, 15.0, SAT_MODE_DOREFA, 72), rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(wq, ref.sat_weight_forward(w, 15.0, SAT_MODE_DOREFA, 72))
     (dw,) = run("SatWeightQuantGrad", [dy, w, _f32(15.0), _i64(SAT_MODE_DOREFA), _i64(72)], 1)
-    np.testing.assert_allclose(dw, ref.sat_weight_backward(dy, w, 15.0, SAT_MODE_DOREFA, 72), rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(dw, ref.sat_weight_backward(dy, w, 15.0, SAT_MODE_DOREFA, 72))
     with pytest.raises(Exception, match=r"SatActQuant node .*alpha must be finite and > 0, got 0"):
         run("SatActQuant", [x, np.array([0.0], dtype=F32), _f32(15.0)], 1)
