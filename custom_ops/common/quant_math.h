@@ -20,6 +20,14 @@ constexpr int64_t kSatModeClamp = 0;
 constexpr int64_t kSatModeDorefa = 1;
 constexpr int64_t kSatModeSymmetric = 2;
 
+// ApplyScaling's variance from exact integer sums of the level indices up to this R (16 bits): the int64 sums of
+// j^2 cannot overflow below 2^31 elements. Above it (and in clamp mode), shifted double sums of the levels.
+constexpr float kSatExactVarianceMaxRange = 65535.0f;
+
+OQ_HD bool sat_weight_index_sums(int64_t mode, float r) {
+  return mode != kSatModeClamp && r <= kSatExactVarianceMaxRange;
+}
+
 // Round half to even (numpy np.round / C nearbyint in the default rounding mode).
 // On the host: |x| + 2^23 - 2^23 rounds |x| < 2^23 to an integer, ties to even, in plain SSE2 arithmetic that gcc
 // vectorises (nearbyintf is a libm call without SSE4.1); |x| >= 2^23 (and inf) is already an integer; NaN stays NaN.

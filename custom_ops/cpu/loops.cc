@@ -65,7 +65,7 @@ __attribute__((always_inline)) inline void tanh_block(const float* OQ_R w, float
   }
 }
 
-template <int64_t MODE>
+template <int64_t MODE, bool INDEX_SUMS>
 __attribute__((always_inline)) inline void tanh_sums(const float* OQ_R w, float* OQ_R t, size_t n, float m, float r,
                                                      float half, double shift, LevelSums* acc) {
   float vb[kBlock];
@@ -74,16 +74,16 @@ __attribute__((always_inline)) inline void tanh_sums(const float* OQ_R w, float*
     float* OQ_R tb = t + k0;
     tanh_block(w + k0, tb, len);
     for (size_t i = 0; i < len; ++i) {
-      if constexpr (MODE == kSatModeClamp) {
-        vb[i] = tb[i] / m;
-      } else {
+      if constexpr (INDEX_SUMS) {
         vb[i] = index<MODE>(tb[i] / m, r, half);
+      } else {
+        vb[i] = level<MODE>(tb[i] / m, r, half);
       }
     }
-    if constexpr (MODE == kSatModeClamp) {
-      shifted_sums(vb, len, shift, &acc->d1, &acc->d2);
-    } else {
+    if constexpr (INDEX_SUMS) {
       int_sums(vb, len, &acc->j1, &acc->j2);
+    } else {
+      shifted_sums(vb, len, shift, &acc->d1, &acc->d2);
     }
   }
 }
@@ -122,6 +122,12 @@ __attribute__((always_inline)) inline void output(float* OQ_R y, float* OQ_R d, 
 
 }  // namespace
 
+template <int64_t MODE>
+__attribute__((always_inline)) inline void level_tanh_sums(const float* w, float* t, size_t n, float m, float r,
+                                                           float half, double shift, LevelSums* acc) {
+  tanh_sums<MODE, false>(w, t, n, m, r, half, shift, acc);
+}
+
 #define OQ_BY_MODE(mode, f, ...)                                                 \
   do {                                                                           \
     if ((mode) == kSatModeDorefa) return f<kSatModeDorefa>(__VA_ARGS__);         \
@@ -131,7 +137,9 @@ __attribute__((always_inline)) inline void output(float* OQ_R y, float* OQ_R d, 
 
 OQ_CLONES void sat_weight_tanh_sums(int64_t mode, const float* w, float* t, size_t n, float m, float r, float half,
                                     double shift, LevelSums* acc) {
-  OQ_BY_MODE(mode, tanh_sums, w, t, n, m, r, half, shift, acc);
+  if (!sat_weight_index_sums(mode, r)) OQ_BY_MODE(mode, level_tanh_sums, w, t, n, m, r, half, shift, acc);
+  if (mode == kSatModeDorefa) return tanh_sums<kSatModeDorefa, true>(w, t, n, m, r, half, shift, acc);
+  return tanh_sums<kSatModeSymmetric, true>(w, t, n, m, r, half, shift, acc);
 }
 
 OQ_CLONES void sat_weight_forward_loop(int64_t mode, const float* w, float* y, float* d, size_t n, float m, float ms,

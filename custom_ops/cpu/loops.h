@@ -9,13 +9,13 @@ namespace onnxqat {
 namespace cpu {
 
 // SAT weights (tanh: common/quant_math.h tanh_f32; M = tanh(max|W|) known beforehand; ms = M * S).
-// Level sums for ApplyScaling's variance: DoReFa and symmetric sum the level indices j (exact integers), clamp the
-// levels tn = t / M shifted by `shift` (double).
+// Level sums for ApplyScaling's variance: DoReFa and symmetric sum the level indices j (exact integers) when
+// R <= 65535 (sat_weight_index_sums), else and in clamp mode the levels shifted by `shift` (double).
 struct LevelSums {
   int64_t j1 = 0;  // sum of j
   int64_t j2 = 0;  // sum of j^2
-  double d1 = 0;   // sum of (tn - shift)
-  double d2 = 0;   // sum of (tn - shift)^2
+  double d1 = 0;   // sum of (level - shift)
+  double d2 = 0;   // sum of (level - shift)^2
 };
 // t = tanh(w); *acc += the level sums of t / m.
 void sat_weight_tanh_sums(int64_t mode, const float* w, float* t, size_t n, float m, float r, float half,

@@ -48,8 +48,8 @@ float max_tanh(float max_abs) {
 bool scaled(const SatParams& p, size_t n) { return p.fan_out > 0 && n >= 2; }
 
 // S = sqrt(fan_out * Var(Wq)) (Bessel) from the level sums, in the operations of reference.py sat_weight_scale:
-// DoReFa and symmetric from the exact integer variance of the level indices, clamp from the shifted sums; 1 when
-// it is not > 0 or a weight is NaN.
+// DoReFa and symmetric (R <= 65535) from the exact integer variance of the level indices, clamp (and R > 65535)
+// from the shifted sums; 1 when it is not > 0 or a weight is NaN.
 float scale_from(const std::vector<LevelSums>& part, size_t n, float max_abs, const SatParams& p) {
   if (max_abs != max_abs) return 1.0f;
   LevelSums t;
@@ -61,7 +61,7 @@ float scale_from(const std::vector<LevelSums>& part, size_t n, float max_abs, co
   }
   const double nd = static_cast<double>(n);
   double var;
-  if (p.mode == kSatModeClamp) {
+  if (!sat_weight_index_sums(p.mode, p.r)) {
     var = (t.d2 - t.d1 * t.d1 / nd) / (nd - 1.0);
   } else {
     const __int128 num = static_cast<__int128>(n) * t.j2 - static_cast<__int128>(t.j1) * t.j1;
@@ -76,7 +76,8 @@ float scale_from(const std::vector<LevelSums>& part, size_t n, float max_abs, co
 // ApplyScaling: t = tanh(W) into `t` with the level sums (one tanh per element; the output pass reads t back), then S.
 float tanh_and_scale(Ort::KernelContext& ctx, const float* w, float* t, size_t n, float m, float max_abs,
                      const SatParams& p) {
-  const double shift = tanh_f32(w[0]) / m;  // clamp: any level near the mean keeps the one-pass variance accurate
+  // shifted sums (clamp, large R): any level near the mean keeps the one-pass variance accurate
+  const double shift = sat_weight_level(tanh_f32(w[0]) / m, SatWeightParams{p.r, p.half, p.mode});
   const size_t tasks = num_chunks(n);
   const size_t len = chunk_len(n);
   std::vector<LevelSums> part(tasks);

@@ -2,7 +2,7 @@
 // -fmad=false), so that they equal the numpy reference bit for bit. Passes: (1) M = max|tanh W| = tanh(max|W|)
 // (tanh_f32 is odd and increasing: the pass is a plain max|W|, no tanh per element) as per-block partial maxima + a
 // one-block final pass; (2) only with ApplyScaling: the variance of the levels as per-block sums + a final pass
-// (DoReFa and symmetric: exact integer sums of the level indices; clamp: shifted double sums);
+// (DoReFa and symmetric: exact integer sums of the level indices; clamp, R > 65535: shifted double sums);
 // (3) the elementwise output (and, when asked for, the derivative factor (1 - t^2) / (M S) in a second pass).
 // M, S and M*S stay on the device (no host round trip). The backward with the forward's factor is one product.
 #include "cuda/sat_weight_impl.cuh"
@@ -67,13 +67,13 @@ __global__ void max_final_kernel(const float* __restrict__ maxima, int parts, co
   }
 }
 
-// Per-block level sums: DoReFa and symmetric sum j and j^2 over the level indices j (int64, exact); clamp sums
-// x - K and (x - K)^2 over the levels x in double (K = the first level keeps the sums small: no cancellation for a
+// Per-block level sums: DoReFa and symmetric (R <= 65535) sum j and j^2 over the level indices j (int64, exact);
+// clamp (and larger R) sums x - K and (x - K)^2 over the levels x in double (K = the first level keeps the sums small: no cancellation for a
 // constant tensor).
 __global__ void level_stats_kernel(const float* __restrict__ w, int64_t n, bool vec, SatWeightParams p,
                                    const float* __restrict__ consts, double* __restrict__ stats) {
   const float M = consts[0];
-  if (p.mode != kSatModeClamp) {
+  if (sat_weight_index_sums(p.mode, p.r)) {
     long long j1 = 0;
     long long j2 = 0;
     map1(w, nullptr, n, vec, [&](int64_t, float v) {
@@ -110,12 +110,12 @@ __global__ void level_stats_kernel(const float* __restrict__ w, int64_t n, bool 
 
 // One block: S = sqrt(fan_out * Var) with Bessel's correction in the operations of reference.py sat_weight_scale
 // (DoReFa: Var(j) 4 / R^2, symmetric: Var(j) / floor(R/2)^2, Var(j) from the exact integer n sum j^2 - (sum j)^2;
-// clamp: from the shifted sums); 1 if not > 0 or a weight is NaN.
+// clamp and R > 65535: from the shifted sums); 1 if not > 0 or a weight is NaN.
 __global__ void stats_final_kernel(const double* __restrict__ stats, int parts, int64_t n, int64_t fan_out,
                                    SatWeightParams p, float* __restrict__ consts) {
   const double nn = static_cast<double>(n);
   double var;
-  if (p.mode != kSatModeClamp) {
+  if (sat_weight_index_sums(p.mode, p.r)) {
     const long long* in = reinterpret_cast<const long long*>(stats);
     long long j1 = 0;
     long long j2 = 0;

@@ -41,7 +41,8 @@ _TANH_SWITCH = _c("0x1.19999ap-1")  # 0.55
 _LOG2E = _c("0x1.715476p+0")
 _LN2_HI = _c("0x1.62e400p-1")  # 15 significant bits: k * LN2_HI is exact for the k here (k <= 29)
 _LN2_LO = _c("0x1.7f7d1cp-20")
-_SHIFTER = F32(12582912.0)  # 1.5 * 2^23: (v + shifter) - shifter rounds v to an integer
+_SHIFTER = F32(12582912.0)
+SAT_EXACT_VARIANCE_MAX_RANGE = 65535.0  # quant_math.h kSatExactVarianceMaxRange  # 1.5 * 2^23: (v + shifter) - shifter rounds v to an integer
 
 
 def tanh_f32(w: np.ndarray) -> np.ndarray:
@@ -109,16 +110,17 @@ def sat_weight_unscaled(w: np.ndarray, r: float, mode: int) -> np.ndarray:
 
 def sat_weight_scale(w: np.ndarray, r: float, mode: int, fan_out: int) -> np.float32:
     """S = sqrt(n * Var(Wq)) with Bessel correction, n = fan_out; 1 without scaling (fan_out <= 0), for fewer than 2
-    elements, when a weight is NaN or when Var is 0. For DoReFa and symmetric, Var is that of the exact levels
-    2 j / R - 1 and j / floor(R/2), from exact integer sums of the indices j (the float32 levels differ from these by
-    at most an ulp); for clamp, that of the float32 levels tn."""
+    elements, when a weight is NaN or when Var is 0. For DoReFa and symmetric with R <= 65535, Var is that of the
+    exact levels 2 j / R - 1 and j / floor(R/2), from exact integer sums of the indices j (the float32 levels differ
+    from these by at most an ulp; the kernels' int64 sums stay exact up to 16 bits); for clamp and larger R, that of
+    the float32 levels."""
     w = np.asarray(w, dtype=F32)
     if fan_out <= 0 or w.size < 2 or np.isnan(w).any():
         return F32(1)
-    tn = _sat_tn(w)
-    if mode == SAT_MODE_CLAMP:
-        var = float(np.var(tn.astype(np.float64), ddof=1))
+    if mode == SAT_MODE_CLAMP or r > SAT_EXACT_VARIANCE_MAX_RANGE:
+        var = float(np.var(sat_weight_unscaled(w, r, mode).astype(np.float64), ddof=1))
     else:
+        tn = _sat_tn(w)
         j = sat_weight_index(tn, r, mode).astype(np.int64)
         n = int(j.size)
         num = n * int(np.sum(j * j)) - int(np.sum(j)) ** 2  # exact (Python integers)

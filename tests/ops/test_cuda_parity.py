@@ -223,7 +223,8 @@ def sat_weights(n: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def assert_sat_weight_equal(got: np.ndarray, want: np.ndarray, mode: int, fan_out: int, n: int) -> None:
-    """Bit-equal, except S in clamp mode with ApplyScaling (float64 sums in another order: 1 ulp of S)."""
+    """Bit-equal, except S in clamp mode with ApplyScaling (float64 sums in another order: 1 ulp of S). (The ranges
+    here stay below 65536, where DoReFa and symmetric take S from exact integer sums.)"""
     if mode == SAT_MODE_CLAMP and fan_out > 0 and n >= 2:
         np.testing.assert_allclose(got, want, rtol=2.0**-21, atol=0)
     else:

@@ -17,10 +17,11 @@ def _args(w, r, mode, fan):
     return [w.astype(F32), np.array(r, F32), np.array(mode, I64), np.array(fan, I64)]
 
 
-def _s_exact(mode, fan, w):
-    """ApplyScaling's S is bit-equal to the reference's for DoReFa and symmetric (exact integer variance of the level
-    indices); in clamp mode it comes from double sums taken in another order (1 float32 ulp at most)."""
-    return not (fan > 0 and w.size >= 2 and mode == SAT_MODE_CLAMP)
+def _s_exact(mode, fan, w, r=15):
+    """ApplyScaling's S is bit-equal to the reference's for DoReFa and symmetric up to R = 65535 (exact integer
+    variance of the level indices); in clamp mode and above, it comes from double sums taken in another order
+    (1 float32 ulp at most)."""
+    return not (fan > 0 and w.size >= 2 and (mode == SAT_MODE_CLAMP or r > 65535))
 
 
 def check_forward(w, r, mode, fan):
@@ -31,7 +32,7 @@ def check_forward(w, r, mode, fan):
     want = ref.sat_weight_forward(*args)
     assert got.shape == want.shape and got.dtype == np.float32
     assert np.isfinite(got).all()
-    if _s_exact(mode, fan, w):
+    if _s_exact(mode, fan, w, r):
         np.testing.assert_array_equal(got, want)
     else:
         np.testing.assert_allclose(got, want, rtol=2.0**-22, atol=0)
@@ -47,7 +48,7 @@ def check_backward(w, r, mode, fan, rng):
     want = ref.sat_weight_backward(dy, *args)
     assert got.shape == w.shape and got.dtype == np.float32
     assert np.isfinite(got).all()
-    if _s_exact(mode, fan, w):
+    if _s_exact(mode, fan, w, r):
         np.testing.assert_array_equal(got, want)
     else:
         np.testing.assert_allclose(got, want, rtol=2.0**-21, atol=0)  # S: 1 ulp, then one more rounding
@@ -295,3 +296,17 @@ def test_small_weight_blocks(mode, fan):
     assert_factor = np.testing.assert_array_equal if _s_exact(mode, fan, w) else (
         lambda a, b: np.testing.assert_allclose(a, b, rtol=2.0**-22, atol=0))
     assert_factor(f, ref.sat_weight_grad_factor(*_args(w, 15, mode, fan)))
+
+
+@pytest.mark.parametrize("mode", [SAT_MODE_DOREFA, SAT_MODE_SYMMETRIC])
+def test_scaling_above_16_bits_uses_level_sums(mode):
+    """R > 65535: the int64 sums of j^2 could overflow on large tensors, so S comes from double sums of the levels
+    (reference: their float64 variance): within an ulp; R = 2^20 - 1 on 70000 elements would overflow int64 sums
+    of j^2 were they used (70000 * 2^40 > 2^63)."""
+    rng = np.random.default_rng(31 + mode)
+    w = (0.5 * rng.normal(size=70000)).astype(F32)
+    r = float(2**20 - 1)
+    check_forward(w, r, mode, 64)
+    check_backward(w, r, mode, 64, rng)
+    got = run_op("SatWeightQuant", _args(w, r, mode, 64))[0]
+    assert abs(np.std(got.astype(np.float64), ddof=1) * np.sqrt(64) - 1) < 1e-6
