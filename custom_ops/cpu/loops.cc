@@ -122,51 +122,35 @@ __attribute__((always_inline)) inline void output(float* OQ_R y, float* OQ_R d, 
 
 }  // namespace
 
-template <int64_t MODE>
-__attribute__((always_inline)) inline void level_tanh_sums(const float* w, float* t, size_t n, float m, float r,
-                                                           float half, double shift, LevelSums* acc) {
-  tanh_sums<MODE, false>(w, t, n, m, r, half, shift, acc);
-}
-
-#define OQ_BY_MODE(mode, f, ...)                                                 \
-  do {                                                                           \
-    if ((mode) == kSatModeDorefa) return f<kSatModeDorefa>(__VA_ARGS__);         \
-    if ((mode) == kSatModeSymmetric) return f<kSatModeSymmetric>(__VA_ARGS__);   \
-    return f<kSatModeClamp>(__VA_ARGS__);                                        \
+// Calls f<MODE, FLAG>(...) for the run-time mode and flag: one instantiation (vectorised for its case) each.
+#define OQ_MODE_FLAG(mode, flag, f, ...)                                                   \
+  do {                                                                                     \
+    if (flag) {                                                                            \
+      if ((mode) == kSatModeDorefa) return f<kSatModeDorefa, true>(__VA_ARGS__);           \
+      if ((mode) == kSatModeSymmetric) return f<kSatModeSymmetric, true>(__VA_ARGS__);     \
+      return f<kSatModeClamp, true>(__VA_ARGS__);                                          \
+    }                                                                                      \
+    if ((mode) == kSatModeDorefa) return f<kSatModeDorefa, false>(__VA_ARGS__);            \
+    if ((mode) == kSatModeSymmetric) return f<kSatModeSymmetric, false>(__VA_ARGS__);      \
+    return f<kSatModeClamp, false>(__VA_ARGS__);                                           \
   } while (0)
 
 OQ_CLONES void sat_weight_tanh_sums(int64_t mode, const float* w, float* t, size_t n, float m, float r, float half,
                                     double shift, LevelSums* acc) {
-  if (!sat_weight_index_sums(mode, r)) OQ_BY_MODE(mode, level_tanh_sums, w, t, n, m, r, half, shift, acc);
-  if (mode == kSatModeDorefa) return tanh_sums<kSatModeDorefa, true>(w, t, n, m, r, half, shift, acc);
-  return tanh_sums<kSatModeSymmetric, true>(w, t, n, m, r, half, shift, acc);
+  OQ_MODE_FLAG(mode, sat_weight_index_sums(mode, r), tanh_sums, w, t, n, m, r, half, shift, acc);
 }
 
 OQ_CLONES void sat_weight_forward_loop(int64_t mode, const float* w, float* y, float* d, size_t n, float m, float ms,
                                        float r, float half) {
-  if (d != nullptr) {
-    if (mode == kSatModeDorefa) return forward<kSatModeDorefa, true>(w, y, d, n, m, ms, r, half);
-    if (mode == kSatModeSymmetric) return forward<kSatModeSymmetric, true>(w, y, d, n, m, ms, r, half);
-    return forward<kSatModeClamp, true>(w, y, d, n, m, ms, r, half);
-  }
-  if (mode == kSatModeDorefa) return forward<kSatModeDorefa, false>(w, y, d, n, m, ms, r, half);
-  if (mode == kSatModeSymmetric) return forward<kSatModeSymmetric, false>(w, y, d, n, m, ms, r, half);
-  return forward<kSatModeClamp, false>(w, y, d, n, m, ms, r, half);
+  OQ_MODE_FLAG(mode, d != nullptr, forward, w, y, d, n, m, ms, r, half);
 }
 
 OQ_CLONES void sat_weight_output_loop(int64_t mode, float* y, float* d, size_t n, float m, float s, float ms, float r,
                                       float half) {
-  if (d != nullptr) {
-    if (mode == kSatModeDorefa) return output<kSatModeDorefa, true>(y, d, n, m, s, ms, r, half);
-    if (mode == kSatModeSymmetric) return output<kSatModeSymmetric, true>(y, d, n, m, s, ms, r, half);
-    return output<kSatModeClamp, true>(y, d, n, m, s, ms, r, half);
-  }
-  if (mode == kSatModeDorefa) return output<kSatModeDorefa, false>(y, d, n, m, s, ms, r, half);
-  if (mode == kSatModeSymmetric) return output<kSatModeSymmetric, false>(y, d, n, m, s, ms, r, half);
-  return output<kSatModeClamp, false>(y, d, n, m, s, ms, r, half);
+  OQ_MODE_FLAG(mode, d != nullptr, output, y, d, n, m, s, ms, r, half);
 }
 
-#undef OQ_BY_MODE
+#undef OQ_MODE_FLAG
 
 OQ_CLONES void sat_weight_grad_loop(const float* OQ_R g, const float* OQ_R w, float* OQ_R dw, size_t n, float ms) {
   float tb[kBlock];
