@@ -300,12 +300,14 @@ def test_small_weight_blocks(mode, fan):
 
 @pytest.mark.parametrize("mode", [SAT_MODE_DOREFA, SAT_MODE_SYMMETRIC])
 def test_scaling_above_16_bits_uses_level_sums(mode):
-    """R > 65535: the int64 sums of j^2 could overflow on large tensors, so S comes from double sums of the levels
-    (reference: their float64 variance): within an ulp; R = 2^20 - 1 on 70000 elements would overflow int64 sums
-    of j^2 were they used (70000 * 2^40 > 2^63)."""
+    """R > 65535: S comes from double sums of the levels (reference: their float64 variance), within an ulp. With
+    R = 2^24 on 10^6 weights the int64 sums of j^2 that serve R <= 65535 would overflow (sum j^2 > 2^63)."""
     rng = np.random.default_rng(31 + mode)
-    w = (0.5 * rng.normal(size=70000)).astype(F32)
-    r = float(2**20 - 1)
+    w = (0.5 * rng.normal(size=1_000_000)).astype(F32)
+    r = float(2**24)
+    tn = ref.tanh_f32(w) / ref.sat_weight_max_tanh(w)
+    j = ref.sat_weight_index(tn.astype(F32), r, mode).astype(np.float64)
+    assert np.sum(j * j) > 2.0**63  # the case the fallback exists for
     check_forward(w, r, mode, 64)
     check_backward(w, r, mode, 64, rng)
     got = run_op("SatWeightQuant", _args(w, r, mode, 64))[0]
