@@ -43,7 +43,8 @@ class WeightSettings:
     mode: str = "quantize"  # SAT: clamp | quantize | symmetric
     apply_scaling: bool = False  # SAT ApplyScaling (fan-out from the layer)
     per_channel: bool = False  # LSQ: one step per output channel
-    step: float | None = None  # LSQ initial step; None = 2*mean|W|/sqrt(Qp)
+    step: float | None = None  # LSQ initial step; None = from the weights, as step_init says
+    step_init: str = "paper"  # LSQ step from the weights: paper 2*mean|W|/sqrt(Qp), max max|W|/Qp, mse least error
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ WEIGHT_KEYS = {
     "apply_scaling": ((bool,), None, ""),
     "per_channel": ((bool,), None, ""),
     "step": ((int, float), _positive, "> 0"),
+    "step_init": ((str,), lambda v: v in ("paper", "max", "mse"), "one of paper, max, mse"),
 }
 ACTIVATION_KEYS = {
     **_COMMON_KEYS,

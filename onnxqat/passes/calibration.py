@@ -70,3 +70,52 @@ def collect(model: onnx.ModelProto, feeds: dict[str, np.ndarray], tensors: list[
     except Exception as exc:
         raise DataError(f"calibration run failed: {str(exc).splitlines()[0]}") from None
     return {t: np.concatenate([r[k] for r in results], axis=0) for k, t in enumerate(tensors)}
+
+
+# ------------------------------------------------------------------ initial quantizer values from data
+# Shared by insert (calibration data) and train (the first training batches, for quantizers insert left uncalibrated).
+
+def sat_alpha(activation: np.ndarray, percentile: float) -> float | None:
+    """SAT (CG-PACT) alpha: that percentile of the activation's values (after its ReLU); None when it is not > 0."""
+    a = float(np.percentile(np.asarray(activation, np.float64), percentile)) if np.size(activation) else 0.0
+    return a if a > 0 else None
+
+
+def lsq_step(values: np.ndarray, qp: float) -> float | None:
+    """LSQ's initial step 2 <|v|> / sqrt(Qp) (Esser et al.); None when the mean magnitude is 0."""
+    m = float(np.mean(np.abs(np.asarray(values, np.float64)))) if np.size(values) else 0.0
+    return 2.0 * m / float(np.sqrt(qp)) if m > 0 else None
+
+
+LSQ_WEIGHT_INITS = ("paper", "max", "mse")
+
+
+def lsq_weight_steps(w: np.ndarray, qn: float, qp: float, axis: int | None, how: str = "paper") -> np.ndarray:
+    """Initial LSQ weight step(s), one per tensor (axis None) or per index of `axis`:
+    paper: 2 mean|W| / sqrt(Qp); max: max|W| / Qp (no weight clipped); mse: the step among 100 candidates
+    (max|W|/Qp times 0.01 .. 1) that minimises mean((W - s*clip(round(W/s), -Qn, Qp))^2).
+    A channel of zeros gets 1e-3 (the ops need a step > 0)."""
+    if how not in LSQ_WEIGHT_INITS:
+        raise ValueError(f"LSQ weight step init must be one of {', '.join(LSQ_WEIGHT_INITS)}, got {how!r}")
+    w = np.asarray(w, np.float64)
+    if axis is None:
+        groups = w.reshape(1, -1)
+    else:
+        groups = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    a = np.abs(groups)
+    if how == "paper":
+        steps = 2.0 * a.mean(axis=1) / np.sqrt(qp)
+    elif how == "max":
+        steps = a.max(axis=1) / qp
+    else:
+        top = a.max(axis=1) / qp
+        fracs = np.linspace(0.01, 1.0, 100)
+        steps = np.empty(groups.shape[0])
+        for k, (g, t) in enumerate(zip(groups, top)):
+            if t <= 0:
+                steps[k] = 0.0
+                continue
+            cand = t * fracs
+            q = np.clip(np.round(g[None, :] / cand[:, None]), -qn, qp) * cand[:, None]
+            steps[k] = cand[int(np.argmin(((q - g[None, :]) ** 2).mean(axis=1)))]
+    return np.where(steps > 0, steps, 1e-3).astype(np.float32)

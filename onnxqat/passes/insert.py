@@ -20,6 +20,7 @@ from onnxqat.ops.schema import DOMAIN
 from onnxqat.passes import activations as act_pass
 from onnxqat.passes import weights as w_pass
 from onnxqat.passes.apply import apply_plan
+from onnxqat.passes.calibration import lsq_step, sat_alpha
 from onnxqat.passes.plan import Plan, PlanEntry
 from onnxqat.passes.strip import strip_quantizers
 from onnxqat.recipes import Recipe, load_recipe
@@ -168,8 +169,9 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
         x = calibrated.get(a.tensor)
         if s.method == "sat":
             alpha = float(s.alpha)
-            if x is not None and x.size and float(np.percentile(x, s.percentile)) > 0:
-                alpha = float(np.percentile(x, s.percentile))
+            measured = sat_alpha(x, s.percentile) if x is not None else None
+            if measured is not None:
+                alpha = measured
                 notes.append("calibrated")
             if alpha > a.max_value:
                 alpha = a.max_value
@@ -181,8 +183,9 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
         else:
             qp = w_pass.lsq_qp(s.range, a.signed)
             step = float(s.step)
-            if x is not None and x.size and float(np.mean(np.abs(x))) > 0:
-                step = 2.0 * float(np.mean(np.abs(x))) / math.sqrt(qp)
+            measured = lsq_step(x, qp) if x is not None else None
+            if measured is not None:
+                step = measured
                 notes.append("calibrated")
             n = act_pass.features_per_sample(shapes.get(a.tensor))
             if n is None and x is not None:
@@ -242,6 +245,29 @@ def _warn(plan: Plan) -> None:
         pywarnings.warn(f"{len(other)} remark(s): " + "; ".join(other), QuantizationWarning, stacklevel=3)
 
 
+# metadata insert writes besides onnxqat.recipe/_toml (strip_quantizers drops every onnxqat.recipe* key):
+TRAIN_KEY = "onnxqat.recipe_train"  # the recipe's [train] table as JSON: `onnxqat train`'s settings for this model
+UNCALIBRATED_KEY = "onnxqat.recipe_uncalibrated"  # JSON list of activation quantizers set from recipe defaults
+
+
+def record_metadata(m: onnx.ModelProto, p: Plan, recipe: Recipe) -> onnx.ModelProto:
+    """Writes TRAIN_KEY and UNCALIBRATED_KEY into `m` (in place; returned): train uses the first as its settings
+    and initialises the quantizers of the second from the first training batches."""
+    import json
+
+    values = {
+        TRAIN_KEY: json.dumps(dict(recipe.train), sort_keys=True),
+        UNCALIBRATED_KEY: json.dumps([e.name for e in p.activations if "calibrated" not in e.notes]),
+    }
+    meta = {q.key: q for q in m.metadata_props}
+    for key, value in values.items():
+        if key in meta:
+            meta[key].value = value
+        else:
+            m.metadata_props.append(onnx.StringStringEntryProto(key=key, value=value))
+    return m
+
+
 def plan(model, recipe, calibration_data=None) -> Plan:
     """The quantizers `insert` would add (model: path or ModelProto; recipe: name, path or Recipe)."""
     m = prepare(model)
@@ -259,7 +285,7 @@ def insert(model, recipe, calibration_data=None) -> onnx.ModelProto:
     m = prepare(model)
     p = _plan(m, r, calibration_data)
     _warn(p)
-    return apply_plan(m, p, r)
+    return record_metadata(apply_plan(m, p, r), p, r)
 
 
 def insert_file(src: str | os.PathLike, recipe, dst: str | os.PathLike, calibration_data=None) -> Plan:
@@ -268,5 +294,5 @@ def insert_file(src: str | os.PathLike, recipe, dst: str | os.PathLike, calibrat
     m = prepare(src)
     p = _plan(m, r, calibration_data)
     _warn(p)
-    save_model(apply_plan(m, p, r), dst)
+    save_model(record_metadata(apply_plan(m, p, r), p, r), dst)
     return p

@@ -119,12 +119,19 @@ def lsq_qp(r: int, signed: bool) -> float:
 
 
 def weight_step_init(index: GraphIndex, layer: WeightedLayer, ws: WeightSettings) -> tuple[float, ...]:
-    """LSQ weight step: 2*mean|W|/sqrt(Qp), per tensor or per output channel; a zero mean gives 1e-3."""
+    """LSQ weight step per tensor or per output channel: the recipe's `step`, else from the weights as
+    `step_init` says (paper: 2*mean|W|/sqrt(Qp), max, mse: calibration.lsq_weight_steps); a zero mean gives 1e-3."""
     qp = lsq_qp(ws.range, True)
     if ws.step is not None:
         n = layer.shape[layer.axis] if ws.per_channel else 1
         return (float(ws.step),) * n
     value = index.constant_value(layer.node.input[layer.port])
+    if ws.step_init != "paper":
+        from onnxqat.passes.calibration import lsq_weight_steps
+
+        qn = float((ws.range + 1) // 2)
+        steps = lsq_weight_steps(value.array(), qn, qp, layer.axis if ws.per_channel else None, ws.step_init)
+        return tuple(float(s) for s in steps)
     mean_abs = value.mean_abs(layer.axis if ws.per_channel else None)
     steps = 2.0 * mean_abs / math.sqrt(qp)
     steps = np.where(steps > 0, steps, 1e-3).astype(np.float32)

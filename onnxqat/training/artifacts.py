@@ -1,16 +1,20 @@
-"""ONNX Runtime training artifacts for a (float or QAT) classification model.
+"""ONNX Runtime training artifacts for a (float or QAT) model with any inputs and outputs.
 
-`plan_training(model)` finds what trains and how the graph is fed:
+`plan_training(model, io)` finds what trains and how the graph is fed:
 - trainable (requires_grad): weights and biases of Conv/ConvTranspose/Gemm/MatMul (traced back through a weight
   quantizer node to the initializer), BatchNormalization scale and B, and input 1 (alpha/step) of SatActQuant/LsqQuant;
 - frozen_params: BatchNormalization running mean and var (listed so that ORT's train step updates them);
 - Dropout: ORT's Dropout draws from a process-wide generator that a resumed run cannot restore, so in the training copy
   each Dropout becomes `Mul(x, <node>.mask)` with the mask a graph input that the loop draws from the run's seed
-  (keep with probability 1-ratio, scaled by 1/(1-ratio): ORT's Dropout semantics). The eval step gets masks of ones.
+  (keep with probability 1-ratio, scaled by 1/(1-ratio): ORT's Dropout semantics). The eval step gets masks of ones;
+- io (objective.IOPlan): the data input, the other inputs, the loss terms (default: cross-entropy on the one output).
 
-`generate(model, directory)` writes training_model.onnx, eval_model.onnx and checkpoint with a CrossEntropy loss over the
-model's (first) output, which is also returned by every step (additional_output_names) for accuracy. With quantizer ops
-in the graph, the op library's gradients are registered first and the library is passed to ORT (notes: both needed).
+`training_copy(model, plan)` is the graph ORT trains; the user's model is never edited. Its passes, in order:
+opset.upgrade_opset (below opset 13), Dropout masks, differentiable.apply_rewrites (ops without a gradient in ORT, on
+gradient paths only), losses.add_loss (outputs: the loss, then each loss tensor), quantizer output annotations.
+`generate(model, directory)` writes training_model.onnx, eval_model.onnx and checkpoint with generate_artifacts(loss=None)
+(the graph's first output is the loss). With quantizer ops in the graph, the op library's gradients are registered
+first and the library is passed to ORT (notes: both needed).
 """
 
 from __future__ import annotations
@@ -29,8 +33,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxqat.errors import ModelError, TrainingError
-from onnxqat.graph import quantizers_as_identity
+from onnxqat.graph import name_unnamed_nodes, quantizers_as_identity
 from onnxqat.ops.schema import DOMAIN, is_quantizer
+from onnxqat.training.differentiable import apply_rewrites, plan_rewrites, register_zero_gradients
+from onnxqat.training.losses import add_loss
+from onnxqat.training.objective import IOPlan, Objective, graph_inputs, resolve
+from onnxqat.training.opset import upgrade_opset
 
 _WEIGHT_OPS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (0, 1)}
 _PASS_THROUGH = {"Identity"}
@@ -59,15 +67,25 @@ class DropoutSite:
 
 @dataclass
 class TrainingPlan:
-    input_name: str
-    output_name: str
-    input_shape: tuple  # dims of the model input; None where symbolic
-    num_classes: int | None
+    input_name: str  # the input that takes the data
+    output_name: str  # the tensor of the first loss term
+    input_shape: tuple  # dims of the data input; None where symbolic
+    num_classes: int | None  # classes of the classifier term (last dim of its tensor), when there is one
     trainable: list[str]
     quantizer_params: list[str]
     frozen: list[str]
     dropouts: list[DropoutSite] = field(default_factory=list)
     uses_custom_ops: bool = False
+    io: IOPlan | None = None
+    input_shapes: dict = field(default_factory=dict)  # every graph input's dims
+    input_types: dict = field(default_factory=dict)  # every graph input's numpy dtype
+    rewrites: list = field(default_factory=list)  # (node, op type) that differentiable rewrites (filled by the copy)
+    messages: list[str] = field(default_factory=list)  # what the training copy changed, one line each
+
+    @property
+    def returned(self) -> list[str]:
+        """The tensors every step returns after the loss (one per distinct loss tensor)."""
+        return list(dict.fromkeys(t.tensor for t in self.io.terms))
 
 
 def _dims(vi) -> tuple:
@@ -93,18 +111,25 @@ def _annotate_quantizer_outputs(m: onnx.ModelProto) -> None:
             m.graph.value_info.append(vis[o])
 
 
-def plan_training(model: onnx.ModelProto) -> TrainingPlan:
+def _tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(quantizers_as_identity(model), strict_mode=False)
+    except Exception:
+        inferred = model
+    g = inferred.graph
+    return {vi.name: _dims(vi) for vi in list(g.input) + list(g.value_info) + list(g.output)
+            if vi.type.tensor_type.HasField("shape")}
+
+
+def plan_training(model: onnx.ModelProto, io: IOPlan | None = None) -> TrainingPlan:
+    """What trains and how the graph is fed; `io` defaults to cross-entropy with labels on the one output."""
     g = model.graph
     inits = {i.name: i for i in g.initializer}
     producers = {o: n for n in g.node for o in n.output}
-    graph_inputs = [i for i in g.input if i.name not in inits]
-    if len(graph_inputs) != 1:
-        raise ModelError(f"the model must have exactly one data input, found {[i.name for i in graph_inputs]}")
     if not g.output:
         raise ModelError("the model has no output")
-    out = g.output[0]
-    out_dims = _dims(out)
-    num_classes = out_dims[-1] if out_dims and out_dims[-1] else None
+    io = io or resolve(model, Objective(), has_labels=True)
+    inputs = {i.name: i for i in graph_inputs(model)}
 
     def trace(name):
         seen = 0
@@ -137,13 +162,7 @@ def plan_training(model: onnx.ModelProto) -> TrainingPlan:
                 add(frozen, n.input[i])
     trainable = [t for t in trainable if t not in quant]
     dropouts = []
-    shapes = {}
-    if any(n.op_type == "Dropout" for n in g.node):
-        try:
-            inferred = onnx.shape_inference.infer_shapes(quantizers_as_identity(model), strict_mode=False)
-            shapes = {vi.name: _dims(vi) for vi in list(inferred.graph.value_info) + list(inferred.graph.output)}
-        except Exception:
-            shapes = {}
+    shapes = _tensor_shapes(model) if any(n.op_type in ("Dropout",) for n in g.node) or io.terms else {}
     for n in g.node:
         if n.op_type != "Dropout":
             continue
@@ -159,15 +178,20 @@ def plan_training(model: onnx.ModelProto) -> TrainingPlan:
         if not dims or any(d is None for d in dims[1:]):
             raise ModelError(f"Dropout {n.name}: input shape unknown (shape inference failed); cannot build its mask")
         dropouts.append(DropoutSite(n.name or n.output[0], ratio, tuple(dims[1:]), f"{n.name or n.output[0]}.mask"))
+    cls = io.classifier
+    cls_dims = shapes.get(cls.tensor) if cls is not None else None
+    num_classes = cls_dims[-1] if cls_dims and cls_dims[-1] else None
     return TrainingPlan(
-        input_name=graph_inputs[0].name, output_name=out.name, input_shape=_dims(graph_inputs[0]),
+        input_name=io.data_input, output_name=io.terms[0].tensor, input_shape=_dims(inputs[io.data_input]),
         num_classes=num_classes, trainable=trainable, quantizer_params=quant, frozen=frozen, dropouts=dropouts,
-        uses_custom_ops=any(n.domain == DOMAIN for n in g.node),
+        uses_custom_ops=any(n.domain == DOMAIN for n in g.node), io=io,
+        input_shapes={k: _dims(v) for k, v in inputs.items()},
+        input_types={k: helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type) for k, v in inputs.items()},
     )
 
 
 def training_copy(model: onnx.ModelProto, plan: TrainingPlan) -> onnx.ModelProto:
-    """The graph ORT trains: Dropout -> Mul by a mask input (see module doc); the rest unchanged."""
+    """The graph ORT trains (see the module doc for its passes); records what changed in plan.messages/rewrites."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
@@ -183,10 +207,22 @@ def training_copy(model: onnx.ModelProto, plan: TrainingPlan) -> onnx.ModelProto
     g.node.extend(nodes)
     for d in plan.dropouts:
         g.input.append(helper.make_tensor_value_info(d.mask_input, TensorProto.FLOAT, ["mask_batch", *d.shape]))
+    name_unnamed_nodes(g)
+    m, msg = upgrade_opset(m)
+    plan.messages = [msg] if msg else []
+    params = plan.trainable + plan.quantizer_params
+    plan.rewrites = plan_rewrites(m, params, plan.returned)
+    m = apply_rewrites(m, plan.rewrites)
+    if plan.rewrites:
+        ops = sorted({op for _, op in plan.rewrites})
+        plan.messages.append(f"training graph: {len(plan.rewrites)} node(s) without an ORT gradient rewritten into "
+                             f"standard ops ({', '.join(ops)})")
+    m = add_loss(m, plan.io.terms)
     _annotate_quantizer_outputs(m)
     from onnxqat.ops.gradients import add_gradient_outputs
 
     add_gradient_outputs(m)  # SatWeightQuant's derivative factor, which its gradient node reads (ORT O(1))
+    g = m.graph
     used = {i for n in g.node for i in n.input}
     keep = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
@@ -220,6 +256,27 @@ def _without_ort_info_lines():
                 sys.stderr.write("\n".join(kept) + "\n")
 
 
+_NO_BUILDER = re.compile(r"gradient builder has not been registered: (\S+) for node (\S+)")
+_NO_KERNEL = re.compile(r"Could not find an implementation for (\S+?)\((\d+)\) node with name '([^']*)'")
+
+
+def ort_error_line(exc: BaseException) -> str:
+    """One line for an ORT training failure: the op type and node when ORT names them, not a C++ signature."""
+    text = str(exc)
+    m = _NO_BUILDER.search(text)
+    if m:
+        return (f"{m.group(1)} node {m.group(2)} has no gradient in onnxruntime-training 1.19.2 and onnxqat has no "
+                "rewrite for it (see docs/training-ops.md)")
+    m = _NO_KERNEL.search(text)
+    if m:
+        return f"onnxruntime-training 1.19.2 has no CPU kernel for {m.group(1)} (node {m.group(3) or '?'})"
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    line = lines[0] if lines else type(exc).__name__
+    # drop the '/onnxruntime_src/...cc:123 onnxruntime::...(...) ' prefix of ORT's C++ messages
+    line = re.sub(r"^\S*onnxruntime_src\S*:\d+ .*?\) (?=\S)", "", line)
+    return line[:300]
+
+
 def generate(model: onnx.ModelProto, directory: str | os.PathLike, plan: TrainingPlan | None = None) -> dict:
     """Writes the artifacts; returns their paths and the plan."""
     plan = plan or plan_training(model)
@@ -236,15 +293,15 @@ def generate(model: onnx.ModelProto, directory: str | os.PathLike, plan: Trainin
 
         register_gradients()
         kwargs["custom_op_library"] = str(library_path())
+    register_zero_gradients()
     tm = training_copy(model, plan)
     try:
         with _without_ort_info_lines():
             artifacts.generate_artifacts(
                 tm, requires_grad=plan.trainable + plan.quantizer_params, frozen_params=plan.frozen,
-                loss=artifacts.LossType.CrossEntropyLoss, artifact_directory=str(d),
-                additional_output_names=[plan.output_name], **kwargs)
+                loss=None, artifact_directory=str(d), **kwargs)
     except Exception as exc:
-        raise TrainingError(f"ONNX Runtime could not build the training graph: {str(exc).splitlines()[0]}") from exc
+        raise TrainingError(f"ONNX Runtime could not build the training graph: {ort_error_line(exc)}") from exc
     return {"train": d / "training_model.onnx", "eval": d / "eval_model.onnx", "checkpoint": d / "checkpoint",
             "plan": plan}
 

@@ -10,6 +10,12 @@ turns the `--data` argument into (train, test) datasets:
   a file with only `x, y` (or `images, labels`) is split into train/test by `test_fraction`
 - a directory with `train/` and `test/` subfolders, each holding one subfolder per class of image files (Pillow);
   a directory with only class subfolders is split by `test_fraction`
+- unlabeled data (for distillation): a `.npz` with only `x` (or `images`), or a folder of image files without class
+  subfolders; a `.npz` whose arrays are named after the model's inputs gives every input its per-sample array
+  (`x`/`images` or the data input's name for the data, `y`/`labels` optional)
+
+`resolve_data(..., image_input=False)` keeps arrays as they are (audio frames, feature vectors: any per-sample shape);
+with `size=(H, W)` and `channels=C`, folder images of other sizes or colour modes are converted on load.
 
 `Batches` yields shuffled, transformed float32 NCHW batches; order and random transforms depend only on
 (seed, epoch), so the same seed gives the same run twice, and a resumed run sees the same batches.
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 import gzip
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +42,14 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dt
 
 @dataclass
 class Dataset:
-    images: np.ndarray  # [N, H, W, C], uint8 or float32
-    labels: np.ndarray  # [N] int64
+    images: np.ndarray  # [N, H, W, C], uint8 or float32 (raw: [N, ...] as given)
+    labels: np.ndarray | None  # [N] int64, None for unlabeled data
     name: str = ""
+    extra: dict = field(default_factory=dict)  # other model inputs: name -> [N, ...] per-sample arrays
+    raw: bool = False  # arrays, not images: no transforms, no layout change
 
     def __len__(self) -> int:
-        return int(self.labels.shape[0])
+        return int(self.images.shape[0])
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -50,7 +58,8 @@ class Dataset:
         return (c, h, w)
 
     def subset(self, idx: np.ndarray | slice, name: str | None = None) -> "Dataset":
-        return Dataset(self.images[idx], self.labels[idx], name or self.name)
+        return Dataset(self.images[idx], None if self.labels is None else self.labels[idx], name or self.name,
+                       {k: v[idx] for k, v in self.extra.items()}, self.raw)
 
     def limit(self, n: int | None) -> "Dataset":
         if n is None or n <= 0 or n >= len(self):
@@ -154,7 +163,8 @@ def _split(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
     return ds.subset(np.sort(perm[n_test:]), ds.name + "/train"), ds.subset(np.sort(perm[:n_test]), ds.name + "/test")
 
 
-def load_npz(path: str | os.PathLike, test_fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:
+def load_npz(path: str | os.PathLike, test_fraction: float = 0.1, seed: int = 0, image_input: bool = True,
+             input_names: tuple[str, ...] = (), data_input: str | None = None) -> tuple[Dataset, Dataset]:
     p = Path(path)
     if not p.is_file():
         raise DataError(f"NPZ file not found: {p}")
@@ -163,30 +173,54 @@ def load_npz(path: str | os.PathLike, test_fraction: float = 0.1, seed: int = 0)
             arrays = {k: z[k] for k in z.files}
     except Exception as exc:  # zipfile/ValueError/pickle refusal: all mean a malformed file
         raise DataError(f"{p}: not a readable .npz file ({exc.__class__.__name__}: {exc})") from None
+    images = _images_nhwc if image_input else _raw
     for xtr, ytr, xte, yte in (("x_train", "y_train", "x_test", "y_test"),
                                ("train_images", "train_labels", "test_images", "test_labels")):
         if all(k in arrays for k in (xtr, ytr, xte, yte)):
-            tr_x = _images_nhwc(arrays[xtr], f"{p}:{xtr}")
-            te_x = _images_nhwc(arrays[xte], f"{p}:{xte}")
-            return (Dataset(tr_x, _labels(arrays[ytr], tr_x.shape[0], f"{p}:{ytr}"), p.stem + "/train"),
-                    Dataset(te_x, _labels(arrays[yte], te_x.shape[0], f"{p}:{yte}"), p.stem + "/test"))
-    for xk, yk in (("x", "y"), ("images", "labels")):
-        if xk in arrays and yk in arrays:
-            x = _images_nhwc(arrays[xk], f"{p}:{xk}")
-            return _split(Dataset(x, _labels(arrays[yk], x.shape[0], f"{p}:{yk}"), p.stem), test_fraction, seed)
-    raise DataError(f"{p}: expected arrays x_train/y_train/x_test/y_test or x/y, found {sorted(arrays)}")
+            tr_x = images(arrays[xtr], f"{p}:{xtr}")
+            te_x = images(arrays[xte], f"{p}:{xte}")
+            return (Dataset(tr_x, _labels(arrays[ytr], tr_x.shape[0], f"{p}:{ytr}"), p.stem + "/train",
+                            raw=not image_input),
+                    Dataset(te_x, _labels(arrays[yte], te_x.shape[0], f"{p}:{yte}"), p.stem + "/test",
+                            raw=not image_input))
+    keys = [k for k in ("x", "images", data_input) if k and k in arrays]
+    if not keys:
+        raise DataError(f"{p}: expected arrays x_train/y_train/x_test/y_test, x (and y), or one array per model input "
+                        f"({', '.join(input_names) or 'x'}); found {sorted(arrays)}")
+    xk = keys[0]
+    x = images(arrays[xk], f"{p}:{xk}")
+    yk = next((k for k in ("y", "labels") if k in arrays), None)
+    y = _labels(arrays[yk], x.shape[0], f"{p}:{yk}") if yk else None
+    extra = {}
+    for name in input_names:
+        if name != data_input and name in arrays and name != xk:
+            if arrays[name].shape[:1] != x.shape[:1]:
+                raise DataError(f"{p}:{name}: {arrays[name].shape[0] if arrays[name].ndim else 0} samples, the data "
+                                f"has {x.shape[0]} (one row per sample)")
+            extra[name] = arrays[name]
+    return _split(Dataset(x, y, p.stem, extra, not image_input), test_fraction, seed)
 
 
-def _read_image_folder(d: Path, classes: list[str] | None = None) -> tuple[Dataset, list[str]]:
+def _raw(x: np.ndarray, source: str) -> np.ndarray:
+    if x.ndim < 1:
+        raise DataError(f"{source}: expected one row per sample, got a scalar")
+    return np.ascontiguousarray(x if x.dtype == np.uint8 else x.astype(np.float32))
+
+
+def _read_image_folder(d: Path, classes: list[str] | None = None, size: tuple | None = None,
+                       channels: int | None = None) -> tuple[Dataset, list[str]]:
+    """Class subfolders -> labelled images; image files and no subfolder -> unlabeled images (labels None).
+    size (H, W) and channels (1 or 3): images are converted to them on load (bilinear resize, L or RGB)."""
     from PIL import Image, UnidentifiedImageError
 
     if classes is None:
         classes = sorted(c.name for c in d.iterdir() if c.is_dir())
-    if not classes:
-        raise DataError(f"{d}: no class subfolders")
+    flat = not classes and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in d.iterdir() if f.is_file())
+    if not classes and not flat:
+        raise DataError(f"{d}: no class subfolders and no image files")
     images, labels, shape = [], [], None
-    for ci, cname in enumerate(classes):
-        cdir = d / cname
+    groups = [(0, d)] if flat else [(ci, d / cname) for ci, cname in enumerate(classes)]
+    for ci, cdir in groups:
         if not cdir.is_dir():
             continue
         for f in sorted(cdir.iterdir()):
@@ -195,8 +229,13 @@ def _read_image_folder(d: Path, classes: list[str] | None = None) -> tuple[Datas
             try:
                 with Image.open(f) as im:
                     im.load()
-                    if im.mode not in ("L", "RGB"):
+                    mode = {1: "L", 3: "RGB"}.get(channels or 0)
+                    if mode and im.mode != mode:
+                        im = im.convert(mode)
+                    elif im.mode not in ("L", "RGB"):
                         im = im.convert("RGB")
+                    if size and all(size) and im.size != (size[1], size[0]):
+                        im = im.resize((size[1], size[0]), Image.BILINEAR)
                     a = np.asarray(im, dtype=np.uint8)
             except (UnidentifiedImageError, OSError) as exc:
                 raise DataError(f"{f}: not a readable image ({exc})") from None
@@ -211,21 +250,24 @@ def _read_image_folder(d: Path, classes: list[str] | None = None) -> tuple[Datas
             labels.append(ci)
     if not images:
         raise DataError(f"{d}: no image files in the class subfolders")
-    return Dataset(np.stack(images), np.asarray(labels, np.int64), d.name), classes
+    return Dataset(np.stack(images), None if flat else np.asarray(labels, np.int64), d.name), classes
 
 
-def load_image_folder(path: str | os.PathLike, test_fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:
+def load_image_folder(path: str | os.PathLike, test_fraction: float = 0.1, seed: int = 0, size: tuple | None = None,
+                      channels: int | None = None) -> tuple[Dataset, Dataset]:
     d = Path(path)
     if (d / "train").is_dir() and (d / "test").is_dir():
-        train, classes = _read_image_folder(d / "train")
-        test, _ = _read_image_folder(d / "test", classes)
+        train, classes = _read_image_folder(d / "train", None, size, channels)
+        test, _ = _read_image_folder(d / "test", classes or None, size, channels)
         return train, test
-    ds, _ = _read_image_folder(d)
+    ds, _ = _read_image_folder(d, None, size, channels)
     return _split(ds, test_fraction, seed)
 
 
-def resolve_data(spec: str | os.PathLike | tuple, test_fraction: float = 0.1, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """--data argument -> (train, test)."""
+def resolve_data(spec: str | os.PathLike | tuple, test_fraction: float = 0.1, seed: int = 0, image_input: bool = True,
+                 input_names: tuple[str, ...] = (), data_input: str | None = None, size: tuple | None = None,
+                 channels: int | None = None) -> tuple[Dataset, Dataset]:
+    """--data argument -> (train, test). The keyword arguments describe the model (see the module doc)."""
     if isinstance(spec, tuple) and len(spec) == 2 and all(isinstance(d, Dataset) for d in spec):
         return spec
     s = str(spec)
@@ -239,16 +281,18 @@ def resolve_data(spec: str | os.PathLike | tuple, test_fraction: float = 0.1, se
         raise DataError(f"data not found: {s} (expected 'fashion-mnist', an IDX folder, a .npz file or an image folder)")
     if p.is_file():
         if p.suffix.lower() == ".npz":
-            return load_npz(p, test_fraction, seed)
+            return load_npz(p, test_fraction, seed, image_input, tuple(input_names), data_input)
         raise DataError(f"{p}: unsupported data file (expected .npz, or a folder of IDX files or images)")
     if any(f.name.endswith(("idx3-ubyte", "idx3-ubyte.gz")) for f in p.iterdir()):
         return load_idx_dir(p)
-    return load_image_folder(p, test_fraction, seed)
+    return load_image_folder(p, test_fraction, seed, size, channels)
 
 
 def check_labels(ds: Dataset, num_classes: int) -> None:
     if len(ds) == 0:
         raise DataError(f"{ds.name}: empty data set")
+    if ds.labels is None:
+        return
     lo, hi = int(ds.labels.min()), int(ds.labels.max())
     if lo < 0 or hi >= num_classes:
         bad = int(np.nonzero((ds.labels < 0) | (ds.labels >= num_classes))[0][0])
@@ -282,12 +326,23 @@ class Batches:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def epoch(self, epoch: int, start_batch: int = 0):
+        """(batch index, x, labels or None) per batch; x is float32 NCHW (raw data: as stored, float32)."""
+        for b, x, y, _ in self.epoch_extras(epoch, start_batch):
+            yield b, x, y
+
+    def epoch_extras(self, epoch: int, start_batch: int = 0):
+        """As epoch(), with the batch's per-sample arrays of the other model inputs (a dict) as a fourth item."""
         rng = np.random.default_rng([self.seed, epoch, 1])
         order = rng.permutation(len(self.ds)) if self.train else np.arange(len(self.ds))
         # one generator per batch, derived from (seed, epoch, batch): a batch looks the same whatever came before
         for b in range(start_batch, len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.ds.images[idx]
+            y = None if self.ds.labels is None else self.ds.labels[idx]
+            extras = {k: v[idx] for k, v in self.ds.extra.items()}
+            if self.ds.raw:
+                yield b, np.ascontiguousarray(x, dtype=np.float32), y, extras
+                continue
             brng = np.random.default_rng([self.seed, epoch, 2, b])
             x = self.transforms(x, brng, self.train) if self.transforms is not None else x.astype(np.float32)
-            yield b, np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2)), dtype=np.float32), self.ds.labels[idx]
+            yield b, np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2)), dtype=np.float32), y, extras

@@ -8,7 +8,7 @@ import io
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,8 @@ from onnxqat.files import atomic_write_bytes, atomic_write_text
 from onnxqat.training import artifacts as art
 from onnxqat.training.checkpoint import load_checkpoint, save_checkpoint
 from onnxqat.training.data import Batches
+from onnxqat.training.feeds import Feeder
+from onnxqat.training.objective import IOPlan
 from onnxqat.training.solver import LRSchedule, Solver, quantizer_floor
 
 
@@ -53,9 +55,10 @@ class TrainConfig:
 class Engine:
     """One ORT training Module over a model, with the trainable parameters as one flat float32 vector."""
 
-    def __init__(self, model: onnx.ModelProto, workdir: str | Path, threads: int = 0):
+    def __init__(self, model: onnx.ModelProto, workdir: str | Path, threads: int = 0,
+                 plan: art.TrainingPlan | None = None):
         self.model = model
-        self.plan = art.plan_training(model)
+        self.plan = plan or art.plan_training(model)
         paths = art.generate(model, Path(workdir), self.plan)
         ort, _, Module, CheckpointState = art.import_ort_training()
         if self.plan.uses_custom_ops:
@@ -69,7 +72,10 @@ class Engine:
         so.use_deterministic_compute = True
         self._OrtValue = ort.OrtValue
         self.state = CheckpointState.load_checkpoint(str(paths["checkpoint"]))
-        self.module = Module(str(paths["train"]), self.state, str(paths["eval"]), session_options=so)
+        try:
+            self.module = Module(str(paths["train"]), self.state, str(paths["eval"]), session_options=so)
+        except Exception as exc:  # e.g. a gradient op without a CPU kernel: one line, not a C++ signature
+            raise TrainingError(f"ONNX Runtime could not start training: {art.ort_error_line(exc)}") from None
         self.module.train()
         self.train_inputs = list(self.module.input_names())
         self.module.eval()
@@ -134,32 +140,41 @@ class Engine:
                 out[d.mask_input] = keep.astype(np.float32) * np.float32(1.0 / (1.0 - d.ratio))
         return out
 
-    def _feeds(self, names, x, y, masks):
-        feeds = dict(masks)
-        feeds[self.plan.input_name] = x
-        feeds["labels"] = y
-        return [feeds[n] for n in names]
+    def _run(self, names, feeds: dict) -> tuple[float, list[np.ndarray]]:
+        out = self.module(*[feeds[n] for n in names])
+        out = out if isinstance(out, (list, tuple)) else [out]
+        return float(out[0]), list(out[1:])
 
-    def train_step(self, x, y, mask_rng) -> tuple[float, np.ndarray]:
+    def train_step(self, feeds: dict, mask_rng) -> tuple[float, list[np.ndarray]]:
+        """One forward-backward pass (gradients accumulate in ORT's buffers); (loss, the returned loss tensors)."""
         self.module.train()
-        loss, logits = self.module(*self._feeds(self.train_inputs, x, y, self.masks(x.shape[0], mask_rng)))
-        return float(loss), logits
+        n = next(iter(feeds.values())).shape[0]
+        return self._run(self.train_inputs, {**feeds, **self.masks(n, mask_rng)})
 
-    def eval_step(self, x, y) -> tuple[float, np.ndarray]:
+    def eval_step(self, feeds: dict) -> tuple[float, list[np.ndarray]]:
         self.module.eval()
-        loss, logits = self.module(*self._feeds(self.eval_inputs, x, y, self.masks(x.shape[0], None)))
-        return float(loss), logits
+        n = next(iter(feeds.values())).shape[0]
+        return self._run(self.eval_inputs, {**feeds, **self.masks(n, None)})
+
+    def correct(self, outputs: list[np.ndarray], y) -> int | None:
+        """Top-1 hits of a batch: argmax of the classifier tensor against the labels (None: no labels or classifier)."""
+        cls = self.plan.io.classifier
+        if y is None or cls is None:
+            return None
+        logits = outputs[self.plan.returned.index(cls.tensor)]
+        return int((np.argmax(logits.reshape(logits.shape[0], -1), axis=1) == y).sum())
 
 
-def evaluate(engine: Engine, batches: Batches) -> tuple[float, float]:
-    """(mean loss, top-1 %) over a data set."""
+def evaluate(engine: Engine, batches: Batches, feeder: Feeder) -> tuple[float, float | None]:
+    """(mean loss, top-1 % or None) over a data set."""
     tot_loss, correct, n = 0.0, 0, 0
-    for _, x, y in batches.epoch(0):
-        loss, logits = engine.eval_step(x, y)
-        tot_loss += loss * len(y)
-        correct += int((np.argmax(logits, axis=1) == y).sum())
-        n += len(y)
-    return tot_loss / max(n, 1), 100.0 * correct / max(n, 1)
+    for _, x, y, extras in batches.epoch_extras(0):
+        loss, outs = engine.eval_step(feeder(x, y, extras))
+        tot_loss += loss * len(x)
+        c = engine.correct(outs, y)
+        correct = None if c is None or correct is None else correct + c
+        n += len(x)
+    return tot_loss / max(n, 1), (None if correct is None else 100.0 * correct / max(n, 1))
 
 
 def model_digest(model: onnx.ModelProto) -> str:
@@ -176,6 +191,7 @@ class FitResult:
     test_top1: float | None = None
     test_loss: float | None = None
     params: dict | None = None
+    initial: dict | None = None  # {"set", "loss", "top1"}: the evaluation before the first update
 
 
 METRIC_FIELDS = ("epoch", "iterations", "lr", "quantizer_lr", "train_loss", "train_top1", "val_loss", "val_top1",
@@ -198,9 +214,12 @@ def _save_model(path: Path, model: onnx.ModelProto, params: dict) -> None:
 
 def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_batches: Batches | None,
         test_batches: Batches | None, out: str | Path, resume: bool = False, progress: bool = True,
-        stop_after_batches: int | None = None, log=print) -> FitResult:
+        stop_after_batches: int | None = None, log=print, io: IOPlan | None = None, constants: dict | None = None,
+        teacher_model: onnx.ModelProto | None = None) -> FitResult:
     """Trains `model` and writes checkpoints, metrics and the trained model into `out`.
 
+    io: inputs and loss terms (objective.resolve; default cross-entropy on the one output); constants: values of
+    other model inputs; teacher_model: the float model distillation matches (default: `model` without quantizers).
     stop_after_batches: (tests) raise KeyboardInterrupt after that many physical batches, like a kill mid-epoch.
     """
     out = Path(out)
@@ -212,12 +231,26 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
         raise TrainingError(f"iteration size must be >= 1, got {cfg.iteration_size}")
     if cfg.epochs < 1 and not cfg.max_iterations:
         raise TrainingError("nothing to do: epochs must be >= 1 (or give max iterations)")
-    engine = Engine(model, out / "artifacts", cfg.threads)
-    _check_shapes(engine, train_batches)
-
     n_batches = len(train_batches)
-    if n_batches == 0:
-        raise DataError("the training set is smaller than one batch")
+    if n_batches == 0 or len(train_batches.ds) < train_batches.batch_size:
+        raise DataError(f"the training set has {len(train_batches.ds)} samples, fewer than one batch "
+                        f"({train_batches.batch_size}): lower the batch size or give more data")
+    plan = art.plan_training(model, io)
+    teacher = None
+    if plan.io.needs_teacher:
+        from onnxqat.training.teacher import Teacher
+
+        teacher = Teacher(model, [t.tensor for t in plan.io.terms if t.kind != "ce"], teacher_model, cfg.threads)
+    feeder = Feeder(plan, constants, teacher)
+    _check_shapes(plan, train_batches, feeder)
+    plan.io.terms = _normalise_terms(plan, train_batches, feeder)
+    for msg in plan.io.messages:
+        log(msg)
+    log("loss: " + " + ".join(t.describe() for t in plan.io.terms))
+    engine = Engine(model, out / "artifacts", cfg.threads, plan)
+    for msg in plan.messages:
+        log(msg)
+
     updates_per_epoch = -(-n_batches // cfg.iteration_size)
     total = updates_per_epoch * cfg.epochs
     if cfg.max_iterations:
@@ -232,10 +265,11 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
     solver = Solver(cfg.solver, engine.size, engine.quant_mask, cfg.momentum, cfg.decay, cfg.quantizer_decay,
                     quant_floor=quantizer_floor(engine.get_flat(), engine.quant_mask))
 
-    signature = {"config": cfg.signature(), "model": model_digest(model), "train_size": len(train_batches.ds)}
+    signature = {"config": cfg.signature(), "model": model_digest(model), "train_size": len(train_batches.ds),
+                 "loss": [t.describe() for t in plan.io.terms]}
     last_ckpt, best_ckpt = out / "checkpoint_last.npz", out / "checkpoint_best.npz"
     history: list[dict] = []
-    start_epoch, step, best = 0, 0, None
+    start_epoch, step, best, initial = 0, 0, None, None
     if resume and last_ckpt.is_file():
         params, sstate, meta = load_checkpoint(last_ckpt)
         if meta.get("signature") != signature:
@@ -244,9 +278,19 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
         engine.load_params(params)
         solver.load_state_dict(sstate)
         start_epoch, step, best, history = meta["epoch"], meta["step"], meta.get("best"), meta["history"]
+        initial = meta.get("initial")
         log(f"resuming after epoch {start_epoch} (update {step}) from {last_ckpt}")
     elif resume:
         log(f"no checkpoint in {out}: starting from the beginning")
+    # the set that shows what an epoch did: validation, else test, else the training set in order
+    monitor_name, monitor = next(((n, b) for n, b in (("val", val_batches), ("test", test_batches)) if b is not None),
+                                 ("train", Batches(train_batches.ds, train_batches.batch_size,
+                                                   train_batches.transforms, train=False, seed=train_batches.seed)))
+    if start_epoch == 0 and step == 0:
+        loss0, top0 = evaluate(engine, monitor, feeder)
+        initial = {"set": monitor_name, "loss": loss0, "top1": top0}
+        log(f"before training: {monitor_name} loss {loss0:.4f}" + (f" top-1 {top0:.2f}%" if top0 is not None else "")
+            + " (the model as inserted: the cost of quantization before any update)")
 
     w = engine.get_flat()
     seen_batches = 0
@@ -262,34 +306,37 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
 
             bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
         lr = qlr = None
-        for b, x, y in train_batches.epoch(epoch):
+        for b, x, y, extras in train_batches.epoch_extras(epoch):
             if accum == 0:
                 engine.module.lazy_reset_grad()
-            loss, logits = engine.train_step(x, y, np.random.default_rng([cfg.seed, epoch, 3, b]))
+            loss, outs = engine.train_step(feeder(x, y, extras), np.random.default_rng([cfg.seed, epoch, 3, b]))
             if not math.isfinite(loss):
                 raise TrainingError(f"loss is {loss} at epoch {epoch + 1}, step {b + 1}: training stopped; last good "
                                     f"checkpoint: {last_ckpt if last_ckpt.is_file() else 'none (first epoch)'}")
             accum += 1
             if accum == cfg.iteration_size or b == n_batches - 1:
-                g = engine.grad_flat()
+                g = engine.grad_flat()  # the gradient vector of this update
                 if accum > 1:
                     g = g / np.float32(accum)
                 if not np.all(np.isfinite(g)):
                     raise TrainingError(f"gradient is not finite at epoch {epoch + 1}, step {b + 1}: training stopped; "
                                         f"last good checkpoint: {last_ckpt if last_ckpt.is_file() else 'none'}")
                 lr, qlr = sched(step), qsched(step)
-                solver.step(w, g, lr, qlr)
+                solver.step(w, g, lr, qlr)  # the solver's update
                 engine.set_flat(w)
                 step += 1
                 accum = 0
-            tot_loss += loss * len(y)
-            correct += int((np.argmax(logits, axis=1) == y).sum())
-            n_seen += len(y)
+            tot_loss += loss * len(x)
+            c = engine.correct(outs, y)
+            correct = None if c is None or correct is None else correct + c
+            n_seen += len(x)
             seen_batches += 1
             if bar is not None:
                 el = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{tot_loss / n_seen:.4f}", acc=f"{100.0 * correct / n_seen:.2f}",
-                                img_s=f"{n_seen / max(el, 1e-9):.0f}", refresh=False)
+                post = {"loss": f"{tot_loss / n_seen:.4f}", "img_s": f"{n_seen / max(el, 1e-9):.0f}"}
+                if correct is not None:
+                    post["acc"] = f"{100.0 * correct / n_seen:.2f}"
+                bar.set_postfix(**post, refresh=False)
                 bar.update(1)
             if stop_after_batches is not None and seen_batches >= stop_after_batches:
                 if bar is not None:
@@ -301,48 +348,99 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
             bar.close()
         train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
         row = {"epoch": epoch + 1, "iterations": step, "lr": lr, "quantizer_lr": qlr,
-               "train_loss": tot_loss / max(n_seen, 1), "train_top1": 100.0 * correct / max(n_seen, 1),
+               "train_loss": tot_loss / max(n_seen, 1),
+               "train_top1": None if correct is None else 100.0 * correct / max(n_seen, 1),
                "images_per_s": n_seen / max(train_s, 1e-9), "epoch_seconds": train_s,
                "cpu_seconds": train_cpu}
         if val_batches is not None:
-            row["val_loss"], row["val_top1"] = evaluate(engine, val_batches)
+            row["val_loss"], row["val_top1"] = evaluate(engine, val_batches, feeder)
         last = epoch == epochs - 1 or step >= total
-        if test_batches is not None and (cfg.eval_test or last):
-            row["test_loss"], row["test_top1"] = evaluate(engine, test_batches)
+        if test_batches is not None and (cfg.eval_test or last or (epoch == 0 and monitor_name == "test")):
+            row["test_loss"], row["test_top1"] = evaluate(engine, test_batches, feeder)
+        if epoch == 0 and initial is not None:
+            if monitor_name == "train":
+                row["monitor_loss"], row["monitor_top1"] = evaluate(engine, monitor, feeder)
+            else:
+                row["monitor_loss"], row["monitor_top1"] = row[f"{monitor_name}_loss"], row[f"{monitor_name}_top1"]
+            warning = first_epoch_warning(initial, row["monitor_loss"], row["monitor_top1"], cfg.lr)
+            if warning:
+                log(warning)
         history.append(row)
-        metric = row.get("val_top1", row.get("test_top1", row["train_top1"]))
+        metric = next((row[k] for k in ("val_top1", "test_top1", "train_top1") if row.get(k) is not None), None)
+        if metric is None:  # no accuracy (distillation, no labels): the lower loss is the better model
+            metric = -next(row[k] for k in ("val_loss", "test_loss", "train_loss") if row.get(k) is not None)
         params, solver_state = engine.params(), solver.state_dict()
         improved = best is None or metric > best
         if improved:
             best = metric
-        meta = {"epoch": epoch + 1, "step": step, "best": best, "history": history, "signature": signature}
+        meta = {"epoch": epoch + 1, "step": step, "best": best, "history": history, "signature": signature,
+                "initial": initial}
         if improved:
             save_checkpoint(best_ckpt, params, solver_state, meta)
             _save_model(out / "model_best.onnx", model, params)
         save_checkpoint(last_ckpt, params, solver_state, meta)
         _write_metrics(out, history)
-        msg = (f"epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2f}%"
-               + (f" | val {row['val_top1']:.2f}%" if "val_top1" in row else "")
-               + (f" | test {row['test_top1']:.2f}%" if "test_top1" in row else "")
+        top = f" top-1 {row['train_top1']:.2f}%" if row["train_top1"] is not None else ""
+        msg = (f"epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f}{top}"
+               + (f" | val {_score(row, 'val')}" if "val_loss" in row else "")
+               + (f" | test {_score(row, 'test')}" if "test_loss" in row else "")
                + f" | lr {lr:.4g} | {row['images_per_s']:.0f} img/s")
         log(msg)
     params = engine.params()
     _save_model(out / "model.onnx", model, params)
     final = history[-1] if history else {}
     test_loss, test_top1 = final.get("test_loss"), final.get("test_top1")
-    if test_batches is not None and test_top1 is None:
-        test_loss, test_top1 = evaluate(engine, test_batches)
+    if test_batches is not None and test_loss is None:
+        test_loss, test_top1 = evaluate(engine, test_batches, feeder)
     return FitResult(out, out / "model.onnx", out / "model_best.onnx" if (out / "model_best.onnx").is_file() else None,
-                     history, best, test_top1, test_loss, params)
+                     history, best, test_top1, test_loss, params, initial)
 
 
-def _check_shapes(engine: Engine, batches: Batches) -> None:
-    c, h, w = batches.ds.sample_shape
-    x = batches.transforms(batches.ds.images[:1], np.random.default_rng(0), True) if batches.transforms else \
-        batches.ds.images[:1]
-    got = (x.shape[3], x.shape[1], x.shape[2])
-    want = engine.plan.input_shape[1:]
-    if len(want) != 3 or any(wd is not None and wd != gd for wd, gd in zip(want, got)):
-        raise DataError(f"input shape mismatch: the data gives samples of shape {list(got)} (C, H, W) after "
-                        f"transforms, the model input {engine.plan.input_name} expects "
-                        f"{[d if d else '?' for d in want]}")
+def _score(row: dict, split: str) -> str:
+    top = row.get(f"{split}_top1")
+    return f"{top:.2f}%" if top is not None else f"loss {row[f'{split}_loss']:.4f}"
+
+
+# after epoch 1, a loss this many times the loss before training, or a top-1 this many points lower, is a warning
+WARN_LOSS_RATIO = 1.5
+WARN_TOP1_DROP = 5.0
+
+
+def first_epoch_warning(initial: dict, loss: float, top1: float | None, lr: float) -> str | None:
+    """The warning after epoch 1 when the model got far worse than before training (None when it did not)."""
+    worse = []
+    if initial.get("top1") is not None and top1 is not None and initial["top1"] - top1 > WARN_TOP1_DROP:
+        worse.append(f"top-1 {initial['top1']:.2f}% -> {top1:.2f}%")
+    if loss > WARN_LOSS_RATIO * initial["loss"] and loss - initial["loss"] > 1e-6:
+        worse.append(f"loss {initial['loss']:.4g} -> {loss:.4g}")
+    if not worse:
+        return None
+    return (f"warning: after epoch 1 the model is far worse than before training on the {initial['set']} set "
+            f"({', '.join(worse)}): the learning rate ({lr:g}) is likely too high for this model; try a tenth of it")
+
+
+def _normalise_terms(plan: art.TrainingPlan, batches: Batches, feeder: Feeder) -> list:
+    """Distillation terms divided by the teacher's scale on the first training batch (MSE by mean(t^2), L1 by
+    mean|t|), so that outputs of different magnitudes (boxes in pixels, scores in [0, 1]) weigh alike."""
+    if not any(t.kind in ("mse", "l1") for t in plan.io.terms):
+        return plan.io.terms
+    _, x, y, extras = next(iter(batches.epoch_extras(0)))
+    feeds = feeder(x, y, extras)
+    terms = []
+    for t in plan.io.terms:
+        if t.kind in ("mse", "l1"):
+            v = feeds[t.target].astype(np.float64)
+            s = float(np.mean(v * v)) if t.kind == "mse" else float(np.mean(np.abs(v)))
+            t = replace(t, scale=float(np.float32(1.0 / s)) if s > 0 else 1.0)
+        terms.append(t)
+    return terms
+
+
+def _check_shapes(plan: art.TrainingPlan, batches: Batches, feeder: Feeder) -> None:
+    _, x, _, extras = next(iter(batches.epoch_extras(0)))
+    got = feeder.model_inputs(x[:1], {k: v[:1] for k, v in extras.items()})
+    for name, arr in got.items():
+        want = plan.input_shapes[name]
+        if len(want) != arr.ndim or any(wd is not None and wd != gd for wd, gd in zip(want[1:], arr.shape[1:])):
+            raise DataError(f"input shape mismatch: the data gives {name} samples of shape {list(arr.shape[1:])} "
+                            f"after transforms, the model expects {[d if d else '?' for d in want[1:]]}")

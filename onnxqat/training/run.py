@@ -10,25 +10,36 @@ Stages:
   (the second phase as a separate command); with a two-stage recipe it replaces the first stage.
 - no recipe: the model is trained as given (a float model, or one that `onnxqat insert` already quantized).
 
-Solver settings: explicit arguments, else the recipe's `train` table, else the defaults of TrainConfig.
+Settings (settings.py): explicit arguments, else the recipe's [train] table, else the one insert recorded in the model,
+else TrainConfig's defaults; each is printed with its source. Before the first update the model is evaluated as it is,
+and after epoch 1 a model far worse than that is a warning (loop.first_epoch_warning).
+
+Models of any shape (objective.py, feeds.py): the data goes to one input (any rank; images in NCHW or NHWC, resized
+and converted to the input's size and channels), other inputs take per-input .npz arrays or constants, the loss is
+cross-entropy with labels or distillation from the float model (MSE, L1, KL) over one or several outputs.
+Activation quantizers insert left uncalibrated are initialised from the first training batches (quantizer_init.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 
-from onnxqat.errors import ModelError, RecipeError
+from onnxqat.errors import DataError, ModelError
 from onnxqat.files import atomic_write_text
 from onnxqat.ops.schema import is_quantizer
 from onnxqat.training import artifacts as art
+from onnxqat.training import settings as st
 from onnxqat.training.data import Batches, check_labels, resolve_data, validation_split
-from onnxqat.training.loop import FitResult, TrainConfig, fit
-from onnxqat.training.transforms import Compose, build_transforms, default_transforms
+from onnxqat.training.feeds import Feeder, image_size, input_layout
+from onnxqat.training.loop import FitResult, fit
+from onnxqat.training.objective import Objective, resolve
+from onnxqat.training.transforms import ColorSpace, Compose, RangeAffine, Rescale, build_transforms
 
 
 @dataclass
@@ -41,6 +52,7 @@ class TrainResult:
     test_loss: float | None = None
     best_metric: float | None = None
     stages: list["TrainResult"] = field(default_factory=list)
+    initial: dict | None = None  # evaluation before the first update: {"set", "loss", "top1"}
 
     def __repr__(self) -> str:
         return (f"TrainResult(model_path={str(self.model_path)!r}, test_top1={self.test_top1}, "
@@ -63,24 +75,10 @@ def has_quantizers(model: onnx.ModelProto) -> bool:
     return any(is_quantizer(n) for n in model.graph.node)
 
 
-_TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
-_ALIASES = {"learning_rate": "lr", "learning_rate_policy": "lr_policy", "policy": "lr_policy",
-            "weight_decay": "decay", "quant_lr": "quantizer_lr", "quant_decay": "quantizer_decay",
-            "warmup_epochs": "warmup", "max_epochs": "epochs"}
-
-
 def _recipe_train(recipe) -> dict:
-    if recipe is None:
-        return {}
-    t = dict(getattr(recipe, "train", None) or {})
-    out = {}
-    for k, v in t.items():
-        key = _ALIASES.get(k, k)
-        if key not in _TRAIN_KEYS and key != "transforms":
-            known = ", ".join(sorted(_TRAIN_KEYS | set(_ALIASES) | {"transforms"}))
-            raise RecipeError(f"{getattr(recipe, 'source', '<recipe>')}: unknown key 'train.{k}' (known: {known})")
-        out[key] = v
-    return out
+    """A recipe's [train] table with aliases resolved (RecipeError for an unknown key)."""
+    layer = st.recipe_layer(recipe)
+    return layer[1] if layer else {}
 
 
 def _load_recipe(recipe):
@@ -105,15 +103,36 @@ def _insert(model: onnx.ModelProto, recipe) -> onnx.ModelProto:
     return insert(_strip(model), recipe)
 
 
-def _prepare_data(data, limit_train, limit_test, validation, seed, num_classes):
-    train_ds, test_ds = resolve_data(data, seed=seed)
-    train_ds, test_ds = train_ds.limit(limit_train), test_ds.limit(limit_test)
-    train_ds, val_ds = validation_split(train_ds, validation, seed)
-    k = num_classes or int(max(train_ds.labels.max(), test_ds.labels.max())) + 1
-    for ds in (train_ds, val_ds, test_ds):
-        if ds is not None:
-            check_labels(ds, k)
-    return train_ds, val_ds, test_ds
+def _normalisation(scale, mean, std, dtype) -> list:
+    """The user's normalisation: x / scale (default 255 for 8-bit data, else 1), then (x - mean) / std."""
+    if scale is None:
+        scale = 255.0 if dtype == np.uint8 else 1.0
+    out = [] if float(scale) == 1.0 else [RangeAffine("Divides", float(scale))]
+    if mean is not None or std is not None:
+        out.append(RangeAffine("Minus", mean if mean is not None else 0.0, "Divides", std if std is not None else 1.0))
+    return out
+
+
+def _adapt_to_input(tf: Compose, ds, dims: tuple) -> tuple[Compose, str | None]:
+    """Appends the Rescale / ColorSpace that bring the data's images to the model input's size and channels."""
+    c_want, h_want, w_want = image_size(dims)
+    x = tf(ds.images[:1], np.random.default_rng(0), False)
+    _, h, w, c = x.shape
+    extra, said = [], []
+    if c_want and c != c_want:
+        if c_want == 3 and c == 1:
+            extra.append(ColorSpace("RGB"))
+        elif c_want == 1 and c in (3, 4):
+            extra.append(ColorSpace("Gray"))
+        else:
+            raise DataError(f"the data has {c} channel(s), the model input expects {c_want}")
+        said.append(f"{c} -> {c_want} channels")
+    if (h_want and h != h_want) or (w_want and w != w_want):
+        extra.append(Rescale(w_want or w, h_want or h))
+        said.append(f"{h}x{w} -> {h_want or h}x{w_want or w}")
+    if not extra:
+        return tf, None
+    return Compose(tf.transforms + extra), ", ".join(said)
 
 
 def train(model, data="fashion-mnist", *, epochs: int | None = None, out: str | os.PathLike = "runs/train",
@@ -123,8 +142,17 @@ def train(model, data="fashion-mnist", *, epochs: int | None = None, out: str | 
           solver: str | None = None, max_iterations: int | None = None, limit_train: int | None = None,
           limit_test: int | None = None, validation: float = 0.1, transforms=None, resume: bool = False,
           init_from=None, seed: int = 0, threads: int = 0, progress: bool = True, histograms: bool = True,
-          eval_test: bool = True, log=print) -> TrainResult:
-    """Trains `model` (path or ModelProto) on `data`; returns paths and metrics. See the module doc for stages."""
+          eval_test: bool = True, log=print, loss: str | None = None, loss_outputs=(), distill: bool = False,
+          teacher=None, temperature: float = 1.0, data_input: str | None = None, inputs: dict | None = None,
+          scale: float | None = None, mean=None, std=None, init_quantizers: bool = True,
+          settings_source: str = "argument") -> TrainResult:
+    """Trains `model` (path or ModelProto) on `data`; returns paths and metrics. See the module doc.
+
+    loss: ce | mse | l1 | kl (default: ce with labels, mse distillation without); loss_outputs: "name" or
+    "name:weight" of the outputs the loss reads; distill / teacher (a float ONNX; default the model without its
+    quantizers): targets from the float model; data_input: the input that takes the data; inputs: {name: value}
+    for the other inputs; scale, mean, std: the input normalisation (x / scale - mean) / std; init_quantizers:
+    initialise uncalibrated activation quantizers from the first batches."""
     base = _load_model(model)
     rec = _load_recipe(recipe)
     out = Path(out)
@@ -132,41 +160,70 @@ def train(model, data="fashion-mnist", *, epochs: int | None = None, out: str | 
                 "lr_policy": lr_policy, "warmup": warmup, "iteration_size": iteration_size,
                 "quantizer_lr": quantizer_lr, "quantizer_decay": quantizer_decay, "solver": solver,
                 "max_iterations": max_iterations, "seed": seed, "threads": threads, "eval_test": eval_test}
+    teacher_model = _load_model(teacher) if teacher is not None else None
+    objective = Objective(loss, tuple(loss_outputs or ()), bool(distill or teacher is not None), temperature,
+                          data_input)
 
-    def config_for(r) -> tuple[TrainConfig, Compose]:
-        d = _recipe_train(r)
-        tspec = d.pop("transforms", None)
-        d.update({k: v for k, v in explicit.items() if v is not None})
-        try:
-            cfg = TrainConfig(**d)
-        except TypeError as exc:
-            raise RecipeError(f"train settings: {exc}") from None
+    # the model's inputs decide how the data is read
+    from onnxqat.training.objective import choose_data_input, graph_inputs
+
+    d_in = choose_data_input(base, data_input)
+    dims = next(art._dims(i) for i in graph_inputs(base) if i.name == d_in)
+    image_input = len(dims) == 4
+    c_want, h_want, w_want = image_size(dims) if image_input else (None, None, None)
+    train_ds, test_ds = resolve_data(data, seed=seed, image_input=image_input,
+                                     input_names=tuple(i.name for i in graph_inputs(base)), data_input=d_in,
+                                     size=(h_want, w_want) if image_input else None, channels=c_want)
+    train_ds, test_ds = train_ds.limit(limit_train), test_ds.limit(limit_test)
+    train_ds, val_ds = validation_split(train_ds, validation, seed)
+    has_labels = train_ds.labels is not None
+    io = resolve(base, objective, has_labels)
+    num_classes = art.plan_training(base, io).num_classes
+    if io.uses_labels:
+        k = num_classes or int(max(train_ds.labels.max(), test_ds.labels.max())) + 1
+        for ds in (train_ds, val_ds, test_ds):
+            if ds is not None:
+                check_labels(ds, k)
+
+    def config_for(r, m: onnx.ModelProto):
+        layers = [st.recipe_layer(r), st.model_layer(m)]
+        cfg, tspec, sources = st.resolve(explicit, settings_source, layers)
         if transforms is not None:
             tf = transforms if isinstance(transforms, Compose) else build_transforms(transforms)
+            sources["transforms"], text = settings_source, "given"
         elif tspec:
-            tf = build_transforms(tspec)
+            tf, text = build_transforms(tspec), "from the recipe"
         else:
-            tf = default_transforms()
-        return cfg, tf
-
-    init_model = _load_model(init_from) if init_from is not None else None
-    num_classes = art.plan_training(base).num_classes
-    train_ds, val_ds, test_ds = _prepare_data(data, limit_train, limit_test, validation, seed, num_classes)
+            tf = Compose(_normalisation(scale, mean, std, train_ds.images.dtype))
+            if scale is not None or mean is not None or std is not None:
+                sources["transforms"] = settings_source
+            text = _describe_normalisation(tf)
+        note = None
+        if image_input and not train_ds.raw:
+            tf, note = _adapt_to_input(tf, train_ds, dims)
+        return cfg, tf, sources, text, note
 
     def run_stage(m: onnx.ModelProto, r, stage_out: Path) -> TrainResult:
-        cfg, tf = config_for(r)
+        cfg, tf, sources, ttext, note = config_for(r, m)
+        log("settings: " + "; ".join(st.describe(cfg, sources, ttext)))
+        if note:
+            log(f"data: images converted to the model input {d_in} ({input_layout(dims)}): {note}")
         tb = Batches(train_ds, cfg.batch_size, tf, train=True, seed=cfg.seed)
         vb = Batches(val_ds, cfg.batch_size, tf, train=False, seed=cfg.seed) if val_ds is not None else None
         eb = Batches(test_ds, cfg.batch_size, tf, train=False, seed=cfg.seed)
-        res: FitResult = fit(m, cfg, tb, vb, eb, stage_out, resume=resume, progress=progress, log=log)
+        if init_quantizers:
+            m = _init_quantizers(m, io, tb, inputs, log)
+        res: FitResult = fit(m, cfg, tb, vb, eb, stage_out, resume=resume, progress=progress, log=log, io=io,
+                             constants=inputs, teacher_model=teacher_model)
         if histograms:
             from onnxqat.report.histograms import write_weight_histograms
 
             write_weight_histograms(res.model_path, stage_out / "histograms")
         atomic_write_text(stage_out / "done.json", json.dumps({"epochs": len(res.metrics), "test_top1": res.test_top1}))
         return TrainResult(res.model_path, res.best_model_path, stage_out, res.metrics, res.test_top1, res.test_loss,
-                           res.best_metric)
+                           res.best_metric, initial=res.initial)
 
+    init_model = _load_model(init_from) if init_from is not None else None
     stages: list[TrainResult] = []
     copied: set[str] = set()
     if rec is None:
@@ -199,13 +256,48 @@ def train(model, data="fashion-mnist", *, epochs: int | None = None, out: str | 
         if init_model is not None:
             # learnable quantizer parameters (alpha/step) of a model quantized with the same names; never the
             # constants (mode, range...), which belong to this recipe (a clamp-phase model has mode 0)
-            m, c = art.copy_initializers(m, init_model, only=set(art.plan_training(m).quantizer_params))
+            m, c = art.copy_initializers(m, init_model, only=set(art.plan_training(m, io).quantizer_params))
             copied.update(c)
     if init_model is not None:
         if not copied:
             raise ModelError("--init-from: no initializer of that model matches this one by name and size")
         src = init_from if not isinstance(init_from, onnx.ModelProto) else "model"
         log(f"initialised {len(copied)} tensors from {src}")
+        from onnxqat.training.quantizer_init import forget
+
+        m = forget(m, [n.name for n in m.graph.node if is_quantizer(n) and len(n.input) > 1 and n.input[1] in copied])
     final = run_stage(m, rec, out)
     final.stages = stages
     return final
+
+
+def _describe_normalisation(tf: Compose) -> str:
+    parts = []
+    for t in tf.transforms:
+        for op, v in t.ops:
+            vals = ",".join(f"{x:g}" for x in v)
+            parts.append({"divides": "/", "minus": "-", "plus": "+", "multiplies": "*"}[op] + vals)
+    return "x " + " ".join(parts) if parts else "none"
+
+
+def _init_quantizers(m: onnx.ModelProto, io, batches: Batches, constants, log) -> onnx.ModelProto:
+    """Uncalibrated activation quantizers from the first training batches (up to 256 samples, in order)."""
+    from onnxqat.training.quantizer_init import init_from_data, uncalibrated
+
+    if not uncalibrated(m):
+        return m
+    plan = art.plan_training(m, io)
+    feeder = Feeder(plan, constants)
+    ordered = Batches(batches.ds, batches.batch_size, batches.transforms, train=False, seed=batches.seed)
+    chunks = []
+    for _, x, _, extras in ordered.epoch_extras(0):
+        chunks.append(feeder.model_inputs(x, extras))
+        if sum(len(next(iter(c.values()))) for c in chunks) >= 256:
+            break
+    feeds = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+    m, messages = init_from_data(m, feeds)
+    if messages:
+        n = len(next(iter(feeds.values())))
+        log(f"{len(messages)} activation quantizer(s) not calibrated at insert, initialised from the first {n} "
+            "training samples: " + "; ".join(messages))
+    return m

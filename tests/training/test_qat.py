@@ -43,7 +43,8 @@ def test_lsq_trains_steps_with_their_own_lr(tmp_path, lenet):
 
     qat = insert(lenet, "lsq4")
     start = _inits(qat)
-    res = train(qat, "fashion-mnist", epochs=2, out=tmp_path / "a", lr=0.02, quantizer_lr=0.0, **DATA, **QUIET)
+    res = train(qat, "fashion-mnist", epochs=2, out=tmp_path / "a", lr=0.02, quantizer_lr=0.0,
+                init_quantizers=False, **DATA, **QUIET)
     t = _inits(onnx.load(str(res.model_path)))
     steps = [n for n in t if n.endswith(".step")]
     assert len(steps) == 9  # 5 weight + 4 activation quantizers
