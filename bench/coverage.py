@@ -77,6 +77,7 @@ def images_for(m: CorpusModel, n_train: int, n_test: int):
     c, h, w = spec.shape[1:] if spec.layout == "NCHW" else (spec.shape[3], spec.shape[1], spec.shape[2])
     out = []
     for ds, n in zip(fashion_mnist(), (n_train, n_test)):
+        n = max(n, 1)
         imgs = [np.asarray(Image.fromarray(x[..., 0]).resize((w, h), Image.BILINEAR)) for x in ds.images[:n]]
         x = np.repeat(np.stack(imgs)[..., None], c, axis=3)
         k = m.num_classes or 10
@@ -151,8 +152,18 @@ class Case:
             return onnxqat.train(str(qat), data=data, teacher=str(self.model.path), **kw)
         return self.step(f"train {mode}", run)
 
+    def real_images(self) -> np.ndarray | None:
+        """A batch of Fashion-MNIST images as the data input takes them (layout, size, value range), float32."""
+        def run():
+            _, test = images_for(self.model, 0, self.args.verify_samples)
+            lo, hi = self.model.value_range
+            x = lo + (hi - lo) * test.images.astype(np.float32) / 255.0
+            return x if self.model.data_input.layout == "NHWC" else np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        return self.step("real images", run)
+
     def fused(self, fmt: str):
-        """onnxqat.fuse of the labels-trained model, else the distilled one, else the inserted one."""
+        """onnxqat.fuse of the labels-trained model, else the distilled one, else the inserted one, with no
+        options but its self-check on a batch of real images."""
         def run():
             src = None
             for mode in ("labels", "distillation"):
@@ -165,7 +176,7 @@ class Case:
                 raise RuntimeError(f"no QAT model ({self.recipe} insert failed)")
             out = self.work / f"{self.model.key}.{fmt}.onnx"
             return onnxqat.fuse(str(src), str(out), format=fmt, verify_engine="onnxruntime",
-                                verify_samples=self.args.verify_samples)
+                                verify_data=self.real_images(), verify_samples=self.args.verify_samples)
         return self.step(f"fuse {fmt}", run)
 
 
@@ -304,7 +315,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="training steps per run")
     ap.add_argument("--batch", type=int, default=16, help="training batch size")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime threads for training")
-    ap.add_argument("--verify-samples", type=int, default=16, help="samples for fuse's self-check")
+    ap.add_argument("--verify-samples", type=int, default=16, help="real images for fuse's self-check")
     ap.add_argument("--tier", default="ci", help="corpus tier: ci, pypi or all")
     ap.add_argument("--json", help="write the rows (and full messages) to this JSON file")
     ap.add_argument("--work", help="keep the QAT, trained and fused models in this folder (default: a temp folder)")

@@ -252,7 +252,8 @@ class ShuffleNetV2(nn.Module):
         self.maxpool = nn.MaxPool2d(3, 2, 1)
         stages, cin = [], channels[0]
         for n, cout in zip(repeats, channels[1:4]):
-            stages.append(nn.Sequential(ShuffleBlock(cin, cout, 2), *[ShuffleBlock(cout, cout, 1) for _ in range(n - 1)]))
+            blocks = [ShuffleBlock(cin, cout, 2)] + [ShuffleBlock(cout, cout, 1) for _ in range(n - 1)]
+            stages.append(nn.Sequential(*blocks))
             cin = cout
         self.stages = nn.Sequential(*stages)
         self.conv5 = conv_bn(cin, channels[-1], 1)

@@ -121,14 +121,17 @@ def _run(cmd: list[str], what: str, timeout: float) -> subprocess.CompletedProce
 
 
 def export_python(log=print) -> Path:
-    """The export venv's python, creating the venv (torch 2.13.0 CPU, onnx 1.17.0) when it cannot import both."""
+    """The export venv's python; the venv is created, or given the pinned versions, when it cannot import
+    torch 2.13.0 and onnx 1.17.0."""
     venv = export_venv()
     py = venv / "bin" / "python"
-    if py.exists() and subprocess.run([str(py), "-c", "import torch, onnx"], capture_output=True).returncode == 0:
+    probe = (f"import torch, onnx; assert torch.__version__.split('+')[0] == '{TORCH_PIN.split('==')[1]}' "
+             f"and onnx.__version__ == '{ONNX_PIN.split('==')[1]}'")
+    if py.exists() and subprocess.run([str(py), "-c", probe], capture_output=True).returncode == 0:
         return py
     if os.environ.get("ONNXQAT_NO_INSTALL") == "1":
-        raise CorpusBuildError(f"{venv} cannot import torch and onnx, and ONNXQAT_NO_INSTALL=1 forbids installing "
-                               f"them (pip install {TORCH_PIN} {ONNX_PIN} into it)")
+        raise CorpusBuildError(f"{venv} cannot import {TORCH_PIN} and {ONNX_PIN}, and ONNXQAT_NO_INSTALL=1 forbids "
+                               f"installing them (pip install {TORCH_PIN} {ONNX_PIN} into it)")
     log(f"corpus: creating {venv} ({TORCH_PIN} CPU, {ONNX_PIN}) for the torch exports")
     if not py.exists():
         _run([sys.executable, "-m", "venv", str(venv)], f"creating {venv}", 300)

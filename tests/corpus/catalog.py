@@ -124,7 +124,8 @@ SPECS: tuple[Spec, ...] = (
                "flatten (Shape->Gather->Unsqueeze->Concat->Reshape)"),
     Spec("shufflenet_v2", "classifier", "torch", (_img(),), _logits(), 10,
          notes="torchvision ShuffleNetV2 x0.5 channels, repeats [2,3,2]: chunk (exported as Slice on "
-               "Shape arithmetic), Concat, channel shuffle (Reshape/Transpose/Reshape), ReduceMean head; no normalisation"),
+               "Shape arithmetic), Concat, channel shuffle (Reshape/Transpose/Reshape), ReduceMean head; "
+               "no normalisation"),
     Spec("unet", "segmentation", "torch", (_img(value_range=(0.0, 255.0)),),
          (OutputSpec("prob_map", "map", (None, 1, 64, 64)),), None,
          notes="U-Net/DBNet-like: 3-level encoder, decoder with ConvTranspose, nearest and bilinear Resize, "

@@ -4,9 +4,11 @@
 
 For each architecture: random weights from a seed derived from its name, 10 forward passes in train mode on
 image-like random inputs in the input's value range (inputs.py; realistic BatchNorm running statistics), eval(),
-torch's outputs on a fixed input batch, then `torch.onnx.export(dynamo=False)` at each requested opset with a dynamic batch axis and
-the exporter's defaults (BatchNorm folded into Conv; the *_bn specs export with training=PRESERVE instead).
+torch's outputs on a fixed input batch, then `torch.onnx.export(dynamo=False)` at each requested opset with a
+dynamic batch axis and the exporter's defaults (BatchNorm folded into Conv; the *_bn specs export with
+training=PRESERVE instead); classifiers get their last Linear scaled so logits spread by ~2 over images.
 Writes <name>.op<opset>.onnx and <name>.ref.npz ("input:<name>" and "output:<name>" arrays) through temp files.
+--weights NAME=PATH loads a pretrained state_dict instead (the pypi tier's mnist_cnn).
 """
 
 from __future__ import annotations

@@ -29,11 +29,6 @@ RTOL = 1e-4
 RECIPES = ("sat4", "lsq4", "lsq8")
 
 
-@pytest.fixture(scope="module")
-def models(corpus):
-    return {m.key: m for m in corpus}
-
-
 def session(model_or_path, so=None) -> ort.InferenceSession:
     src = model_or_path if isinstance(model_or_path, (str, os.PathLike)) else model_or_path.SerializeToString()
     return ort.InferenceSession(os.fspath(src) if isinstance(src, os.PathLike) else src, so,
@@ -164,7 +159,8 @@ def promises(name: str, g: Graph, opset: int) -> dict[str, bool]:
         "resnet18": lambda: {"residual Add": g.ops["Add"] >= 8, "MaxPool": g.ops["MaxPool"] == 1,
                              "GlobalAveragePool": g.ops["GlobalAveragePool"] == 1, "Flatten": g.ops["Flatten"] == 1,
                              "Gemm": g.ops["Gemm"] == 1, "ImageNet Sub/Div": g.ops["Sub"] == 1 and g.ops["Div"] == 1},
-        "mobilenetv3_small": lambda: {"HardSwish": g.hardswish() >= 10, "SE HardSigmoid*x": g.se_gates("HardSigmoid") == 9,
+        "mobilenetv3_small": lambda: {"HardSwish": g.hardswish() >= 10,
+                                      "SE HardSigmoid*x": g.se_gates("HardSigmoid") == 9,
                                       "depthwise": g.depthwise_convs() == 11, "Relu": g.ops["Relu"] >= 3},
         "efficientnet_b0": lambda: {"SiLU x*Sigmoid(x)": g.silu() >= 20, "SE Sigmoid": g.se_gates("Sigmoid") == 10,
                                     "depthwise": g.depthwise_convs() == 10, "ReLU6-free": g.ops["Clip"] == 0,
@@ -200,8 +196,8 @@ def promises(name: str, g: Graph, opset: int) -> dict[str, bool]:
 # ------------------------------------------------------------------------------------------------ tests
 
 @pytest.mark.parametrize("key", KEYS)
-def test_valid_onnx(models, key):
-    m = models[key]
+def test_valid_onnx(corpus_models, key):
+    m = corpus_models[key]
     onnx.checker.check_model(str(m.path), full_check=True)
     model = onnx.load(str(m.path))
     assert [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}] == \
@@ -211,8 +207,8 @@ def test_valid_onnx(models, key):
 
 
 @pytest.mark.parametrize("key", KEYS)
-def test_onnxruntime_matches_reference(models, key):
-    m = models[key]
+def test_onnxruntime_matches_reference(corpus_models, key):
+    m = corpus_models[key]
     feeds, expected = reference(m)
     sess = session(m.path)
     got = dict(zip([o.name for o in m.outputs], sess.run([o.name for o in m.outputs], feeds)))
@@ -228,8 +224,8 @@ def test_onnxruntime_matches_reference(models, key):
 
 
 @pytest.mark.parametrize("key", KEYS)
-def test_promised_topology(models, key):
-    m = models[key]
+def test_promised_topology(corpus_models, key):
+    m = corpus_models[key]
     model = onnx.load(str(m.path))
     g = Graph(model)
     missing = [k for k, ok in promises(m.name, g, m.opset).items() if not ok]
@@ -239,10 +235,10 @@ def test_promised_topology(models, key):
 
 
 @pytest.mark.parametrize("key", KEYS)
-def test_outputs_finite_and_not_degenerate(models, key):
+def test_outputs_finite_and_not_degenerate(corpus_models, key):
     """Over the reference batch, each output element varies from sample to sample by at least 20 % of the spread
     of all output values (a net that maps every image to the same output would test nothing; measured >= 0.31)."""
-    m = models[key]
+    m = corpus_models[key]
     feeds, _ = reference(m)
     for o, y in zip(m.outputs, session(m.path).run([o.name for o in m.outputs], feeds)):
         assert np.isfinite(y).all()
@@ -251,11 +247,11 @@ def test_outputs_finite_and_not_degenerate(models, key):
 
 
 @pytest.mark.parametrize("key", [k for k in KEYS if k.endswith("@13")])
-def test_activation_scale(models, key):
+def test_activation_scale(corpus_models, key):
     """Every float tensor computed from the inputs has an RMS in [1e-2, 1e3] and no value above 1e3 (realistic
     BatchNorm statistics, He-scaled hand-written weights: nothing vanishes or explodes). Checked at opset 13;
     the other opsets are the same weights (test_onnxruntime_matches_reference compares them to one reference)."""
-    m = models[key]
+    m = corpus_models[key]
     model = onnx.load(str(m.path))
     g = Graph(model)
     inferred = shape_inference.infer_shapes(model)
@@ -280,12 +276,12 @@ def test_activation_scale(models, key):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("key", KEYS)
-def test_insert_runs(models, key, recipe):
+def test_insert_runs(corpus_models, key, recipe):
     """Today's `onnxqat insert` on every corpus model: quantizers inserted, and the QAT model runs in onnxruntime
     with the op library, giving finite outputs of the original shapes."""
     import onnxqat
 
-    m = models[key]
+    m = corpus_models[key]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         qat = onnxqat.insert(str(m.path), recipe)
