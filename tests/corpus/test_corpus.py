@@ -153,20 +153,23 @@ class Graph:
 
 
 def promises(name: str, g: Graph, opset: int) -> dict[str, bool]:
-    """The topology features each model name promises (the catalog's notes), checked on the graph."""
+    """The topology features each model name promises (the catalog's notes), checked on the graph. Counts are
+    derived from the architectures: e.g. MobileNetV3-small's HardSwish = stem 1 + 8 HS blocks x (expand, depthwise)
+    + last conv 1 + classifier 1 = 19, its SE blocks 9 (torchvision's table); EfficientNet's SiLU = stem 1 +
+    9 expand + 10 depthwise + 10 SE + head 1 = 31; YOLO's = Focus 1 + 3 x (conv + C2f's 4) + conv + SPPF's 2 = 19."""
     common_cnn = {"Conv": g.ops["Conv"] > 0}
     p = {
-        "resnet18": lambda: {"residual Add": g.ops["Add"] >= 8, "MaxPool": g.ops["MaxPool"] == 1,
+        "resnet18": lambda: {"residual Add": g.ops["Add"] == 8, "MaxPool": g.ops["MaxPool"] == 1,
                              "GlobalAveragePool": g.ops["GlobalAveragePool"] == 1, "Flatten": g.ops["Flatten"] == 1,
                              "Gemm": g.ops["Gemm"] == 1, "ImageNet Sub/Div": g.ops["Sub"] == 1 and g.ops["Div"] == 1},
-        "mobilenetv3_small": lambda: {"HardSwish": g.hardswish() >= 10,
+        "mobilenetv3_small": lambda: {"HardSwish": g.hardswish() == 19,
                                       "SE HardSigmoid*x": g.se_gates("HardSigmoid") == 9,
-                                      "depthwise": g.depthwise_convs() == 11, "Relu": g.ops["Relu"] >= 3},
-        "efficientnet_b0": lambda: {"SiLU x*Sigmoid(x)": g.silu() >= 20, "SE Sigmoid": g.se_gates("Sigmoid") == 10,
+                                      "depthwise": g.depthwise_convs() == 11, "Relu": g.ops["Relu"] == 14},
+        "efficientnet_b0": lambda: {"SiLU x*Sigmoid(x)": g.silu() == 31, "SE Sigmoid": g.se_gates("Sigmoid") == 10,
                                     "depthwise": g.depthwise_convs() == 10, "ReLU6-free": g.ops["Clip"] == 0,
                                     "view flatten": g.view_flatten_chain()},
-        "shufflenet_v2": lambda: {"channel shuffle": g.channel_shuffles() == 7, "chunk Slice": g.ops["Slice"] >= 4,
-                                  "Concat": g.ops["Concat"] >= 7, "depthwise": g.depthwise_convs() >= 10},
+        "shufflenet_v2": lambda: {"channel shuffle": g.channel_shuffles() == 7, "chunk Slice": g.ops["Slice"] == 8,
+                                  "Concat": g.ops["Concat"] >= 7, "depthwise": g.depthwise_convs() == 10},
         "unet": lambda: {"ConvTranspose": g.ops["ConvTranspose"] == 2, "Resize nearest+linear":
                          g.resize_modes() == {"nearest", "linear"}, "Concat skips": g.ops["Concat"] >= 3,
                          "Sigmoid map": g.output_producers() == ["Sigmoid"]},
