@@ -9,9 +9,18 @@ model's data input, for classifiers; distillation from the float model, for ever
 trained model (of the inserted one when training failed) to the integer and the QDQ format. Nothing stops the run:
 a failing step leaves its cells at FAIL and the first line of its error in `messages`.
 
-Adding a column is one function: decorate `def my_column(case: Case) -> str` with `@column("header")`. A column
-reads the shared, cached steps of the row (`case.qat(recipe)`, `case.trained("labels")`, `case.fused("int")`,
-...), each run at most once per row whatever the number of columns that use it.
+Columns: "train" is "labels / distillation" ("-": not a classifier); distillation calls
+`onnxqat.train(qat, data, teacher=<float model path>)` (FAIL until train has that parameter). "steps/s": optimizer
+steps over train's own epoch seconds (--threads onnxruntime threads). "integer nodes %" and "float islands": nodes of
+the integer-format model with no float tensor in or out, between the boundary conversions (`integer_share`).
+"agreement": fuse's self-check, fused vs fake-quantized model on --verify-samples Fashion-MNIST images in the
+model's layout, size and value range. "size": float model file -> fused integer model.
+
+Adding a column is one function: decorate `def my_column(case: Case) -> str` with `@column("header")` (columns
+print in definition order; "{recipes}" in a header becomes the --recipes list). A column reads the shared, cached
+steps of the row (`case.qat(recipe)`, `case.trained("labels")`, `case.fused("int")`, `case.real_images()`, ...),
+each run at most once per row whatever the number of columns that use it; a new step is a `Case` method that
+wraps its work in `self.step(key, fn)`.
 """
 
 from __future__ import annotations
@@ -118,8 +127,16 @@ class Case:
                 self._done[key] = (None, time.perf_counter() - t0)
         return self._done[key][0]
 
+    def result(self, key: str):
+        """What step `key` returned, None when it failed or has not run."""
+        return self._done.get(key, (None, None))[0]
+
     def seconds(self, key: str) -> float | None:
         return self._done.get(key, (None, None))[1]
+
+    def steps(self) -> dict[str, tuple]:
+        """step key -> (result or None, seconds), in the order they ran."""
+        return dict(self._done)
 
     @property
     def recipe(self) -> str:
@@ -167,7 +184,7 @@ class Case:
         def run():
             src = None
             for mode in ("labels", "distillation"):
-                r = self._done.get(f"train {mode}", (None,))[0]
+                r = self.result(f"train {mode}")
                 if r is not None:
                     src = r.model_path
                     break
@@ -206,7 +223,7 @@ def col_opset(case: Case) -> str:
     return str(case.model.opset)
 
 
-@column("insert " + "/".join(("sat4", "lsq4", "lsq8")))  # retitled in main() from --recipes
+@column("insert {recipes}")
 def col_insert(case: Case) -> str:
     return "/".join(ok(case.qat(r)) for r in case.args.recipes)
 
@@ -221,7 +238,7 @@ def col_train(case: Case) -> str:
 def col_steps(case: Case) -> str:
     """Optimizer steps per second of the labels run (else the distillation run), from train's own metrics."""
     for mode in ("labels", "distillation"):
-        r = case._done.get(f"train {mode}", (None,))[0]
+        r = case.result(f"train {mode}")
         if r is not None and r.metrics:
             row = r.metrics[-1]
             secs = sum(m.get("epoch_seconds") or 0 for m in r.metrics)
@@ -325,8 +342,7 @@ def main(argv=None) -> int:
     opsets = [int(o) for o in args.opsets.split(",")] if args.opsets else None
 
     models = build_corpus(names, opsets, tier=args.tier, log=lambda *a: print(*a, file=sys.stderr))
-    COLUMNS[2] = ("insert " + "/".join(args.recipes), col_insert)
-    headers = [h for h, _ in COLUMNS]
+    headers = [h.format(recipes="/".join(args.recipes)) for h, _ in COLUMNS]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="onnxqat-coverage-"))
     work.mkdir(parents=True, exist_ok=True)
     rows, records = [], []
@@ -337,7 +353,7 @@ def main(argv=None) -> int:
             row = [fn(case) for _, fn in COLUMNS]
             rows.append(row)
             records.append({**dict(zip(headers, row)), "messages": list(case.messages),
-                            "seconds": {k: round(v[1], 2) for k, v in case._done.items()}})
+                            "seconds": {k: round(v[1], 2) for k, v in case.steps().items()}})
             print(f"coverage: {m.key} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     finally:
         if not args.work:
