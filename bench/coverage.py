@@ -54,8 +54,14 @@ FAIL = "FAIL"
 
 
 def first_line(exc: BaseException) -> str:
+    """The error's first line; when that is an onnxruntime C++ location (no op named), the end of the chained
+    cause too, which names the op and node ("... has not been registered: HardSigmoid for node ...")."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+    line = f"{type(exc).__name__}: {text[0] if text else ''}"
+    cause = exc.__cause__
+    if "onnxruntime_src" in line and cause is not None:
+        line = line.split("/onnxruntime_src")[0] + "... " + " ".join(str(cause).split())[-110:]
+    return line[:400]
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -315,7 +321,7 @@ def col_messages(case: Case) -> str:
 
 # ------------------------------------------------------------------------------------------------ main
 
-def markdown(headers: list[str], rows: list[list[str]], width: int = 160) -> str:
+def markdown(headers: list[str], rows: list[list[str]], width: int = 240) -> str:
     def cell(s: str) -> str:
         s = s.replace("|", "\\|")
         return s if len(s) <= width else s[: width - 3] + "..."
