@@ -217,6 +217,18 @@ def rw_instance_norm(ctx, node):
             helper.make_node("Mul", [nrm, sr], [ss]), helper.make_node("Add", [ss, br], [node.output[0]])]
 
 
+def rw_sum(ctx, node):
+    ins = [i for i in node.input if i]
+    if len(ins) == 1:
+        return [helper.make_node("Identity", ins, [node.output[0]])]
+    nodes, acc = [], ins[0]
+    for k, i in enumerate(ins[1:], start=1):
+        out = node.output[0] if k == len(ins) - 1 else ctx.name(node, f"partial{k}")
+        nodes.append(helper.make_node("Add", [acc, i], [out]))
+        acc = out
+    return nodes
+
+
 def rw_resize(ctx, node):
     from onnxqat.training.resize_rewrite import rewrite_resize
 
@@ -246,6 +258,7 @@ REWRITES: dict[str, Rewrite] = {r.op_type: r for r in (
     Rewrite("LRN", "x / (bias + alpha/size * Conv(x^2, constant channel band))^beta (static channels)", rw_lrn),
     Rewrite("InstanceNormalization", "(x - ReduceMean) / Sqrt(ReduceMean of squares + epsilon) * scale + B",
             rw_instance_norm),
+    Rewrite("Sum", "a chain of Add", rw_sum),
     Rewrite("Resize", "Gather (nearest) or MatMul (linear, cubic) with constant per-axis matrices (static shapes)",
             rw_resize),
 )}

@@ -37,7 +37,7 @@ class LossTerm:
     def describe(self) -> str:
         what = {"ce": "cross-entropy with labels", "mse": "MSE to the teacher", "l1": "L1 to the teacher",
                 "kl": f"KL to the teacher (temperature {self.temperature:g})"}[self.kind]
-        via = f" (logits {self.tensor})" if self.tensor != self.output else ""
+        via = f" (on its logits {self.tensor})" if self.tensor != self.output else ""
         w = f" x {self.weight:g}" if self.weight != 1.0 else ""
         return f"{self.output}{via}: {what}{w}"
 
@@ -123,7 +123,9 @@ def add_loss(model: onnx.ModelProto, terms: list[LossTerm]) -> onnx.ModelProto:
             loss = node("Mul", [mean_all(kl), const(term.temperature ** 2)])
         factor = term.weight * term.scale
         term_losses.append(loss if factor == 1.0 else node("Mul", [loss, const(factor)]))
-    total = term_losses[0] if len(term_losses) == 1 else node("Sum", term_losses)
+    total = term_losses[0]
+    for other in term_losses[1:]:  # Add, not Sum: ORT 1.19.2 has no gradient for Sum
+        total = node("Add", [total, other])
     nodes.append(helper.make_node("Identity", [total], [LOSS], name=LOSS))
     g.node.extend(nodes)
     g.initializer.extend(inits)

@@ -205,7 +205,7 @@ def train(model, data="fashion-mnist", *, epochs: int | None = None, out: str | 
 
     def run_stage(m: onnx.ModelProto, r, stage_out: Path) -> TrainResult:
         cfg, tf, sources, ttext, note = config_for(r, m)
-        log("settings: " + "; ".join(st.describe(cfg, sources, ttext)))
+        log("settings:\n" + "\n".join(f"  {line}" for line in st.describe(cfg, sources, ttext)))
         if note:
             log(f"data: images converted to the model input {d_in} ({input_layout(dims)}): {note}")
         tb = Batches(train_ds, cfg.batch_size, tf, train=True, seed=cfg.seed)

@@ -55,7 +55,7 @@ def model_layer(model: onnx.ModelProto) -> tuple[str, dict] | None:
     except ValueError:
         raise RecipeError(f"model metadata {TRAIN_KEY}: not valid JSON") from None
     name = meta.get("onnxqat.recipe", "?")
-    return f"recipe {name} [train] (recorded in the model)", train_table(table, f"model metadata {TRAIN_KEY}")
+    return f"recipe {name} [train], recorded by insert", train_table(table, f"model metadata {TRAIN_KEY}")
 
 
 def resolve(explicit: dict, explicit_source: str, layers: list) -> tuple[TrainConfig, object, dict[str, str]]:
