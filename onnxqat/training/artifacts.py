@@ -2,7 +2,8 @@
 
 `plan_training(model, io)` finds what trains and how the graph is fed:
 - trainable (requires_grad): weights and biases of Conv/ConvTranspose/Gemm/MatMul (traced back through a weight
-  quantizer node to the initializer), BatchNormalization scale and B, and input 1 (alpha/step) of SatActQuant/LsqQuant;
+  quantizer node to the initializer), BatchNormalization scale and B, LayerNorm scale and shift (also as exported
+  below opset 17), and input 1 (alpha/step) of SatActQuant/LsqQuant;
 - frozen_params: BatchNormalization running mean and var (listed so that ORT's train step updates them);
 - Dropout: ORT's Dropout draws from a process-wide generator that a resumed run cannot restore, so in the training copy
   each Dropout becomes `Mul(x, <node>.mask)` with the mask a graph input that the loop draws from the run's seed
@@ -121,6 +122,35 @@ def _tensor_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
             if vi.type.tensor_type.HasField("shape")}
 
 
+def _decomposed_layer_norm_params(g, inits, producers) -> list[str]:
+    """Scale and shift of a LayerNorm exported below opset 17 as ops: Mul(Div(x - mean, Sqrt(var + eps)), scale)
+    then Add(.., shift), scale and shift 1-D initializers. They train like LayerNormalization's (and must: ORT fuses
+    the pattern back into LayerNormalization, whose gradient graph then defines scale_grad twice when the scale is a
+    constant: "Duplicate definition of name (<scale>_grad)")."""
+    consumers = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    out = []
+    for n in g.node:
+        if n.op_type != "Mul" or len(n.input) != 2:
+            continue
+        a, w = (n.input[0], n.input[1]) if n.input[1] in inits else (n.input[1], n.input[0])
+        div = producers.get(a)
+        if w not in inits or len(inits[w].dims) != 1 or div is None or div.op_type != "Div":
+            continue
+        sq = producers.get(div.input[1])
+        if sq is None or sq.op_type != "Sqrt":
+            continue
+        out.append(w)
+        for c in consumers.get(n.output[0], []):
+            if c.op_type == "Add":
+                b = next((i for i in c.input if i in inits and len(inits[i].dims) == 1), None)
+                if b:
+                    out.append(b)
+    return out
+
+
 def plan_training(model: onnx.ModelProto, io: IOPlan | None = None) -> TrainingPlan:
     """What trains and how the graph is fed; `io` defaults to cross-entropy with labels on the one output."""
     g = model.graph
@@ -160,6 +190,12 @@ def plan_training(model: onnx.ModelProto, io: IOPlan | None = None) -> TrainingP
                 add(trainable, n.input[i])
             for i in (3, 4):
                 add(frozen, n.input[i])
+        elif n.op_type == "LayerNormalization":
+            for i in (1, 2):
+                if i < len(n.input):
+                    add(trainable, n.input[i])
+    for name in _decomposed_layer_norm_params(g, inits, producers):
+        add(trainable, name)
     trainable = [t for t in trainable if t not in quant]
     dropouts = []
     shapes = _tensor_shapes(model) if any(n.op_type in ("Dropout",) for n in g.node) or io.terms else {}
@@ -215,8 +251,8 @@ def training_copy(model: onnx.ModelProto, plan: TrainingPlan) -> onnx.ModelProto
     m = apply_rewrites(m, plan.rewrites)
     if plan.rewrites:
         ops = sorted({op for _, op in plan.rewrites})
-        plan.messages.append(f"training graph: {len(plan.rewrites)} node(s) without an ORT gradient rewritten into "
-                             f"standard ops ({', '.join(ops)})")
+        plan.messages.append(f"training graph: {len(plan.rewrites)} node(s) changed so that ORT can differentiate "
+                             f"them ({', '.join(ops)}; see docs/training-ops.md)")
     m = add_loss(m, plan.io.terms)
     _annotate_quantizer_outputs(m)
     from onnxqat.ops.gradients import add_gradient_outputs

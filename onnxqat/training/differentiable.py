@@ -1,4 +1,5 @@
-"""Training-copy pass: ops with no gradient in onnxruntime-training 1.19.2, rewritten into standard ops that have one.
+"""Training-copy pass: ops with no gradient (or no CPU gradient kernel) in onnxruntime-training 1.19.2, rewritten
+into standard ops that have one.
 
 `REWRITES` (op type -> Rewrite) is the list that docs/training-ops.md documents (a test checks the two agree). Each
 rewrite computes the same function with ops whose gradient ORT has (HardSigmoid = Clip(alpha*x + beta, 0, 1), ...);
@@ -229,6 +230,12 @@ def rw_sum(ctx, node):
     return nodes
 
 
+def rw_conv_transpose(ctx, node):
+    from onnxqat.training.conv_transpose_rewrite import rewrite_conv_transpose
+
+    return rewrite_conv_transpose(ctx, node)
+
+
 def rw_resize(ctx, node):
     from onnxqat.training.resize_rewrite import rewrite_resize
 
@@ -259,6 +266,8 @@ REWRITES: dict[str, Rewrite] = {r.op_type: r for r in (
     Rewrite("InstanceNormalization", "(x - ReduceMean) / Sqrt(ReduceMean of squares + epsilon) * scale + B",
             rw_instance_norm),
     Rewrite("Sum", "a chain of Add", rw_sum),
+    Rewrite("ConvTranspose", "Conv of the input spread by the stride, with the kernel flipped and its channel axes "
+            "swapped in the graph (so the weight trains)", rw_conv_transpose),
     Rewrite("Resize", "Gather (nearest) or MatMul (linear, cubic) with constant per-axis matrices (static shapes)",
             rw_resize),
 )}

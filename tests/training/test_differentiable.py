@@ -46,6 +46,14 @@ CASES = {
     "InstanceNormalization": ({"epsilon": 1e-3}, ["s", "b"], [f32("s", np.linspace(0.5, 2, 8)),
                                                                f32("b", np.linspace(-1, 1, 8))], None),
     "Sum": ({}, ["c2", "c2"], [], None),
+    "ConvTranspose": ({"strides": [2, 2], "pads": [1, 0, 1, 2], "output_padding": [1, 0], "group": 2,
+                       "dilations": [1, 2]}, ["wt"], [f32("wt", np.linspace(-1, 1, 8 * 3 * 3 * 2).reshape(8, 3, 3, 2))],
+                      [2, 6, 12, 12]),
+}
+CONV_TRANSPOSES = {
+    "same_upper": {"strides": [2, 2], "auto_pad": "SAME_UPPER", "kernel_shape": [3, 3]},
+    "big_pads": {"strides": [1, 1], "pads": [2, 2, 2, 2], "kernel_shape": [2, 2]},
+    "output_shape": {"strides": [2, 2], "output_shape": [13, 13], "kernel_shape": [3, 3]},
 }
 RESIZES = {
     "nearest_asymmetric": ({"mode": "nearest", "coordinate_transformation_mode": "asymmetric"}, [1, 1, 2, 2]),
@@ -88,6 +96,11 @@ def _all_cases():
         yield op, _model(op, attrs, ins, inits, out)
     for name, (attrs, scales) in RESIZES.items():
         yield f"Resize-{name}", _resize_model(attrs, scales)
+    for name, attrs in CONV_TRANSPOSES.items():
+        k = attrs["kernel_shape"]
+        wt = f32("wt", np.random.default_rng(5).standard_normal((8, 4, *k)))
+        out = {"same_upper": [2, 4, 12, 12], "big_pads": [2, 4, 3, 3], "output_shape": [2, 4, 13, 13]}[name]
+        yield f"ConvTranspose-{name}", _model("ConvTranspose", attrs, ["wt"], [wt], out)
 
 
 @pytest.mark.parametrize("name,model", list(_all_cases()), ids=[n for n, _ in _all_cases()])
