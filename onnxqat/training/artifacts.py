@@ -197,6 +197,12 @@ def plan_training(model: onnx.ModelProto, io: IOPlan | None = None) -> TrainingP
     for name in _decomposed_layer_norm_params(g, inits, producers):
         add(trainable, name)
     trainable = [t for t in trainable if t not in quant]
+    # only parameters the loss depends on (ORT refuses a parameter it cannot reach: a head the loss does not read)
+    reach = {t.tensor for t in io.terms}
+    for n in reversed(list(g.node)):
+        if any(o in reach for o in n.output if o):
+            reach.update(i for i in n.input if i)
+    trainable, quant, frozen = ([t for t in lst if t in reach] for lst in (trainable, quant, frozen))
     dropouts = []
     shapes = _tensor_shapes(model) if any(n.op_type in ("Dropout",) for n in g.node) or io.terms else {}
     for n in g.node:
@@ -308,6 +314,8 @@ def ort_error_line(exc: BaseException) -> str:
         return f"onnxruntime-training 1.19.2 has no CPU kernel for {m.group(1)} (node {m.group(3) or '?'})"
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     line = lines[0] if lines else type(exc).__name__
+    if "[ONNXRuntimeError]" in line:  # '<C++ location> [ONNXRuntimeError] : 2 : INVALID_ARGUMENT : <message>'
+        line = line.split("[ONNXRuntimeError]", 1)[1].split(" : ", 3)[-1]
     # drop the '/onnxruntime_src/...cc:123 onnxruntime::...(...) ' prefix of ORT's C++ messages
     line = re.sub(r"^\S*onnxruntime_src\S*:\d+ .*?\) (?=\S)", "", line)
     return line[:300]
