@@ -1,7 +1,7 @@
 """How much of the model corpus (tests/corpus) onnxqat handles: one table row per model and opset.
 
     .venv/bin/python bench/coverage.py [--models resnet18,vit] [--opsets 13] [--recipes sat4,lsq4,lsq8]
-                                       [--steps 20] [--tier ci|pypi|all] [--json out.json] [--work DIR]
+                                       [--steps 20] [--train-all-recipes] [--tier ci|pypi|all] [--json out.json] [--work DIR]
 
 For each corpus model: `onnxqat.insert` with every recipe of --recipes; then, with the first of them, 20 training
 steps through the public `onnxqat.train` (labels: a few hundred Fashion-MNIST images resized and replicated to the
@@ -10,7 +10,11 @@ trained model (of the inserted one when training failed) to the integer and the 
 a failing step leaves its cells at FAIL and the first line of its error in `messages`.
 
 Columns: "train" is "labels / distillation" ("-": not a classifier); distillation calls
-`onnxqat.train(qat, data, teacher=<float model path>)` (FAIL until train has that parameter). "steps/s": optimizer
+`onnxqat.train(qat, data, teacher=<float model path>)`; both with the settings insert recorded from the recipe, and
+the training images as test set, so "loss before->after" compares the loss on the same images before the first
+update and after the last ("(up)": it rose). "training graph": what train changed in its training copy (opset
+conversion, rewrites of ops without an ORT gradient, docs/training-ops.md). "train other recipes": with
+--train-all-recipes, the same runs with the other recipes of --recipes (the full matrix). "steps/s": optimizer
 steps over train's own epoch seconds (--threads onnxruntime threads). "integer nodes %" and "float islands": nodes of
 the integer-format model with no float tensor in or out, between the boundary conversions (`integer_share`).
 "agreement": fuse's self-check, fused vs fake-quantized model on --verify-samples Fashion-MNIST images in the
@@ -118,6 +122,7 @@ class Case:
     work: Path
     messages: list[str] = field(default_factory=list)
     _done: dict = field(default_factory=dict)
+    train_log: dict = field(default_factory=dict)
 
     def step(self, key: str, fn: Callable):
         """fn() once per key; an exception becomes None and the message '<key>: <Type>: <first line>'."""
@@ -155,25 +160,33 @@ class Case:
             return path
         return self.step(f"insert {recipe}", run)
 
-    def trained(self, mode: str):
-        """mode "labels" (classifiers) or "distillation"; returns onnxqat's TrainResult."""
-        qat = self.qat(self.recipe)
+    def trained(self, mode: str, recipe: str | None = None):
+        """mode "labels" (classifiers) or "distillation"; returns onnxqat's TrainResult. Settings: the recipe's [train]
+        table that insert recorded (what a user gets), --steps updates of --batch images; the test set is the
+        training images, so TrainResult.initial["loss"] and .test_loss are the loss before and after on the same
+        images. The run's log lines go to self.train_log[(mode, recipe)]."""
+        recipe = recipe or self.recipe
+        qat = self.qat(recipe)
         if qat is None:
             return None
-        kw = dict(out=self.work / f"{self.model.key}.{mode}", max_iterations=self.args.steps, epochs=1,
+        log = self.train_log.setdefault((mode, recipe), [])
+        others = {i.name: np.zeros(i.shape[1:], np.float32) for i in self.model.inputs if i.role != "data"}
+        kw = dict(out=self.work / f"{self.model.key}.{recipe}.{mode}", max_iterations=self.args.steps, epochs=1,
                   batch_size=self.args.batch, validation=0.0, eval_test=False, histograms=False, progress=False,
-                  threads=self.args.threads, transforms=range_transform(self.model), log=lambda *a, **k: None)
+                  threads=self.args.threads, transforms=range_transform(self.model), log=log.append, inputs=others)
         n_train = self.args.steps * self.args.batch
+        key = f"train {mode}" if recipe == self.recipe else f"train {mode} {recipe}"
 
         def run():
-            data = images_for(self.model, n_train, self.args.batch)
+            train, _ = images_for(self.model, n_train, self.args.batch)
+            data = (train, train)
             if mode == "labels":
                 return onnxqat.train(str(qat), data=data, **kw)
             params = inspect.signature(onnxqat.train).parameters
             if "teacher" not in params:
                 raise NotImplementedError("onnxqat.train has no distillation option (no 'teacher' parameter)")
             return onnxqat.train(str(qat), data=data, teacher=str(self.model.path), **kw)
-        return self.step(f"train {mode}", run)
+        return self.step(key, run)
 
     def real_images(self) -> np.ndarray | None:
         """A batch of Fashion-MNIST images as the data input takes them (layout, size, value range), float32."""
@@ -238,6 +251,47 @@ def col_insert(case: Case) -> str:
 def col_train(case: Case) -> str:
     labels = "-" if not case.model.num_classes else ok(case.trained("labels"))
     return f"{labels} / {ok(case.trained('distillation'))}"
+
+
+def loss_change(r) -> str:
+    """'before -> after' of a TrainResult, on the same images (trained() makes them so)."""
+    if r is None or not r.initial or r.test_loss is None:
+        return FAIL if r is None else "?"
+    a, b = r.initial["loss"], r.test_loss
+    return f"{a:.3g}->{b:.3g}" + ("" if b < a else " (up)")
+
+
+@column("loss before->after (labels / distillation)")
+def col_loss(case: Case) -> str:
+    labels = "-" if not case.model.num_classes else loss_change(case.trained("labels"))
+    return f"{labels} / {loss_change(case.trained('distillation'))}"
+
+
+@column("training graph")
+def col_training_graph(case: Case) -> str:
+    """What train changed in its training copy (opset conversion, op rewrites), from the run's log."""
+    said = []
+    for (_, recipe), lines in case.train_log.items():
+        if recipe != case.recipe:
+            continue
+        for line in lines:
+            if line.startswith("training graph converted from opset"):
+                said.append("opset " + line.split("from opset ")[1].split(" (")[0].replace(" to ", "->"))
+            elif line.startswith("training graph: "):
+                said.append("rewritten: " + line.split("differentiate them (")[-1].split(";")[0])
+    return "; ".join(dict.fromkeys(said)) or "-"
+
+
+@column("train other recipes (labels / distillation)")
+def col_train_all(case: Case) -> str:
+    """--train-all-recipes: the same two runs with every other recipe of --recipes (the full matrix)."""
+    if not case.args.train_all_recipes:
+        return "-"
+    cells = []
+    for r in case.args.recipes[1:]:
+        labels = "-" if not case.model.num_classes else ok(case.trained("labels", r))
+        cells.append(f"{r} {labels}/{ok(case.trained('distillation', r))}")
+    return ", ".join(cells) or "-"
 
 
 @column("steps/s")
@@ -336,6 +390,8 @@ def main(argv=None) -> int:
     ap.add_argument("--opsets", help="comma-separated opsets (default: 11,13,17)")
     ap.add_argument("--recipes", default="sat4,lsq4,lsq8", help="recipes to insert; the first one is trained and fused")
     ap.add_argument("--steps", type=int, default=20, help="training steps per run")
+    ap.add_argument("--train-all-recipes", action="store_true",
+                    help="train with every recipe of --recipes, not only the first (the full matrix)")
     ap.add_argument("--batch", type=int, default=16, help="training batch size")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime threads for training")
     ap.add_argument("--verify-samples", type=int, default=16, help="real images for fuse's self-check")
