@@ -55,6 +55,7 @@ def axis_matrix(node: onnx.NodeProto, opset: int, in_shape: tuple, out_shape: tu
     m.ir_version = 8
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
+    so.log_severity_level = 3
     y = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     idx = [slice(None), 0] + [0] * (len(in_shape) - 2)
     idx[axis] = slice(None)

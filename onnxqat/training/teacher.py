@@ -39,6 +39,7 @@ class Teacher:
                 m.graph.output.append(onnx.helper.make_tensor_value_info(src, onnx.TensorProto.FLOAT, None))
                 present.add(src)
         so = ort.SessionOptions()
+        so.log_severity_level = 3  # no "Removing initializer ..." warnings about the stripped model's leftovers
         if threads:
             so.intra_op_num_threads = int(threads)
         try:
