@@ -1,7 +1,8 @@
 """How much of the model corpus (tests/corpus) onnxqat handles: one table row per model and opset.
 
     .venv/bin/python bench/coverage.py [--models resnet18,vit] [--opsets 13] [--recipes sat4,lsq4,lsq8]
-                                       [--steps 20] [--train-all-recipes] [--tier ci|pypi|all] [--json out.json] [--work DIR]
+                                       [--steps 20] [--train-all-recipes] [--tier ci|pypi|all]
+                                       [--json out.json] [--work DIR]
 
 For each corpus model: `onnxqat.insert` with every recipe of --recipes; then, with the first of them, 20 training
 steps through the public `onnxqat.train` (labels: a few hundred Fashion-MNIST images resized and replicated to the

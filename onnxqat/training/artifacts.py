@@ -13,9 +13,9 @@
 `training_copy(model, plan)` is the graph ORT trains; the user's model is never edited. Its passes, in order:
 opset.upgrade_opset (below opset 13), Dropout masks, differentiable.apply_rewrites (ops without a gradient in ORT, on
 gradient paths only), losses.add_loss (outputs: the loss, then each loss tensor), quantizer output annotations.
-`generate(model, directory)` writes training_model.onnx, eval_model.onnx and checkpoint with generate_artifacts(loss=None)
-(the graph's first output is the loss). With quantizer ops in the graph, the op library's gradients are registered
-first and the library is passed to ORT (notes: both needed).
+`generate(model, directory)` writes training_model.onnx, eval_model.onnx and checkpoint with
+generate_artifacts(loss=None) (the graph's first output is the loss). With quantizer ops in the graph, the op
+library's gradients are registered first and the library is passed to ORT (notes: both needed).
 """
 
 from __future__ import annotations

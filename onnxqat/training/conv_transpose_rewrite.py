@@ -95,11 +95,10 @@ def rewrite_conv_transpose(ctx, node) -> list:
     if any(v < 0 for v in begin + end):
         spread = [(in_shape[2 + k] - 1) * s[k] + 1 for k in range(nd)]
         crop = ctx.name(node, "x_cropped")
-        nodes.append(helper.make_node("Slice", [xs, ctx.const(node, "crop_start", [max(0, -v) for v in begin], np.int64),
-                                                ctx.const(node, "crop_end", [spread[k] - max(0, -end[k])
-                                                                             for k in range(nd)], np.int64),
-                                                ctx.const(node, "crop_axes", list(range(2, 2 + nd)), np.int64)],
-                                      [crop]))
+        starts = ctx.const(node, "crop_start", [max(0, -v) for v in begin], np.int64)
+        ends = ctx.const(node, "crop_end", [spread[k] - max(0, -end[k]) for k in range(nd)], np.int64)
+        axes = ctx.const(node, "crop_axes", list(range(2, 2 + nd)), np.int64)
+        nodes.append(helper.make_node("Slice", [xs, starts, ends, axes], [crop]))
         xs = crop
         begin, end = [max(0, v) for v in begin], [max(0, v) for v in end]
     conv_in = [xs, wt] + ([bias] if bias else [])
