@@ -1,4 +1,7 @@
-"""QDQ format's weighted layer: DequantizeLinear(x) -> float Conv / MatMul + Add on DequantizeLinear(W_int) with the
+"""The QDQ format: QuantizeLinear/DequantizeLinear pairs around float ops (portable: any runtime with QDQ support).
+
+Every activation quantizer becomes Clip + QuantizeLinear + DequantizeLinear; sums, pooling and shape ops run on the
+dequantized floats. The weighted layer: DequantizeLinear(x) -> float Conv / MatMul + Add on DequantizeLinear(W_int) with the
 BatchNorm factor folded into the per-channel weight scale, and a float bias (BN folded).
 
 Weights int4 where they fit [-8, 7] (LSQ, symmetric SAT), else int8 (DoReFa 4-bit: ±15), int16 for 8-bit DoReFa.
@@ -6,14 +9,35 @@ Weights int4 where they fit [-8, 7] (LSQ, symmetric SAT), else int8 (DoReFa 4-bi
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx
 from onnx import TensorProto
 
 from onnxqat.fusion.builder import GraphBuilder
-from onnxqat.fusion.float_islands import dequantize
+from onnxqat.fusion.convert import dequantize
+from onnxqat.fusion.formats.base import Format, dequantized, quantize_float
 from onnxqat.fusion.graph import attrs
-from onnxqat.fusion.values import Codes
+from onnxqat.fusion.values import Codes, Float, Pooled, WeightedLayer
+
+if TYPE_CHECKING:
+    from onnxqat.fusion.lowering import Lowerer
+
+
+class QdqFormat(Format):
+    name = "qdq"
+    float_arithmetic = True
+    input_type = "float"
+
+    def weighted(self, low: Lowerer, layer: WeightedLayer) -> Float:
+        y = qdq_layer(low.b, layer.node, layer.x, layer.wk, layer.scale, layer.bias, layer.out)
+        return Float(y, unit=(layer.scale, layer.ch_axis))
+
+    def requantize(self, low: Lowerer, v, s_out: float, r: int, name: str, zp: int = 0) -> Float:
+        if isinstance(v, Pooled):
+            raise AssertionError("QDQ pools in float")
+        return dequantized(low, quantize_float(low, v, s_out, r, name, zp))
 
 
 def qdq_layer(b: GraphBuilder, node: onnx.NodeProto, x: Codes, wk: np.ndarray, scale: np.ndarray, bias: np.ndarray,

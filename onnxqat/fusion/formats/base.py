@@ -1,0 +1,69 @@
+"""What an output format decides: how a weighted layer on codes is written, and how a value becomes the codes of the
+next activation quantizer. The op lowerings (fusion/ops/) call these through `low.fmt`; everything else they write
+is the same in every format."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from onnx import TensorProto
+
+from onnxqat.fusion.convert import acc_of_pooled, dequantize, to_float
+from onnxqat.fusion.values import Acc, Codes, Float, Pooled, WeightedLayer
+
+if TYPE_CHECKING:
+    from onnxqat.fusion.lowering import Lowerer
+
+
+def code_bounds(clip: tuple, s_out: float, r: int, zp: int) -> tuple[int, int]:
+    """[lo, hi] of the codes: [0, r], narrowed by a Relu/Clip folded into the quantizer."""
+    lo_u = 0 if not np.isfinite(clip[0]) else int(min(r, max(0, np.round(clip[0] / s_out) + zp)))
+    hi_u = r if not np.isfinite(clip[1]) else int(max(lo_u, min(r, np.round(clip[1] / s_out) + zp)))
+    return lo_u, hi_u
+
+
+class Format:
+    """Base of the output formats. Subclasses set `name` and implement `weighted` and `requantize_value`."""
+
+    name = ""
+    float_arithmetic = False  # True: sums, pooling and movement run on dequantized floats (QDQ)
+    input_type: str | None = None  # forces the graph input type ("float" for QDQ), else the user's choice
+
+    def __init__(self, rescale: str = "fixed-point"):
+        self.rescale = rescale  # integer requantization: "fixed-point" (multiplier + shift) or "float"
+
+    def weighted(self, low: Lowerer, layer: WeightedLayer):
+        raise NotImplementedError
+
+    def requantize_value(self, low: Lowerer, v, s_out: float, r: int, name: str, zp: int):
+        """An Acc or Codes -> codes of the quantizer (step s_out, range r, zero point zp)."""
+        raise NotImplementedError
+
+    def requantize(self, low: Lowerer, v, s_out: float, r: int, name: str, zp: int = 0):
+        """u = clip(round(v / s_out) + zp, 0, r) (and within a folded Relu/Clip of v)."""
+        if isinstance(v, Pooled):
+            v = acc_of_pooled(low.b, v, f"{name}_pool")
+        if isinstance(v, Float):
+            return quantize_float(low, v, s_out, r, name, zp)
+        return self.requantize_value(low, v, s_out, r, name, zp)
+
+
+def quantize_float(low: Lowerer, v, s_out: float, r: int, name: str, zp: int = 0) -> Codes:
+    """A float value -> uint8 codes with zero point zp: Clip to the code range, then QuantizeLinear (which rounds half
+    to even, as the quantizers do). uint8 with a zero point is onnxruntime's QDQ default; its QDQ propagation
+    mishandles int8 codes."""
+    b = low.b
+    lo_u, hi_u = code_bounds(v.clip if isinstance(v, Acc) else (-np.inf, np.inf), s_out, r, zp)
+    xf = to_float(low, v)
+    lo = b.const(f"{name}_lo", np.array((lo_u - zp) * s_out, np.float32))
+    hi = b.const(f"{name}_hi", np.array((hi_u - zp) * s_out, np.float32))
+    y = b.op("Clip", [xf, lo, hi], f"{name}_clip")
+    s = b.const(f"{name}_scale", np.array(s_out, np.float32))
+    zq = b.const(f"{name}_zp", np.array(zp, np.uint8))
+    return Codes(b.op("QuantizeLinear", [y, s, zq], f"{name}_codes"), s_out, r, TensorProto.UINT8, zp)
+
+
+def dequantized(low: Lowerer, c: Codes) -> Float:
+    """Codes as the float tensor a QDQ graph passes on (DequantizeLinear), remembering the grid."""
+    return Float(dequantize(low.b, c), grid=c)
