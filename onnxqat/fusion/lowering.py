@@ -24,7 +24,7 @@ from onnxqat.fusion.formats import FORMATS
 from onnxqat.fusion.graph import NoIntegerForm, QatGraph, image_input, node_label
 from onnxqat.fusion.ops import LOWERINGS
 from onnxqat.fusion.outputs import assemble_model, lower_output
-from onnxqat.fusion.values import Codes, Float, Lowered, Plain
+from onnxqat.fusion.values import Codes, Float, Lowered, Pending, Plain
 from onnxqat.ops.schema import DOMAIN
 
 # a classifier's tail after the last quantized layer: float like the logits it reads, not a float island
@@ -77,6 +77,7 @@ class Lowerer:
         self.tail: list[str] = []  # float ops after the last quantized value (Softmax of the logits)
         self.lowered_nodes = 0
         self.act_codes: dict[str, tuple] = {}
+        self._journal: list[tuple[str, object]] = []
 
     def run(self) -> Lowered:
         g = self.g
@@ -106,13 +107,18 @@ class Lowerer:
     def index(self, node) -> int:
         return self._index[id(node)]
 
-    def get(self, name: str, node) -> object:
-        """The value of QAT tensor `name`, read by `node` (named in the error when it has none)."""
+    def get(self, name: str, node, raw: bool = False) -> object:
+        """The value of QAT tensor `name`, read by `node` (named in the error when it has none). A Pending layer is
+        written (materialized) for readers that don't take it raw, once: later readers share it."""
         if name not in self.val:
             prod = self.g.producer.get(name)
             src = f" (from {node_label(prod)})" if prod is not None else ""
             raise FuseError(f"{node_label(node)}: input '{name}'{src} has no value in the fused graph")
-        return self.val[name]
+        v = self.val[name]
+        if isinstance(v, Pending) and not raw:
+            self._journal.append((name, v))  # undone with the nodes if this node ends in a float island
+            v = self.val[name] = self.fmt.materialize(self, v)
+        return v
 
     # ------------------------------------------------------------------ walk
     def _inputs(self) -> list[onnx.ValueInfoProto]:
@@ -158,6 +164,7 @@ class Lowerer:
                 raise FuseError(f"{node_label(node)}: unknown quantizer op")
             return self._island(node, "no integer lowering", f"{node_label(node)} has no integer lowering")
         mark, done = self.b.mark(), set(self.done)
+        self._journal = []
         try:
             handler(self, node)
         except NoIntegerForm as exc:
@@ -165,6 +172,8 @@ class Lowerer:
                 raise FuseError(str(exc)) from None
             self.b.rollback(mark)
             self.done = done
+            for name, old in reversed(self._journal):
+                self.val[name] = old
             self._island(node, exc.cause, str(exc))
 
     def _island(self, node: onnx.NodeProto, cause: str, reason: str) -> None:

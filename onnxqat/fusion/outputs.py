@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 from onnxqat.errors import FuseError
 from onnxqat.fusion.builder import GraphBuilder
 from onnxqat.fusion.convert import acc_of_pooled, acc_output
-from onnxqat.fusion.values import Codes, Float, OutputInfo, Plain, Pooled
+from onnxqat.fusion.values import Codes, Float, OutputInfo, Pending, Plain, Pooled
 
 if TYPE_CHECKING:
     from onnxqat.fusion.lowering import Lowerer
@@ -30,6 +30,8 @@ def lower_output(low: Lowerer, name: str) -> OutputInfo:
     v = low.val.get(name)
     if v is None:
         raise FuseError(f"graph output '{name}' has no integer form")
+    if isinstance(v, Pending):
+        v = low.fmt.materialize(low, v)
     if isinstance(v, Pooled):
         v = acc_of_pooled(b, v, f"{name}_pool")
     if isinstance(v, Plain):
@@ -51,6 +53,11 @@ def lower_output(low: Lowerer, name: str) -> OutputInfo:
             return OutputInfo(name, np.array([v.scale]), 1, TensorProto.FLOAT)
         rename(b, v.name, name)
         return OutputInfo(name, np.array([v.scale]), 1, v.dtype)
+    y = low.fmt.output_acc(low, v, name) if low.dequantize_output else None
+    if y is not None:
+        rename(b, y, name)
+        unit = np.abs(np.broadcast_to(v.terms[0][1], (max(t[1].size for t in v.terms),)))
+        return OutputInfo(name, unit, v.axis, TensorProto.FLOAT)
     return acc_output(b, v, name, name, low.dequantize_output)
 
 
@@ -77,8 +84,10 @@ def assemble_model(src: onnx.ModelProto, graph_inputs: list[onnx.ValueInfoProto]
         graph_outputs.append(helper.make_tensor_value_info(o.name, o.dtype, d or None))
     graph = helper.make_graph(b.nodes, f"{src.graph.name or 'model'}_{format}", graph_inputs, graph_outputs,
                               b.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="onnxqat", ir_version=IR_VERSION)
+    opsets = [helper.make_opsetid("", OPSET)]
+    if any(n.domain == "com.microsoft" for n in b.nodes):  # onnxruntime's contrib ops (the ort format)
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="onnxqat", ir_version=IR_VERSION)
     for p in src.metadata_props:
         if p.key.startswith("onnxqat."):
             model.metadata_props.add(key=p.key, value=p.value)

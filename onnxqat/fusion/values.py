@@ -46,6 +46,7 @@ class Acc:
     cshape: tuple  # broadcast shape of a per-channel vector against the tensor
     axis: int  # channel axis
     clip: tuple = (-np.inf, np.inf)  # a Relu / Clip(lo, hi) on the real value, folded into the next quantizer
+    sources: tuple = ()  # the Codes summed, when the Acc is exactly a sum of codes (a format may add them natively)
 
 
 @dataclass
@@ -70,6 +71,15 @@ class Pooled:
 class Plain:
     """A non-float tensor of the QAT graph (Shape, Gather of a shape, Concat of int64 dims ...), copied verbatim."""
     name: str
+
+
+@dataclass
+class Pending:
+    """A weighted layer a format has not written yet, because how depends on what reads it (the ort format: a
+    QLinearConv when an activation quantizer follows, an accumulator otherwise). Lowerer.get() hands readers that
+    don't ask for it raw the format's materialization (an Acc)."""
+    layer: "WeightedLayer"
+    clip: tuple = (-np.inf, np.inf)
 
 
 @dataclass

@@ -36,6 +36,15 @@ class Format:
     def weighted(self, low: Lowerer, layer: WeightedLayer):
         raise NotImplementedError
 
+    def materialize(self, low: Lowerer, v):
+        """A Pending value as an Acc (formats that never defer a layer return v as it is)."""
+        return v
+
+    def output_acc(self, low: Lowerer, v: Acc, name: str) -> str | None:
+        """A float tensor of an accumulator's real value for a graph output, or None for the default (int32 codes
+        and a last DequantizeLinear, convert.acc_output)."""
+        return None
+
     def requantize_value(self, low: Lowerer, v, s_out: float, r: int, name: str, zp: int):
         """An Acc or Codes -> codes of the quantizer (step s_out, range r, zero point zp)."""
         raise NotImplementedError

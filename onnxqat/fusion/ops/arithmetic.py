@@ -88,7 +88,8 @@ def residual_add(low: Lowerer, node: onnx.NodeProto) -> None:
             if len(v.cshape) > len(cshape) or np.prod(v.cshape) > np.prod(cshape):
                 cshape, axis = v.cshape, v.axis
             bias = bias + v.bias
-    low.val[node.output[0]] = Acc(terms, np.asarray(bias, np.float64), cshape, axis)
+    sources = tuple(vals) if all(isinstance(v, Codes) for v in vals) else ()
+    low.val[node.output[0]] = Acc(terms, np.asarray(bias, np.float64), cshape, axis, sources=sources)
 
 
 HANDLERS = {op: lower_arithmetic for op in ("Add", "Sub", "Mul", "Div")}

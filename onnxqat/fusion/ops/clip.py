@@ -12,7 +12,7 @@ import onnx
 
 from onnxqat.fusion.convert import acc_of_pooled
 from onnxqat.fusion.graph import NoIntegerForm, attrs, node_label
-from onnxqat.fusion.values import Acc, Codes, Float, Pooled
+from onnxqat.fusion.values import Acc, Codes, Float, Pending, Pooled
 
 if TYPE_CHECKING:
     from onnxqat.fusion.lowering import Lowerer
@@ -32,7 +32,11 @@ def clip_range(low: Lowerer, node: onnx.NodeProto) -> tuple[float, float]:
 
 def lower_clip(low: Lowerer, node: onnx.NodeProto) -> None:
     g, b = low.g, low.b
-    v = low.get(node.input[0], node)
+    v = low.get(node.input[0], node, raw=True)
+    if isinstance(v, Pending):  # folded into the quantizer that follows, like on an accumulator
+        lo, hi = clip_range(low, node)
+        low.val[node.output[0]] = Pending(v.layer, (max(v.clip[0], lo), min(v.clip[1], hi)))
+        return
     if isinstance(v, Pooled):
         v = acc_of_pooled(b, v, node.output[0])
     if isinstance(v, Float):
