@@ -23,8 +23,9 @@ import onnx
 from onnxqat.errors import FuseError
 from onnxqat.files import atomic_write_text
 from onnxqat.fusion.lowering import Island, Lowerer
+from onnxqat.fusion.snap_bias import SnapReport, snap_biases
 from onnxqat.fusion.values import OutputInfo
-from onnxqat.fusion.verify import Agreement, load_verify_data, session_check, verify
+from onnxqat.fusion.verify import Agreement, fake_quant_agreement, load_verify_data, session_check, verify
 from onnxqat.graph import load_model, save_model
 
 MIN_AGREEMENT = 0.90  # self-check floor (output codes and top-1) below which fuse fails; see README "Self-check"
@@ -45,6 +46,9 @@ class FuseResult:
     lowered_nodes: int = 0
     tail: list[str] = field(default_factory=list)
     report_path: str | None = None
+    snap: SnapReport | None = None  # biases moved to the accumulator grid (the fused model's reference)
+    snap_agreement: Agreement | None = None  # the trained vs the bias-snapped fake-quantized model
+    reference: onnx.ModelProto | None = None  # the QAT model the fused one computes (snapped when snap is set)
 
     @property
     def kept_float(self) -> list[str]:
@@ -75,6 +79,13 @@ class FuseResult:
             shown = names if verbose else names[:NAMES_SHOWN]
             more = f", ... (+{len(names) - len(shown)})" if len(shown) < len(names) else ""
             lines.append(f"  float: {op} x{len(names)} ({cause}): {', '.join(shown)}{more}")
+        if self.snap is not None and self.snap.layers:
+            line = self.snap.summary()
+            if self.snap_agreement is not None:
+                sa = self.snap_agreement
+                line += (f"; fake-quant before/after: top-1 identical on {100 * sa.top1_agreement:.2f}%, output codes "
+                         f"on {100 * sa.code_agreement:.3f}%")
+            lines.append(line)
         if self.report_path:
             lines.append(f"report: {self.report_path}")
         if self.agreement is not None:
@@ -90,6 +101,10 @@ class FuseResult:
             "qat_nodes": self.lowered_nodes, "integer_nodes": self.integer_nodes, "float_tail": self.tail,
             "float_islands": [{"node": i.node, "op_type": i.op_type, "cause": i.cause, "reason": i.reason}
                               for i in self.islands],
+            "bias_snap": None if self.snap is None else {
+                "layers": self.snap.layers, "max_shift_steps": self.snap.max_shift, "skipped": self.snap.skipped,
+                "top1_agreement_with_trained": None if self.snap_agreement is None else self.snap_agreement.top1_agreement,
+                "code_agreement_with_trained": None if self.snap_agreement is None else self.snap_agreement.code_agreement},
             "verify": None if a is None else {
                 "samples": a.samples, "max_code_diff": a.max_code_diff, "code_agreement": a.code_agreement,
                 "top1_agreement": a.top1_agreement, "fused_engine": a.fused_engine,
@@ -100,7 +115,8 @@ class FuseResult:
 def fuse(model, output=None, format: str = "int", rescale: str = "fixed-point", verify_data=None, strict: bool = False,
          *, input_scale: float = 1 / 255, input_type: str = "uint8", keep_float=(), dequantize_output: bool = True,
          verify_samples: int = 64, seed: int = 0, check: bool = True, verify_engine: str = "onnxruntime",
-         integer_only: bool = False, min_agreement: float = MIN_AGREEMENT, report: bool = True) -> FuseResult:
+         integer_only: bool = False, min_agreement: float = MIN_AGREEMENT, report: bool = True,
+         snap_bias: bool | None = None) -> FuseResult:
     """Fuse BatchNorm and quantizers of a QAT model into an integer (format="int") or QDQ (format="qdq") model.
 
     model: path or ModelProto of the QAT graph (quantizer nodes as docs/CONVENTIONS.md names them).
@@ -115,25 +131,41 @@ def fuse(model, output=None, format: str = "int", rescale: str = "fixed-point", 
     check: run the self-check (fake-quantized vs fused model); strict implies it.
     verify_engine: runs the fake-quantized model: "onnxruntime" (with the compiled op library) or "reference"
       (onnx.reference + the numpy quantizer references, the spec; slow on large models).
+    snap_bias: move each layer's folded bias to a whole number of accumulator steps in the QAT model first
+      (snap_bias.py), the model the fused one then computes and is verified against; default on for the formats whose
+      kernels add an int32 bias (ort, qdq), off for int (exact with any bias). The summary reports the move.
     """
     if verify_engine not in ("reference", "onnxruntime"):
         raise FuseError(f"unknown verify engine '{verify_engine}' (reference or onnxruntime)")
     if not 0 <= min_agreement <= 1:
         raise FuseError(f"min_agreement must be in [0, 1], got {min_agreement}")
     qat = load_model(model)
-    low = Lowerer(qat, format=format, rescale=rescale, input_scale=input_scale, input_type=input_type,
-                  keep_float=keep_float, dequantize_output=dequantize_output, integer_only=integer_only).run()
+
+    def lower(m: onnx.ModelProto):
+        return Lowerer(m, format=format, rescale=rescale, input_scale=input_scale, input_type=input_type,
+                       keep_float=keep_float, dequantize_output=dequantize_output, integer_only=integer_only).run()
+
+    low = lower(qat)
+    reference, snap = qat, None
+    if snap_bias if snap_bias is not None else format in ("ort", "qdq"):
+        reference, snap = snap_biases(qat, low.layers)
+        if snap.layers:
+            low = lower(reference)
     try:
         onnx.checker.check_model(low.model, full_check=True)
     except Exception as exc:
         raise FuseError(f"fused graph failed the ONNX checker: {str(exc).splitlines()[0]}") from exc
     session_check(low.model)
-    agreement = None
+    agreement = snap_agreement = None
     if check or strict:
         data = verify_data
         if isinstance(data, (str, os.PathLike)):
             data = load_verify_data(os.fspath(data), verify_samples)
-        agreement = verify(qat, low.model, low.outputs, input_scale=input_scale,
+        if snap is not None and snap.layers:
+            snap_agreement = fake_quant_agreement(qat, reference, low.outputs, input_scale=input_scale,
+                                                  data=None if data is None else data, samples=verify_samples,
+                                                  seed=seed, engine=verify_engine)
+        agreement = verify(reference, low.model, low.outputs, input_scale=input_scale,
                            data=None if data is None else np.asarray(data), samples=verify_samples, seed=seed,
                            activation_codes=low.activation_codes, engine=verify_engine)
         if strict and not agreement.identical:
@@ -151,7 +183,7 @@ def fuse(model, output=None, format: str = "int", rescale: str = "fixed-point", 
         save_model(low.model, path)
         report_path = path + ".json" if report else None
     res = FuseResult(low.model, path, low.model.ByteSize(), format, low.weight_params, low.weight_bits, low.outputs,
-                     agreement, low.islands, low.lowered_nodes, low.tail, report_path)
+                     agreement, low.islands, low.lowered_nodes, low.tail, report_path, snap, snap_agreement, reference)
     if report_path:
         atomic_write_text(report_path, json.dumps(res.report(), indent=1, default=_jsonable))
     return res

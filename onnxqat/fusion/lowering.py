@@ -76,6 +76,7 @@ class Lowerer:
         self.islands: list[Island] = []
         self.tail: list[str] = []  # float ops after the last quantized value (Softmax of the logits)
         self.lowered_nodes = 0
+        self.layers: list = []  # the WeightedLayers written (snap_bias.py reads their grids)
         self.act_codes: dict[str, tuple] = {}
         self._journal: list[tuple[str, object]] = []
 
@@ -94,8 +95,9 @@ class Lowerer:
                             f"({', '.join(f'{k} x{v}' for k, v in groups.most_common())}): {first}")
         outputs = [lower_output(self, name) for name in g.output_names]
         model = assemble_model(g.model, graph_inputs, outputs, self.b, self.format)
+        steps = {id(layer): self.fmt.bias_step(self, layer) for layer in self.layers}
         return Lowered(model, outputs, self.weight_params, self.weight_bits, self.islands, self.act_codes,
-                       self.lowered_nodes, self.tail)
+                       self.lowered_nodes, self.tail, [(layer, steps[id(layer)]) for layer in self.layers])
 
     # ------------------------------------------------------ state shared by the lowering modules
     def record(self, out: str, v):

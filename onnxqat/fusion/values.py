@@ -99,6 +99,7 @@ class WeightedLayer:
     ch_axis: int
     out: str  # the QAT tensor it stands for (after the folded Add/BatchNormalization)
     pooled: Pooled | None = None
+    folded: tuple = ()  # the bias Add / BatchNormalization nodes folded into it
 
     @property
     def base(self) -> str:
@@ -123,6 +124,7 @@ class Lowered:
     activation_codes: dict = field(default_factory=dict)  # quantizer output -> (fused codes tensor, scale, zp)
     lowered_nodes: int = 0  # QAT nodes the walk handled (not counting Constants and weight quantizers)
     tail: list = field(default_factory=list)  # float ops after the logits (a classifier's Softmax)
+    layers: list = field(default_factory=list)  # (WeightedLayer, bias step of the format's kernel or None) written
 
 
 def as_vector(v) -> np.ndarray:

@@ -271,6 +271,19 @@ def verify(qat: onnx.ModelProto, fused: onnx.ModelProto, outputs: list[OutputInf
     return agreement
 
 
+def fake_quant_agreement(a: onnx.ModelProto, b: onnx.ModelProto, outputs: list[OutputInfo], *, input_scale: float,
+                         data=None, samples: int = 64, seed: int = 0, engine: str = "onnxruntime") -> Agreement:
+    """Two fake-quantized models on the same batch (the trained one and its bias-snapped copy), compared like the
+    self-check compares the fused model: in output code units."""
+    feeds, _ = build_feeds(a, a, data, input_scale, samples, seed)
+    n = len(next(iter(feeds.values())))
+    batch = {d[0] for d in (_dims(vi) for vi in QatGraph(a).inputs) if d and d[0]}
+    step = batch.pop() if len(batch) == 1 else n
+    out_a = _run_chunked(fake_quant_runner(a, engine), feeds, step)
+    out_b = _run_chunked(fake_quant_runner(b, engine), feeds, step)
+    return compare(out_a, out_b, outputs, "fake-quant")
+
+
 def accuracy_check(qat, fused, images: np.ndarray, labels: np.ndarray, *, input_scale: float = 1 / 255,
                    batch: int = 500, engine: str = "onnxruntime") -> dict:
     """Top-1 of the fake-quantized model and of the fused model on a labelled set (the trained-LeNet check).

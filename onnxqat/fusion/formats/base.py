@@ -40,6 +40,15 @@ class Format:
         """A Pending value as an Acc (formats that never defer a layer return v as it is)."""
         return v
 
+    def bias_step(self, low: Lowerer, layer: WeightedLayer) -> np.ndarray | None:
+        """The grid (real value per step, per output channel) a kernel of this format rounds the layer's bias to, or
+        None when the bias is added exactly (snap_bias.py moves the QAT model's bias onto it)."""
+        return None
+
+    def codes_op(self, low: Lowerer, op: str, inputs: list[str], name: str, attrs: dict) -> str:
+        """An op that moves or selects codes (MaxPool, Reshape, Transpose ...) on the codes tensor inputs[0]."""
+        return low.b.op(op, inputs, name, **attrs)
+
     def output_acc(self, low: Lowerer, v: Acc, name: str) -> str | None:
         """A float tensor of an accumulator's real value for a graph output, or None for the default (int32 codes
         and a last DequantizeLinear, convert.acc_output)."""
@@ -48,6 +57,11 @@ class Format:
     def requantize_value(self, low: Lowerer, v, s_out: float, r: int, name: str, zp: int):
         """An Acc or Codes -> codes of the quantizer (step s_out, range r, zero point zp)."""
         raise NotImplementedError
+
+    def quantize_node(self, low: Lowerer, node, v, s_out: float, r: int, zp: int) -> None:
+        """An activation quantizer node: its output's value is the codes of v (and the self-check compares them)."""
+        out = node.output[0]
+        low.val[out] = low.record(out, self.requantize(low, v, s_out, r, out, zp))
 
     def requantize(self, low: Lowerer, v, s_out: float, r: int, name: str, zp: int = 0):
         """u = clip(round(v / s_out) + zp, 0, r) (and within a folded Relu/Clip of v)."""

@@ -49,8 +49,11 @@ def lower_movement(low: Lowerer, node: onnx.NodeProto) -> None:
         op, extra, a = "Identity", [], {}
     else:
         op, extra, a = node.op_type, side_inputs(low, node), attrs(node)
-    out = low.b.op(op, [v.name] + extra, node.output[0], **a)
-    low.val[node.output[0]] = Codes(out, v.scale, v.r, v.dtype, v.zp) if isinstance(v, Codes) else Float(out, v.grid)
+    if isinstance(v, Codes):
+        out = low.fmt.codes_op(low, op, [v.name] + extra, node.output[0], a)
+        low.val[node.output[0]] = Codes(out, v.scale, v.r, v.dtype, v.zp)
+    else:
+        low.val[node.output[0]] = Float(low.b.op(op, [v.name] + extra, node.output[0], **a), v.grid)
 
 
 HANDLERS = {op: lower_movement for op in GRID_KEEPING_OPS}

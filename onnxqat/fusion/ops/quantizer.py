@@ -35,7 +35,7 @@ def lower_activation_quantizer(low: Lowerer, node: onnx.NodeProto) -> None:
         s = float(step.reshape(-1)[0])
         if not s > 0:
             raise FuseError(f"{node_label(node)}: step must be > 0, is {s:g}")
-    low.val[out] = low.record(out, low.fmt.requantize(low, low.get(node.input[0], node, raw=True), s, r, out, zp))
+    low.fmt.quantize_node(low, node, low.get(node.input[0], node, raw=True), s, r, zp)
 
 
 HANDLERS = {"SatActQuant": lower_activation_quantizer, "LsqQuant": lower_activation_quantizer}

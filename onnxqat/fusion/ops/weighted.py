@@ -84,8 +84,10 @@ def lower_weighted(low: Lowerer, node: onnx.NodeProto) -> None:
         out = nxt.output[0]
     wk = codes.w_int.T if trans_b else codes.w_int
     u = codes.u.T if trans_b else codes.u
-    layer = WeightedLayer(node, x, codes, wk, u, w.shape, n_out, scale, bias, cshape, ch_axis, out, pooled)
+    layer = WeightedLayer(node, x, codes, wk, u, w.shape, n_out, scale, bias, cshape, ch_axis, out, pooled,
+                          tuple(folded))
     value = low.fmt.weighted(low, layer)
+    low.layers.append(layer)
     low.weight_params += int(w.size)
     low.weight_bits[q.name or wname] = codes.bits
     for n in folded:
