@@ -155,7 +155,7 @@ def fuse(model, output=None, format: str = "int", rescale: str = "fixed-point", 
         onnx.checker.check_model(low.model, full_check=True)
     except Exception as exc:
         raise FuseError(f"fused graph failed the ONNX checker: {str(exc).splitlines()[0]}") from exc
-    session_check(low.model)
+    session_check(low.model, reference)
     agreement = snap_agreement = None
     if check or strict:
         data = verify_data

@@ -67,19 +67,15 @@ def snap_biases(model: onnx.ModelProto, layers: list[tuple[WeightedLayer, np.nda
             continue
         qat_node, index, factor = target
         node = by_name[qat_node.name or qat_node.output[0]]  # the same node in the copy
-        while len(node.input) <= index:
-            node.input.append("")
         name = node.input[index]
-        if name and name not in inits and name not in constants:
+        if name not in inits and name not in constants:
             report.skipped.append(layer.base)  # a computed bias: nothing to move
             continue
-        if not name or name not in inits or users.get(name, 0) > 1:  # none yet, a Constant node's, or shared
+        if name not in inits or users.get(name, 0) > 1:  # a Constant node's, or shared: this node's own copy
             new = f"{layer.base}.snapped_bias"
-            value = numpy_helper.to_array(inits[name]) if name in inits else constants.get(
-                name, np.zeros(layer.n_out, np.float32))
-            t = numpy_helper.from_array(np.asarray(value, np.float32).copy(), new)
-            m.graph.initializer.append(t)
-            inits[new] = t
+            value = numpy_helper.to_array(inits[name]) if name in inits else constants[name]
+            m.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32).copy(), new))
+            inits[new] = m.graph.initializer[-1]  # append copied the message: edit the graph's own
             node.input[index] = name = new
         old = numpy_helper.to_array(inits[name]).astype(np.float64)
         new_value = (np.broadcast_to(old, (layer.n_out,)) + shift * factor).astype(np.float32)
@@ -106,7 +102,7 @@ def _quantized(tensor: str, consumers: dict) -> bool:
 
 def _bias_target(layer: WeightedLayer) -> tuple[onnx.NodeProto, int, float] | None:
     """(node, input index, factor): the folded BatchNormalization's B, the bias Add's constant of a MatMul, or the
-    layer's own bias input (Gemm: shift / beta), created where a Conv/Gemm has none. None for a bare MatMul."""
+    layer's own bias input (Gemm: shift / beta). A layer with none of them has bias 0, on every grid."""
     for f in reversed(layer.folded):
         if f.op_type == "BatchNormalization":
             return f, 2, 1.0
@@ -117,4 +113,4 @@ def _bias_target(layer: WeightedLayer) -> tuple[onnx.NodeProto, int, float] | No
     if node.op_type == "MatMul":
         return None
     beta = next((a.f for a in node.attribute if a.name == "beta"), 1.0)
-    return (node, 2, 1.0 / beta) if beta != 0 else None
+    return (node, 2, 1.0 / beta) if beta != 0 and len(node.input) > 2 and node.input[2] else None

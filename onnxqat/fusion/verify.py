@@ -9,6 +9,7 @@ input names); inputs without data get random values.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -81,18 +82,36 @@ def _ort_session(model: onnx.ModelProto, threads: int = 1):
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def session_check(model: onnx.ModelProto) -> None:
-    """The fused model must load in onnxruntime (this environment's; the stock one is checked by the tests): the ONNX
-    checker passes graphs onnxruntime refuses (a QuantizeLinear with an int32 zero point). FuseError names the node."""
+def session_check(model: onnx.ModelProto, qat: onnx.ModelProto) -> None:
+    """The fused model must load in onnxruntime (this environment's; the stock one is checked by the tests) and run
+    one sample: the ONNX checker passes graphs onnxruntime refuses (a QuantizeLinear with an int32 zero point), and some
+    kernels check their inputs only when they run. FuseError names the node."""
     import onnxruntime as ort
 
     try:
-        _ort_session(model)
+        sess = _ort_session(model)
     except Exception as exc:
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        msg = _first_line(exc)
         if "NOT_IMPLEMENTED" in msg or "not implemented" in msg.lower():
             return  # a kernel this (older) onnxruntime lacks; the self-check runs it on onnx.reference
         raise FuseError(f"the fused model does not load in onnxruntime {ort.__version__}: {msg}") from None
+    try:
+        _, feeds = build_feeds(qat, model, None, 1 / 255, 1, 0)
+    except (FuseError, DataError):
+        return  # symbolic input dimensions: only the self-check with the user's data can run it
+    try:
+        sess.run(None, feeds)
+    except Exception as exc:
+        raise FuseError(f"the fused model fails in onnxruntime {ort.__version__}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    """onnxruntime's message without its C++ source location ("Non-zero status code ... Status Message: ...")."""
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    node = msg.split("Name:'")[1].split("'")[0] if "Name:'" in msg else None
+    tail = msg.split("Status Message:")[-1].strip()
+    tail = re.sub(r"^\S*\.(cc|cpp|h):\d+\s+", "", tail)  # the C++ source location
+    return f"node '{node}': {tail}" if node else tail
 
 
 def fused_runner(model: onnx.ModelProto, threads: int = 1) -> tuple[Callable[[dict], list[np.ndarray]], str]:

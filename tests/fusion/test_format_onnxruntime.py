@@ -10,7 +10,7 @@ from onnx import TensorProto, numpy_helper
 import qat_models as qm
 from onnxqat.fusion import stock
 from onnxqat.fusion.api import fuse
-from onnxqat.fusion.formats.onnxruntime import PAIR_SATURATION
+from onnxqat.fusion.formats.int8_weights import PAIR_SATURATION
 
 MODELS = {
     "conv_bn_sat4": lambda: qm.conv_bn_sat(15, 15),
@@ -81,9 +81,9 @@ def test_agrees_with_fake_quant(name):
 
 
 def test_layers_read_by_quantizers_are_qlinear():
-    """conv_bn_sat: conv1 has one input channel (a float Conv on the codes: QLinearConv is slower there), conv2 is a
-    QLinearConv with the quantizer's scale and zero point, fc (no quantizer after it) a float Gemm on codes; 4-bit
-    ranges clip the uint8 codes; MaxPool runs on float copies of the codes."""
+    """conv_bn_sat: conv1 has one input channel (a float Conv on the codes: QLinearConv is slower there), pooled in
+    float before its quantizer (which only feeds the MaxPool), conv2 is a QLinearConv with the quantizer's scale and
+    zero point, fc (no quantizer after it) a float Gemm on codes; 4-bit ranges clip the uint8 codes."""
     qat = qm.conv_bn_sat(15, 15)
     m = fuse(qat, format="ort", check=False).model
     ops = node_ops(m)
@@ -94,9 +94,10 @@ def test_layers_read_by_quantizers_are_qlinear():
     assert float(inits[qconv.input[6]]) == pytest.approx(alpha / 15, rel=1e-6) and int(inits[qconv.input[7]]) == 0
     clip = next(n for n in m.graph.node if n.op_type == "Clip" and n.input[0] == qconv.output[0])
     assert (int(inits[clip.input[1]]), int(inits[clip.input[2]])) == (0, 15)
-    pools = [n for n in m.graph.node if n.op_type == "MaxPool"]
     producers = {o: n for n in m.graph.node for o in n.output}
-    assert pools and all(producers[p.input[0]].op_type == "Cast" for p in pools)
+    consumers = {i: n for n in m.graph.node for i in n.input}
+    pool = next(n for n in m.graph.node if n.op_type == "MaxPool")
+    assert producers[pool.input[0]].op_type == "Conv" and consumers[pool.output[0]].op_type == "QuantizeLinear"
 
 
 def _weight_cast(model, conv):

@@ -165,7 +165,7 @@ class OrtFormat(IntegerFormat):
         ins = [x.name, b.const(f"{base}_x_scale", np.array(x.scale, np.float32)),
                b.const(f"{base}_x_zp", np.array(x.zp, np.uint8)), w,
                b.const(f"{base}_w_scale", (unit / x.scale).astype(np.float32)),
-               b.const(f"{base}_w_zp", np.zeros(n, np.int8) if signed else np.array(128, np.uint8))]
+               b.const(f"{base}_w_zp", np.zeros(n, np.int8) if signed else np.full(n, 128, np.uint8))]
         y_scale = b.const(f"{name}_scale", np.array(s_out, np.float32))
         y_zp = b.const(f"{name}_zp", np.array(zp, np.uint8))
         bias = b.const(f"{base}_bias_i32", bias_q.astype(np.int32))
