@@ -16,7 +16,8 @@ def fuse_command(
     output: Annotated[Optional[Path], typer.Option(
         "-o", "--output", help="Fused model path (default: MODEL with .int.onnx / .qdq.onnx).")] = None,
     format: Annotated[str, typer.Option(
-        "--format", help="int (integer-only graph) or qdq (QuantizeLinear/DequantizeLinear around float ops).",
+        "--format", help="int (integer ops only, bit-exact) or qdq (QuantizeLinear/DequantizeLinear around float "
+        "ops, portable).",
     )] = "int",
     rescale: Annotated[str, typer.Option(
         "--rescale", help="fixed-point (multiplier + rounding shift) or float.")] = "fixed-point",
@@ -30,17 +31,29 @@ def fuse_command(
     input_type: Annotated[str, typer.Option(
         "--input-type", help="uint8 (image codes) or float (quantized in the graph).")] = "uint8",
     keep_float: Annotated[Optional[list[str]], typer.Option(
-        "--keep-float", help="Node to keep in float between Dequantize/Quantize (repeatable).")] = None,
+        "--keep-float", help="Node to keep in float between Dequantize/Quantize (repeatable); nodes with no "
+        "integer form are kept in float anyway and listed.")] = None,
+    integer_only: Annotated[bool, typer.Option(
+        "--integer-only", help="Fail instead of keeping any node in float (hardware targets, N2D2's IntegerOnly).",
+    )] = False,
+    min_agreement: Annotated[float, typer.Option(
+        "--min-agreement", help="Fail when the self-check agrees on fewer output codes or top-1 than this fraction "
+        "(0 writes the model anyway).")] = 0.9,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="List every node kept in float (the JSON report beside the output has them too).",
+    )] = False,
     samples: Annotated[int, typer.Option("--samples", help="Self-check batch size.")] = 64,
     no_verify: Annotated[bool, typer.Option(
         "--no-verify", help="Skip the self-check (--strict runs it anyway).")] = False,
     verify_engine: Annotated[str, typer.Option(
-        "--verify-engine", help="Runs the fake-quantized model: reference (onnx.reference, the spec) or onnxruntime "
-        "(op library, faster).")] = "reference",
+        "--verify-engine", help="Runs the fake-quantized model: onnxruntime (with the op library) or reference "
+        "(onnx.reference + the numpy quantizers, the spec; slow).")] = "onnxruntime",
     dequantize_output: Annotated[bool, typer.Option(
         "--dequantize-output/--integer-output", help="Float logits (last DequantizeLinear) or int32 codes.")] = True,
 ) -> None:
-    """Fold BatchNorm and quantizers into an integer-only ONNX model of standard ops (runs on stock onnxruntime)."""
+    """Fold BatchNorm and quantizers into an integer ONNX model of standard ops (runs on stock onnxruntime).
+
+    Nodes with no integer form stay in float between DequantizeLinear and the next quantizer; the summary lists them by op type, and OUTPUT.json beside the output has the full list and the self-check figures."""
     from onnxqat.fusion.api import fuse
 
     if output is None:
@@ -49,5 +62,5 @@ def fuse_command(
         result = fuse(model, output, format=format, rescale=rescale, verify_data=verify_data, strict=strict,
                       input_scale=input_scale, input_type=input_type, keep_float=keep_float or (),
                       verify_samples=samples, check=not no_verify or strict, verify_engine=verify_engine,
-                      dequantize_output=dequantize_output)
-    typer.echo(result.summary())
+                      dequantize_output=dequantize_output, integer_only=integer_only, min_agreement=min_agreement)
+    typer.echo(result.summary(verbose=verbose))

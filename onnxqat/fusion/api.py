@@ -1,30 +1,35 @@
-"""`fuse()`: a trained QAT model -> an integer-only ONNX model of standard ops (or a QDQ model).
+"""`fuse()`: a trained QAT model -> an integer ONNX model of standard ops (or a QDQ model).
 
     result = onnxqat.fuse("runs/sat4/model.onnx", "lenet.int.onnx")
-    print(result.summary())        # size, weight bits, verification figures
+    print(result.summary())        # size, weight bits, integer share, float islands, verification figures
 
-Integer format (default): the network input is uint8 image codes (real value = code * input_scale, 1/255 for images in
-[0, 1]); with input_type="float" the graph takes the float image and quantizes it first with QuantizeLinear. From there
-to the output every tensor is an integer type: ConvInteger/MatMulInteger on uint8 codes (weights as uint8 codes with a
-zero point, stored packed at the quantizer's bit width), int64 fixed-point rescaling with a per-channel rounding right
-shift (BitShift on uint64), MaxPool on uint8 codes, residual Adds as a sum of rescaled branches. The graph outputs are
-float: a last DequantizeLinear of int32 output codes (logits) or of uint8 activation codes (dequantize_output=False keeps
-the integer codes as the output). No custom domain: runs on stock onnxruntime and on onnx.reference.
+Formats (fusion/formats/): "int" (integer ops only, bit-exact: ConvInteger/MatMulInteger, fixed-point requantization;
+for hardware targets and N2D2's IntegerOnly), "qdq" (QuantizeLinear/DequantizeLinear around float ops; portable).
+Nodes without an integer form stay in float between DequantizeLinear and the next quantizer (float islands, listed in
+the summary); integer_only=True makes them an error. Before anything is written the result must pass the ONNX checker
+and load in onnxruntime, and the self-check (fake-quantized vs fused model on the same batch) must agree.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
 from onnxqat.errors import FuseError
-from onnxqat.fusion.lower import Lowerer
+from onnxqat.files import atomic_write_text
+from onnxqat.fusion.lowering import Island, Lowerer
+from onnxqat.fusion.snap_bias import SnapReport, snap_biases
 from onnxqat.fusion.values import OutputInfo
-from onnxqat.fusion.verify import Agreement, load_verify_data, verify
+from onnxqat.fusion.verify import Agreement, fake_quant_agreement, load_verify_data, session_check, verify
 from onnxqat.graph import load_model, save_model
+
+MIN_AGREEMENT = 0.90  # self-check floor (output codes and top-1) below which fuse fails; see README "Self-check"
+NAMES_SHOWN = 3  # node names per group in the summary (all of them with verbose=True and in the JSON report)
 
 
 @dataclass
@@ -37,60 +42,154 @@ class FuseResult:
     weight_bits: dict[str, int]
     outputs: list[OutputInfo]
     agreement: Agreement | None = None
-    kept_float: list[str] = field(default_factory=list)
+    islands: list[Island] = field(default_factory=list)
+    lowered_nodes: int = 0
+    tail: list[str] = field(default_factory=list)
+    report_path: str | None = None
+    snap: SnapReport | None = None  # biases moved to the accumulator grid (the fused model's reference)
+    snap_agreement: Agreement | None = None  # the trained vs the bias-snapped fake-quantized model
+    reference: onnx.ModelProto | None = None  # the QAT model the fused one computes (snapped when snap is set)
 
-    def summary(self) -> str:
+    @property
+    def kept_float(self) -> list[str]:
+        """Names of the QAT nodes kept in float (float islands and a float tail after the logits)."""
+        return [i.node for i in self.islands] + list(self.tail)
+
+    @property
+    def integer_nodes(self) -> int:
+        return self.lowered_nodes - len(self.islands) - len(self.tail)
+
+    def island_groups(self) -> "OrderedDict[tuple[str, str], list[str]]":
+        """(op type, cause) -> node names, most frequent first."""
+        groups: dict[tuple[str, str], list[str]] = {}
+        for i in self.islands:
+            groups.setdefault((i.op_type, i.cause), []).append(i.node)
+        return OrderedDict(sorted(groups.items(), key=lambda kv: -len(kv[1])))
+
+    def summary(self, verbose: bool = False) -> str:
         bits = sorted(set(self.weight_bits.values()))
         lines = [f"fused ({self.format}): {len(self.model.graph.node)} nodes, {self.weight_params} weights at "
-                 f"{'/'.join(map(str, bits))} bits, {self.size} bytes ({self.size / 1e6:.3f} MB)"
+                 f"{'/'.join(map(str, bits)) or '-'} bits, {self.size} bytes ({self.size / 1e6:.3f} MB)"
                  + (f" -> {self.path}" if self.path else "")]
-        if self.kept_float:
-            lines.append(f"kept in float: {', '.join(self.kept_float)}")
+        share = self.integer_nodes / max(self.lowered_nodes - len(self.tail), 1)
+        lines.append(f"integer: {self.integer_nodes} of {self.lowered_nodes - len(self.tail)} QAT nodes "
+                     f"({100 * share:.1f} %); float islands: {len(self.islands)} node(s)"
+                     + (f"; float after the outputs: {', '.join(self.tail)}" if self.tail else ""))
+        for (op, cause), names in self.island_groups().items():
+            shown = names if verbose else names[:NAMES_SHOWN]
+            more = f", ... (+{len(names) - len(shown)})" if len(shown) < len(names) else ""
+            lines.append(f"  float: {op} x{len(names)} ({cause}): {', '.join(shown)}{more}")
+        if self.snap is not None and self.snap.layers:
+            line = self.snap.summary()
+            if self.snap_agreement is not None:
+                sa = self.snap_agreement
+                line += (f"; fake-quant before/after: top-1 identical on {100 * sa.top1_agreement:.2f}%, output codes "
+                         f"on {100 * sa.code_agreement:.3f}%")
+            lines.append(line)
+        if self.report_path:
+            lines.append(f"report: {self.report_path}")
         if self.agreement is not None:
             lines.append(self.agreement.summary())
         return "\n".join(lines)
 
+    def report(self) -> dict:
+        """Everything the summary says, complete, for the JSON report beside the output."""
+        a = self.agreement
+        return {
+            "format": self.format, "path": self.path, "size": self.size, "nodes": len(self.model.graph.node),
+            "weight_params": self.weight_params, "weight_bits": self.weight_bits,
+            "qat_nodes": self.lowered_nodes, "integer_nodes": self.integer_nodes, "float_tail": self.tail,
+            "float_islands": [{"node": i.node, "op_type": i.op_type, "cause": i.cause, "reason": i.reason}
+                              for i in self.islands],
+            "bias_snap": None if self.snap is None else {
+                "layers": self.snap.layers, "max_shift_steps": self.snap.max_shift, "skipped": self.snap.skipped,
+                "top1_agreement_with_trained": None if self.snap_agreement is None else self.snap_agreement.top1_agreement,
+                "code_agreement_with_trained": None if self.snap_agreement is None else self.snap_agreement.code_agreement},
+            "verify": None if a is None else {
+                "samples": a.samples, "max_code_diff": a.max_code_diff, "code_agreement": a.code_agreement,
+                "top1_agreement": a.top1_agreement, "fused_engine": a.fused_engine,
+                "fake_quant_engine": a.fake_quant_engine, "activations": a.activations},
+        }
+
 
 def fuse(model, output=None, format: str = "int", rescale: str = "fixed-point", verify_data=None, strict: bool = False,
          *, input_scale: float = 1 / 255, input_type: str = "uint8", keep_float=(), dequantize_output: bool = True,
-         verify_samples: int = 64, seed: int = 0, check: bool = True, verify_engine: str = "reference") -> FuseResult:
-    """Fuse BatchNorm and quantizers of a QAT model into an integer-only (format="int") or QDQ (format="qdq") model.
+         verify_samples: int = 64, seed: int = 0, check: bool = True, verify_engine: str = "onnxruntime",
+         integer_only: bool = False, min_agreement: float = MIN_AGREEMENT, report: bool = True,
+         snap_bias: bool | None = None) -> FuseResult:
+    """Fuse BatchNorm and quantizers of a QAT model into an integer (format="int") or QDQ (format="qdq") model.
 
     model: path or ModelProto of the QAT graph (quantizer nodes as docs/CONVENTIONS.md names them).
-    output: where to write the fused model (temp file + rename: nothing is written when fusing or --strict fails).
+    output: where to write the fused model (temp file + rename: nothing is written when fusing or a check fails);
+      with report=True a JSON report (every float island, the self-check figures) goes beside it as <output>.json.
     rescale: "fixed-point" (int multiplier + rounding right shift) or "float" (float multiply, N2D2's default).
     verify_data: NPZ path or array of inputs (uint8 codes or float in the input range); else random codes.
     strict: raise FuseError when any output code or top-1 differs between the fake-quantized and fused models.
-    keep_float: names of nodes without integer lowering to run in float between Dequantize/Quantize.
+    min_agreement: raise FuseError when the self-check's output-code or top-1 agreement is below it (0 disables).
+    keep_float: names of nodes to run in float between Dequantize/Quantize (besides those with no integer form).
+    integer_only: raise FuseError instead of keeping any node in float (hardware targets, N2D2's IntegerOnly).
     check: run the self-check (fake-quantized vs fused model); strict implies it.
-    verify_engine: runs the fake-quantized model: "reference" (onnx.reference + numpy quantizers, the spec; slow on
-      large models) or "onnxruntime" (the compiled op library).
+    verify_engine: runs the fake-quantized model: "onnxruntime" (with the compiled op library) or "reference"
+      (onnx.reference + the numpy quantizer references, the spec; slow on large models).
+    snap_bias: move each layer's folded bias to a whole number of accumulator steps in the QAT model first
+      (snap_bias.py), the model the fused one then computes and is verified against; default on for the formats whose
+      kernels add an int32 bias (ort, qdq), off for int (exact with any bias). The summary reports the move.
     """
     if verify_engine not in ("reference", "onnxruntime"):
         raise FuseError(f"unknown verify engine '{verify_engine}' (reference or onnxruntime)")
+    if not 0 <= min_agreement <= 1:
+        raise FuseError(f"min_agreement must be in [0, 1], got {min_agreement}")
     qat = load_model(model)
-    low = Lowerer(qat, format=format, rescale=rescale, input_scale=input_scale, input_type=input_type,
-                  keep_float=keep_float, dequantize_output=dequantize_output).run()
+
+    def lower(m: onnx.ModelProto):
+        return Lowerer(m, format=format, rescale=rescale, input_scale=input_scale, input_type=input_type,
+                       keep_float=keep_float, dequantize_output=dequantize_output, integer_only=integer_only).run()
+
+    low = lower(qat)
+    reference, snap = qat, None
+    if snap_bias if snap_bias is not None else format in ("ort", "qdq"):
+        reference, snap = snap_biases(qat, low.layers)
+        if snap.layers:
+            low = lower(reference)
     try:
         onnx.checker.check_model(low.model, full_check=True)
     except Exception as exc:
         raise FuseError(f"fused graph failed the ONNX checker: {str(exc).splitlines()[0]}") from exc
-    agreement = None
+    session_check(low.model, reference)
+    agreement = snap_agreement = None
     if check or strict:
         data = verify_data
         if isinstance(data, (str, os.PathLike)):
             data = load_verify_data(os.fspath(data), verify_samples)
-        fused_input = "uint8" if low.model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8 else "float"
-        agreement = verify(qat, low.model, low.outputs, input_scale=input_scale, fused_input=fused_input,
+        if snap is not None and snap.layers:
+            snap_agreement = fake_quant_agreement(qat, reference, low.outputs, input_scale=input_scale,
+                                                  data=None if data is None else data, samples=verify_samples,
+                                                  seed=seed, engine=verify_engine)
+        agreement = verify(reference, low.model, low.outputs, input_scale=input_scale,
                            data=None if data is None else np.asarray(data), samples=verify_samples, seed=seed,
                            activation_codes=low.activation_codes, engine=verify_engine)
         if strict and not agreement.identical:
             raise FuseError(f"--strict: fused and fake-quantized outputs differ (max code difference "
                             f"{agreement.max_code_diff:g}, top-1 agreement {100 * agreement.top1_agreement:.2f}%)")
-    path = None
+        worst = min(agreement.code_agreement, agreement.top1_agreement)
+        if worst < min_agreement:
+            raise FuseError(f"self-check failed: the fused model agrees with the fake-quantized one on "
+                            f"{100 * agreement.code_agreement:.2f}% of output codes and {100 * agreement.top1_agreement:.2f}"
+                            f"% of top-1 (minimum {100 * min_agreement:g}%; min_agreement=0 / --min-agreement 0 "
+                            "writes it anyway)")
+    path = report_path = None
     if output is not None:
         path = os.fspath(output)
         save_model(low.model, path)
-    size = low.model.ByteSize()
-    return FuseResult(low.model, path, size, format, low.weight_params, low.weight_bits, low.outputs, agreement,
-                      low.kept_float)
+        report_path = path + ".json" if report else None
+    res = FuseResult(low.model, path, low.model.ByteSize(), format, low.weight_params, low.weight_bits, low.outputs,
+                     agreement, low.islands, low.lowered_nodes, low.tail, report_path, snap, snap_agreement, reference)
+    if report_path:
+        atomic_write_text(report_path, json.dumps(res.report(), indent=1, default=_jsonable))
+    return res
+
+
+def _jsonable(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(type(x).__name__)

@@ -13,6 +13,14 @@ class GraphBuilder:
         self.initializers: list[onnx.TensorProto] = []
         self._taken = set(taken)
 
+    def mark(self) -> tuple[int, int]:
+        """A point to roll back to when a lowering gives up half-way (names stay taken: harmless)."""
+        return len(self.nodes), len(self.initializers)
+
+    def rollback(self, mark: tuple[int, int]) -> None:
+        del self.nodes[mark[0]:]
+        del self.initializers[mark[1]:]
+
     def fresh(self, base: str) -> str:
         name, i = base, 1
         while name in self._taken:

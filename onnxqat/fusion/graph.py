@@ -9,11 +9,22 @@ import onnx
 from onnx import numpy_helper
 
 from onnxqat.errors import FuseError
+from onnxqat.graph import quantizers_as_identity
 from onnxqat.ops.schema import is_quantizer
 
 
 def node_label(node: onnx.NodeProto) -> str:
     return f"{node.op_type} '{node.name or node.output[0]}'"
+
+
+class NoIntegerForm(Exception):
+    """A lowering cannot write this node with integer ops here (the reason says why). Not a user error: the walk keeps
+    the node in float between DequantizeLinear and the next quantizer (a float island), or, with integer_only, reports
+    it. FuseError stays for what no island can mend (a malformed quantizer, an accumulator that could overflow)."""
+
+    def __init__(self, reason: str, cause: str = ""):
+        super().__init__(reason)
+        self.cause = cause or reason  # short, groupable: "no integer lowering", "input not quantized", ...
 
 
 class QatGraph:
@@ -41,6 +52,33 @@ class QatGraph:
         self.inputs = [i for i in g.input if i.name not in init_names]
         self.output_names = [o.name for o in g.output]
         self.quantizers = [n for n in g.node if is_quantizer(n)]
+        self._types: dict[str, tuple[int, list]] | None = None
+
+    def _infer(self) -> dict[str, tuple[int, list]]:
+        """(elem type, static dims or None) of every tensor shape inference can tell, quantizers read as Identity."""
+        if self._types is None:
+            self._types = {}
+            try:
+                inferred = onnx.shape_inference.infer_shapes(quantizers_as_identity(self.model))
+            except Exception:  # best effort: what inference cannot tell stays unknown
+                inferred = self.model
+            g = inferred.graph
+            for vi in list(g.value_info) + list(g.input) + list(g.output):
+                t = vi.type.tensor_type
+                dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim] \
+                    if t.HasField("shape") else None
+                self._types[vi.name] = (t.elem_type, dims)
+            for name, v in self.consts.items():
+                self._types.setdefault(name, (onnx.helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape)))
+        return self._types
+
+    def shape_of(self, name: str) -> list | None:
+        """Static dims of a tensor (None where unknown)."""
+        return self._infer().get(name, (0, None))[1]
+
+    def elem_type(self, name: str) -> int:
+        """ONNX element type of a tensor (0 when unknown)."""
+        return self._infer().get(name, (0, None))[0]
 
     def const(self, name: str, node: onnx.NodeProto, what: str) -> np.ndarray:
         if name not in self.consts:
@@ -58,6 +96,13 @@ class QatGraph:
         if len(c) == 1 and tensor not in self.output_names:
             return c[0]
         return None
+
+
+def image_input(g: QatGraph) -> str | None:
+    """The network input that enters the fused graph as image codes: the first float input no quantizer reads
+    directly (an input with its own quantizer, or a second one such as a recurrent state, stays float)."""
+    return next((i.name for i in g.inputs if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+                 and not any(is_quantizer(c) for c in g.consumers.get(i.name, []))), None)
 
 
 def attrs(node: onnx.NodeProto) -> dict:

@@ -5,7 +5,9 @@
 - Acc:    an integer accumulator (or a sum of them, residual Add) with real value sum_i scale_i * t_i + bias, the scales
   and bias per output channel: the output of Conv/Gemm/MatMul on codes with BatchNormalization folded in;
 - Float:  a float tensor (QDQ format, or a node the user keeps in float with keep_float);
-- Pooled: the mean of codes (GlobalAveragePool), not yet computed.
+- Pooled: the mean of codes (GlobalAveragePool), not yet computed;
+- Plain:  a tensor that is not a quantized value at all (shapes, indices, int64 arithmetic of a Reshape's target
+  shape): copied as it is.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Acc:
     cshape: tuple  # broadcast shape of a per-channel vector against the tensor
     axis: int  # channel axis
     clip: tuple = (-np.inf, np.inf)  # a Relu / Clip(lo, hi) on the real value, folded into the next quantizer
+    sources: tuple = ()  # the Codes summed, when the Acc is exactly a sum of codes (a format may add them natively)
 
 
 @dataclass
@@ -65,6 +68,45 @@ class Pooled:
 
 
 @dataclass
+class Plain:
+    """A non-float tensor of the QAT graph (Shape, Gather of a shape, Concat of int64 dims ...), copied verbatim."""
+    name: str
+
+
+@dataclass
+class Pending:
+    """A weighted layer a format has not written yet, because how depends on what reads it (the ort format: a
+    QLinearConv when an activation quantizer follows, an accumulator otherwise). Lowerer.get() hands readers that
+    don't ask for it raw the format's materialization (an Acc)."""
+    layer: "WeightedLayer"
+    clip: tuple = (-np.inf, np.inf)
+
+
+@dataclass
+class WeightedLayer:
+    """A Conv/Gemm/MatMul on codes with its bias Add and BatchNormalization folded in, as the formats receive it:
+    real output = scale_o * acc + bias_o per output channel, acc = sum (x - x.zp) * W_int."""
+    node: onnx.NodeProto
+    x: Codes
+    codes: object  # weights.WeightCodes
+    wk: np.ndarray  # W_int in the op's layout (Gemm transB undone: [K, N])
+    u: np.ndarray  # stored unsigned codes in the same layout
+    w_shape: tuple
+    n_out: int
+    scale: np.ndarray  # float64 [n_out]
+    bias: np.ndarray  # float64 [n_out]
+    cshape: tuple  # broadcast shape of a per-channel vector against the output
+    ch_axis: int
+    out: str  # the QAT tensor it stands for (after the folded Add/BatchNormalization)
+    pooled: Pooled | None = None
+    folded: tuple = ()  # the bias Add / BatchNormalization nodes folded into it
+
+    @property
+    def base(self) -> str:
+        return self.node.name or self.out
+
+
+@dataclass
 class OutputInfo:
     name: str
     scale: np.ndarray  # real value of one output code, per channel
@@ -78,8 +120,11 @@ class Lowered:
     outputs: list[OutputInfo]
     weight_params: int = 0
     weight_bits: dict = field(default_factory=dict)
-    kept_float: list = field(default_factory=list)
+    islands: list = field(default_factory=list)  # lowering.Island: nodes kept in float
     activation_codes: dict = field(default_factory=dict)  # quantizer output -> (fused codes tensor, scale, zp)
+    lowered_nodes: int = 0  # QAT nodes the walk handled (not counting Constants and weight quantizers)
+    tail: list = field(default_factory=list)  # float ops after the logits (a classifier's Softmax)
+    layers: list = field(default_factory=list)  # (WeightedLayer, bias step of the format's kernel or None) written
 
 
 def as_vector(v) -> np.ndarray:

@@ -1,12 +1,15 @@
 """Self-check of a fused model: the fake-quantized (QAT) model and the fused model on the same batch.
 
-The QAT model runs on onnx.reference with the numpy quantizer references (`reference_ops()`): the executable form of
-the quantizer math, independent of the compiled op library. The fused model runs on this environment's onnxruntime
-where its kernels cover the graph, else on onnx.reference.
+The QAT model runs on onnxruntime with the compiled op library (default), or on onnx.reference with the numpy
+quantizer references (`reference_ops()`, the executable form of the quantizer math; slow, and onnx.reference has known
+gaps such as Conv's auto_pad=VALID in onnx 1.17). The fused model runs on this environment's onnxruntime where its
+kernels cover the graph, else on onnx.reference. A model with several inputs gets one array per input (NPZ keys =
+input names); inputs without data get random values.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -14,6 +17,7 @@ import numpy as np
 import onnx
 
 from onnxqat.errors import DataError, FuseError
+from onnxqat.fusion.graph import QatGraph, image_input
 from onnxqat.fusion.values import OutputInfo
 
 
@@ -47,11 +51,10 @@ class Agreement:
         return s
 
 
-def fake_quant_runner(model: onnx.ModelProto, engine: str = "reference") -> Callable[[np.ndarray], list[np.ndarray]]:
-    """x -> outputs of the QAT model. engine "reference": onnx.reference + the numpy quantizer references (the
+def fake_quant_runner(model: onnx.ModelProto, engine: str = "onnxruntime") -> Callable[[dict], list[np.ndarray]]:
+    """feeds -> outputs of the QAT model. engine "reference": onnx.reference + the numpy quantizer references (the
     executable spec); "onnxruntime": onnxruntime with the compiled op library (fast, for large models).
     The session is built once: verify and accuracy_check run it on chunk after chunk."""
-    name = [i.name for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}][0]
     if engine == "onnxruntime":
         import onnxruntime as ort
 
@@ -66,62 +69,112 @@ def fake_quant_runner(model: onnx.ModelProto, engine: str = "reference") -> Call
         from onnxqat.ops.reference import reference_ops
 
         sess = ReferenceEvaluator(model, new_ops=reference_ops())
-    return lambda x: [np.asarray(o) for o in sess.run(None, {name: x})]
+    return lambda feeds: [np.asarray(o) for o in sess.run(None, feeds)]
 
 
-def fused_runner(model: onnx.ModelProto, threads: int = 1) -> tuple[Callable[[np.ndarray], list[np.ndarray]], str]:
-    """(x -> outputs of the fused model, engine name): onnxruntime, or onnx.reference where the installed
+def _ort_session(model: onnx.ModelProto, threads: int = 1):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def session_check(model: onnx.ModelProto, qat: onnx.ModelProto) -> None:
+    """The fused model must load in onnxruntime (this environment's; the stock one is checked by the tests) and run
+    one sample: the ONNX checker passes graphs onnxruntime refuses (a QuantizeLinear with an int32 zero point), and some
+    kernels check their inputs only when they run. FuseError names the node."""
+    import onnxruntime as ort
+
+    try:
+        sess = _ort_session(model)
+    except Exception as exc:
+        msg = _first_line(exc)
+        if "NOT_IMPLEMENTED" in msg or "not implemented" in msg.lower():
+            return  # a kernel this (older) onnxruntime lacks; the self-check runs it on onnx.reference
+        raise FuseError(f"the fused model does not load in onnxruntime {ort.__version__}: {msg}") from None
+    try:
+        _, feeds = build_feeds(qat, model, None, 1 / 255, 1, 0)
+    except (FuseError, DataError):
+        return  # symbolic input dimensions: only the self-check with the user's data can run it
+    try:
+        sess.run(None, feeds)
+    except Exception as exc:
+        raise FuseError(f"the fused model fails in onnxruntime {ort.__version__}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    """onnxruntime's message without its C++ source location ("Non-zero status code ... Status Message: ...")."""
+    msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    node = msg.split("Name:'")[1].split("'")[0] if "Name:'" in msg else None
+    tail = msg.split("Status Message:")[-1].strip()
+    tail = re.sub(r"^\S*\.(cc|cpp|h):\d+\s+", "", tail)  # the C++ source location
+    return f"node '{node}': {tail}" if node else tail
+
+
+def fused_runner(model: onnx.ModelProto, threads: int = 1) -> tuple[Callable[[dict], list[np.ndarray]], str]:
+    """(feeds -> outputs of the fused model, engine name): onnxruntime, or onnx.reference where the installed
     runtime has no kernel for an op (e.g. 1.19.2's coverage; ORT reports that when it builds the session)."""
-    name = model.graph.input[0].name
     try:
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        return (lambda x: sess.run(None, {name: x})), f"onnxruntime {ort.__version__}"
+        sess = _ort_session(model, threads)
+        return (lambda feeds: sess.run(None, feeds)), f"onnxruntime {ort.__version__}"
     except Exception as exc:
         if "NOT_IMPLEMENTED" not in str(exc) and "not implemented" not in str(exc).lower():
             raise
     from onnx.reference import ReferenceEvaluator
 
     ref = ReferenceEvaluator(model)
-    return (lambda x: [np.asarray(o) for o in ref.run(None, {name: x})]), "onnx.reference"
+    return (lambda feeds: [np.asarray(o) for o in ref.run(None, feeds)]), "onnx.reference"
 
 
-def _input_info(model: onnx.ModelProto):
-    inits = {t.name for t in model.graph.initializer}
-    inp = [i for i in model.graph.input if i.name not in inits][0]
-    dims = [d.dim_value if d.dim_value > 0 else None for d in inp.type.tensor_type.shape.dim]
-    return inp.name, dims
+def _dims(vi: onnx.ValueInfoProto) -> list:
+    return [d.dim_value if d.dim_value > 0 else None for d in vi.type.tensor_type.shape.dim]
+
+
+def _sample(vi: onnx.ValueInfoProto, n: int, rng: np.random.Generator, image: bool) -> np.ndarray:
+    """Random data for one input: uint8 codes for the image, N(0, 1) floats or zeros (integer inputs) otherwise."""
+    dims = _dims(vi)
+    if not dims or any(d is None for d in dims[1:]):
+        raise FuseError(f"network input '{vi.name}' has symbolic dimensions {dims or '?'}: pass verify data")
+    shape = [n] + dims[1:]
+    if image:
+        return rng.integers(0, 256, size=shape, dtype=np.uint8)
+    elem = vi.type.tensor_type.elem_type
+    if elem == onnx.TensorProto.FLOAT:
+        return rng.standard_normal(shape).astype(np.float32)
+    return np.zeros(shape, onnx.helper.tensor_dtype_to_np_dtype(elem))
 
 
 def random_codes(qat: onnx.ModelProto, samples: int, seed: int = 0) -> np.ndarray:
-    """uint8 image codes shaped like the network input (batch = samples)."""
-    name, dims = _input_info(qat)
-    if not dims:
-        raise FuseError(f"network input '{name}' has no shape: pass verify data")
-    if any(d is None for d in dims[1:]):
-        raise FuseError(f"network input '{name}' has symbolic dimensions {dims}: pass verify data")
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, size=[samples] + dims[1:], dtype=np.uint8)
+    """uint8 image codes shaped like the image input (batch = samples)."""
+    g = QatGraph(qat)
+    name = image_input(g)
+    vi = next(i for i in g.inputs if i.name == name)
+    return _sample(vi, samples, np.random.default_rng(seed), True)
 
 
-def load_verify_data(path: str, samples: int | None = None) -> np.ndarray:
+def load_verify_data(path: str, samples: int | None = None):
+    """The arrays of an NPZ: one array (the image input; keys x/images/input/data or the only one) or a dict with one
+    array per input name."""
     try:
         with np.load(path) as z:
-            key = next((k for k in ("x", "images", "input", "data") if k in z.files), z.files[0] if z.files else None)
-            if key is None:
+            if not z.files:
                 raise DataError(f"{path}: no array in the file")
-            x = np.asarray(z[key])
-    except (OSError, ValueError) as exc:
+            arrays = {k: np.asarray(z[k]) for k in z.files}
+    except (OSError, ValueError, EOFError) as exc:
         raise DataError(f"{path}: cannot read verify data ({exc})") from exc
+    if len(arrays) > 1 and not any(k in arrays for k in ("x", "images", "input", "data")):
+        return {k: v[:samples] if samples else v for k, v in arrays.items()}
+    key = next((k for k in ("x", "images", "input", "data") if k in arrays), next(iter(arrays)))
+    x = arrays[key]
     return x[:samples] if samples else x
 
 
-def inputs_for(x: np.ndarray, input_scale: float, fused_input: str) -> tuple[np.ndarray, np.ndarray]:
+def image_feeds(x: np.ndarray, input_scale: float, fused_input: str) -> tuple[np.ndarray, np.ndarray]:
     """(QAT-model input as float, fused-model input) from codes (uint8) or float data in the input's range."""
     if x.dtype == np.uint8:
         xf = (x.astype(np.float32) * np.float32(input_scale)).astype(np.float32)
@@ -130,6 +183,45 @@ def inputs_for(x: np.ndarray, input_scale: float, fused_input: str) -> tuple[np.
         xf = x.astype(np.float32)
         codes = np.clip(np.round(xf / np.float32(input_scale)), 0, 255).astype(np.uint8)
     return xf, (codes if fused_input == "uint8" else xf)
+
+
+def build_feeds(qat: onnx.ModelProto, fused: onnx.ModelProto, data, input_scale: float, samples: int,
+                seed: int) -> tuple[dict, dict]:
+    """Feeds of the QAT model and of the fused model for the same samples. `data`: None (random codes / N(0, 1)), an
+    array for the image input, or a dict of arrays by input name (inputs it lacks get random values)."""
+    g = QatGraph(qat)
+    image = image_input(g)
+    given = dict(data) if isinstance(data, dict) else ({} if data is None else {image: np.asarray(data)})
+    unknown = sorted(set(given) - {i.name for i in g.inputs})
+    if unknown:
+        raise DataError(f"verify data: the model has no input named '{unknown[0]}' "
+                        f"(inputs: {', '.join(i.name for i in g.inputs)})")
+    n = len(next(iter(given.values()))) if given else samples
+    rng = np.random.default_rng(seed)
+    fused_types = {i.name: i.type.tensor_type.elem_type for i in fused.graph.input}
+    qat_feeds, fused_feeds = {}, {}
+    for vi in g.inputs:
+        x = given.get(vi.name)
+        if x is None:
+            x = _sample(vi, n, rng, vi.name == image)
+        dims = _dims(vi)
+        if len(x) != n or (dims and (x.ndim != len(dims) or any(d is not None and d != k
+                                                               for d, k in zip(dims[1:], x.shape[1:])))):
+            raise DataError(f"verify data: samples of shape {list(x.shape[1:])} ({len(x)} samples), the model input "
+                            f"'{vi.name}' takes {[d if d else '?' for d in dims[1:]]} ({n} samples)")
+        if vi.name == image:
+            fused_input = "uint8" if fused_types.get(vi.name) == onnx.TensorProto.UINT8 else "float"
+            qat_feeds[vi.name], fused_feeds[vi.name] = image_feeds(x, input_scale, fused_input)
+        else:
+            elem = vi.type.tensor_type.elem_type
+            qat_feeds[vi.name] = fused_feeds[vi.name] = x.astype(onnx.helper.tensor_dtype_to_np_dtype(elem))
+    return qat_feeds, fused_feeds
+
+
+def _run_chunked(run: Callable[[dict], list], feeds: dict, step: int) -> list[np.ndarray]:
+    n = len(next(iter(feeds.values())))
+    parts = [run({k: v[i:i + step] for k, v in feeds.items()}) for i in range(0, n, step)]
+    return [np.concatenate([np.asarray(p[j]) for p in parts]) for j in range(len(parts[0]))]
 
 
 def compare(fq: list[np.ndarray], fused: list[np.ndarray], outputs: list[OutputInfo], engine: str) -> Agreement:
@@ -171,28 +263,22 @@ def _with_outputs(model: onnx.ModelProto, names: list[tuple[str, int]]) -> onnx.
 
 
 def verify(qat: onnx.ModelProto, fused: onnx.ModelProto, outputs: list[OutputInfo], *, input_scale: float,
-           fused_input: str, data: np.ndarray | None = None, samples: int = 64, seed: int = 0,
-           activation_codes: dict | None = None, engine: str = "reference") -> Agreement:
+           data=None, samples: int = 64, seed: int = 0, activation_codes: dict | None = None,
+           engine: str = "onnxruntime") -> Agreement:
     """Outputs (and, given activation_codes from the lowering, every activation quantizer's codes) of both models."""
-    x = data if data is not None else random_codes(qat, samples, seed)
-    xf, xin = inputs_for(x, input_scale, fused_input)
+    qat_feeds, fused_feeds = build_feeds(qat, fused, data, input_scale, samples, seed)
+    n = len(next(iter(qat_feeds.values())))
     acts = dict(activation_codes or {})
     n_out = len(qat.graph.output)
     qat_probe = _with_outputs(qat, [(k, onnx.TensorProto.FLOAT) for k in acts])
     fused_probe = _with_outputs(fused, [(v[0], v[2]) for v in acts.values()])
-    input_name, fixed = _input_info(qat)
-    if fixed and (x.ndim != len(fixed) or any(d is not None and d != n for d, n in zip(fixed[1:], x.shape[1:]))):
-        raise DataError(f"verify data: samples of shape {list(x.shape[1:])}, the model input '{input_name}' takes "
-                        f"{[d if d else '?' for d in fixed[1:]]}")
-    step = fixed[0] if fixed and fixed[0] else len(xf)  # a model with a fixed batch size runs chunk by chunk
-    if len(xf) % step:
-        raise FuseError(f"verify data: {len(xf)} samples is not a multiple of the model's batch size {step}")
-    run_fq = fake_quant_runner(qat_probe, engine)
+    batch = {d[0] for d in (_dims(vi) for vi in QatGraph(qat).inputs) if d and d[0]}
+    step = batch.pop() if len(batch) == 1 else n  # a model with a fixed batch size runs chunk by chunk
+    if n % step:
+        raise FuseError(f"verify data: {n} samples is not a multiple of the model's batch size {step}")
+    fq = _run_chunked(fake_quant_runner(qat_probe, engine), qat_feeds, step)
     run_fused, fused_engine = fused_runner(fused_probe)
-    fq_parts = [run_fq(xf[i:i + step]) for i in range(0, len(xf), step)]
-    out_parts = [run_fused(xin[i:i + step]) for i in range(0, len(xf), step)]
-    fq = [np.concatenate([p[j] for p in fq_parts]) for j in range(len(fq_parts[0]))]
-    out = [np.concatenate([p[j] for p in out_parts]) for j in range(len(out_parts[0]))]
+    out = _run_chunked(run_fused, fused_feeds, step)
     agreement = compare(fq[:n_out], out[:n_out], outputs, fused_engine)
     agreement.fake_quant_engine = "onnxruntime + op library" if engine == "onnxruntime" else "onnx.reference"
     agreement.activations = {}
@@ -204,25 +290,37 @@ def verify(qat: onnx.ModelProto, fused: onnx.ModelProto, outputs: list[OutputInf
     return agreement
 
 
+def fake_quant_agreement(a: onnx.ModelProto, b: onnx.ModelProto, outputs: list[OutputInfo], *, input_scale: float,
+                         data=None, samples: int = 64, seed: int = 0, engine: str = "onnxruntime") -> Agreement:
+    """Two fake-quantized models on the same batch (the trained one and its bias-snapped copy), compared like the
+    self-check compares the fused model: in output code units."""
+    feeds, _ = build_feeds(a, a, data, input_scale, samples, seed)
+    n = len(next(iter(feeds.values())))
+    batch = {d[0] for d in (_dims(vi) for vi in QatGraph(a).inputs) if d and d[0]}
+    step = batch.pop() if len(batch) == 1 else n
+    out_a = _run_chunked(fake_quant_runner(a, engine), feeds, step)
+    out_b = _run_chunked(fake_quant_runner(b, engine), feeds, step)
+    return compare(out_a, out_b, outputs, "fake-quant")
+
+
 def accuracy_check(qat, fused, images: np.ndarray, labels: np.ndarray, *, input_scale: float = 1 / 255,
-                   batch: int = 500, engine: str = "reference") -> dict:
+                   batch: int = 500, engine: str = "onnxruntime") -> dict:
     """Top-1 of the fake-quantized model and of the fused model on a labelled set (the trained-LeNet check).
 
     qat / fused: ModelProto or path; images: uint8 codes or float in [0, 1] shaped like the input; labels: int.
-    engine: runs the fake-quantized model: "reference" (onnx.reference; ~2 min for LeNet on 10k images on one core)
-    or "onnxruntime" (with the op library, seconds). The fused model runs on this environment's onnxruntime.
-    Returns {"top1_fake_quant", "top1_fused", "diff_points", "top1_agreement"} in percent / fraction.
+    engine: runs the fake-quantized model: "onnxruntime" (with the op library, seconds) or "reference"
+    (onnx.reference; ~2 min for LeNet on 10k images on one core). The fused model runs on this environment's
+    onnxruntime. Returns {"top1_fake_quant", "top1_fused", "diff_points", "top1_agreement"} in percent / fraction.
     """
     qat = onnx.load(qat) if isinstance(qat, str) else qat
     fused = onnx.load(fused) if isinstance(fused, str) else fused
-    fused_input = "uint8" if fused.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8 else "float"
     run_fq = fake_quant_runner(qat, engine)
     run_fused, _ = fused_runner(fused)
     pf, pq = [], []
     for i in range(0, len(images), batch):
-        xf, xin = inputs_for(images[i:i + batch], input_scale, fused_input)
-        pq.append(np.argmax(run_fq(xf)[0], 1))
-        pf.append(np.argmax(run_fused(xin)[0], 1))
+        qf, ff = build_feeds(qat, fused, images[i:i + batch], input_scale, 0, 0)
+        pq.append(np.argmax(run_fq(qf)[0], 1))
+        pf.append(np.argmax(run_fused(ff)[0], 1))
     pq, pf = np.concatenate(pq), np.concatenate(pf)
     labels = np.asarray(labels).reshape(-1)
     a, b = 100 * float(np.mean(pq == labels)), 100 * float(np.mean(pf == labels))

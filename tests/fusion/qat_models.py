@@ -13,8 +13,9 @@ from onnxqat.ops.schema import DOMAIN, SAT_MODE_DOREFA
 
 
 class QatBuilder:
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, sat_mode: int = SAT_MODE_DOREFA):
         self.rng = np.random.default_rng(seed)
+        self.sat_mode = sat_mode  # SAT weight mode of conv() and gemm()
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
 
@@ -71,7 +72,7 @@ class QatBuilder:
         w = (self.rng.standard_normal((cout, cin // group, k, k)) * 0.3).astype(np.float32)
         wname = self.init(f"{name}.weight", w)
         if wq == "sat":
-            wqn = self.sat_weight(name, wname, r)
+            wqn = self.sat_weight(name, wname, r, mode=self.sat_mode)
         else:
             wqn = self.lsq_weight(name, wname, w, r, per_channel, 0)
         ins = [x, wqn]
@@ -96,7 +97,7 @@ class QatBuilder:
         w = (self.rng.standard_normal((n, k)) * 0.3).astype(np.float32)
         wname = self.init(f"{name}.weight", w)
         if wq == "sat":
-            wqn = self.sat_weight(name, wname, r, fan_out=fan_out)
+            wqn = self.sat_weight(name, wname, r, mode=self.sat_mode, fan_out=fan_out)
         else:
             wqn = self.lsq_weight(name, wname, w, r, per_channel, 0)
         b = self.init(f"{name}.bias", (self.rng.standard_normal(n) * 0.1).astype(np.float32))

@@ -1,5 +1,6 @@
 """Bad input: one-line FuseError naming the node, exit 1 from the CLI, nothing written."""
 
+import json
 import os
 import subprocess
 import sys
@@ -43,7 +44,8 @@ def bn_after_pool():
 
 CASES = {
     "no quantizer": (float_model, "no quantizer node"),
-    "bn after no weighted layer": (bn_after_pool, "BatchNormalization 'bn_pool' follows no weighted layer"),
+    "bn after no weighted layer, integer only": (bn_after_pool, "BatchNormalization 'bn_pool' (BatchNormalization "
+                                                                "not after a layer)"),
     "sat clamp mode": (lambda: _set(qm.conv_bn_sat(), "conv2_wquant.mode", 0), "SatWeightQuant 'conv2_wquant' is in clamp mode"),
     "activation range too wide": (lambda: _set(qm.conv_bn_sat(), "relu1_aquant.range", 1000.0),
                                   "SatActQuant 'relu1_aquant': range R=1000 does not fit 8-bit codes"),
@@ -60,9 +62,20 @@ def test_bad_input_is_one_line_error_naming_the_node(case, tmp_path):
     build, message = CASES[case]
     out = tmp_path / "out.onnx"
     with pytest.raises(FuseError) as e:
-        fuse(build(), out, check=False)
+        fuse(build(), out, check=False, integer_only=True)
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not out.exists() and os.listdir(tmp_path) == []
+
+
+def test_island_without_integer_only(tmp_path):
+    """The same BatchNormalization without integer_only: kept in float, named in the summary and the JSON report."""
+    out = tmp_path / "out.onnx"
+    res = fuse(bn_after_pool(), out, verify_samples=16)
+    assert [(i.node, i.op_type) for i in res.islands] == [("bn_pool", "BatchNormalization")]
+    assert "float: BatchNormalization x1 (BatchNormalization not after a layer): bn_pool" in res.summary()
+    assert res.agreement.identical
+    report = json.loads((tmp_path / "out.onnx.json").read_text())
+    assert report["float_islands"][0]["node"] == "bn_pool" and report["integer_nodes"] == res.lowered_nodes - 1
 
 
 def test_strict_fails_and_writes_nothing(tmp_path):

@@ -168,15 +168,16 @@ def test_global_average_pool_sums_codes_in_int32():
     assert res.agreement.min_activation_agreement == 1.0
 
 
-def test_keep_float_island():
-    """An op without integer lowering is named in the error, or kept in float between Dequantize/Quantize."""
+def test_float_island_where_no_integer_form():
+    """An op without integer lowering is kept in float between Dequantize/Quantize by itself (named in the summary),
+    or named in the error with integer_only."""
     qat = _pool_model("Sigmoid")
     from onnxqat.errors import FuseError
 
-    with pytest.raises(FuseError, match="Sigmoid 'pooled'.*keep_float"):
-        fuse(qat, check=False)
-    res = fuse(qat, keep_float=["pooled"], verify_samples=32)
-    assert res.kept_float == ["pooled"]
+    with pytest.raises(FuseError, match="--integer-only: 1 node.*Sigmoid 'pooled'"):
+        fuse(qat, check=False, integer_only=True)
+    res = fuse(qat, verify_samples=32)
+    assert res.kept_float == ["pooled"] and res.integer_nodes == res.lowered_nodes - 1
     ops = [n.op_type for n in res.model.graph.node]
     i = ops.index("Sigmoid")
     assert ops[i - 1] == "DequantizeLinear" and "QuantizeLinear" in ops[i + 1:i + 3]
@@ -197,8 +198,8 @@ def test_mobile_block_lowering_details():
 
 
 def test_conv_transpose_named_or_kept_float():
-    """ConvTranspose has no integer op: the error names it; kept in float it runs on its fake-quantized weights and
-    its BatchNormalization stays float too, between DequantizeLinear and the next quantizer's QuantizeLinear."""
+    """ConvTranspose kept in float runs on its fake-quantized weights and its BatchNormalization stays float too,
+    between DequantizeLinear and the next quantizer's QuantizeLinear; integer_only names it."""
     from onnx import helper
 
     from onnxqat.errors import FuseError
@@ -213,10 +214,10 @@ def test_conv_transpose_named_or_kept_float():
     x = b.op("Flatten", [x], "flat", axis=1)
     qat = b.model(["N", 1, 4, 4], b.gemm("fc", x, 3 * 8 * 8, 5), ["N", 5])
     with pytest.raises(FuseError, match="ConvTranspose 'up'"):
-        fuse(qat, check=False)
+        fuse(qat, check=False, keep_float=["up"], integer_only=True)
     res = fuse(qat, keep_float=["up"], verify_samples=32)
     ops = [n.op_type for n in res.model.graph.node]
-    assert "ConvTranspose" in ops and "BatchNormalization" in ops and res.kept_float == ["up"]
+    assert "ConvTranspose" in ops and "BatchNormalization" in ops and res.kept_float == ["up", "bn_up"]
     assert res.agreement.top1_agreement == 1.0 and res.agreement.min_activation_agreement >= 0.999
 
 

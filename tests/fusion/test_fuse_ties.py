@@ -15,7 +15,7 @@ from onnx.reference import ReferenceEvaluator
 from onnxqat.fusion import stock
 from onnxqat.fusion.api import fuse
 from onnxqat.fusion.builder import GraphBuilder
-from onnxqat.fusion.requantize import requantize_integer
+from onnxqat.fusion.formats.integer import requantize_integer
 from onnxqat.fusion.values import Acc
 from onnxqat.ops.reference import reference_ops
 from qat_models import QatBuilder

@@ -8,7 +8,7 @@ from onnx.reference import ReferenceEvaluator
 
 from onnxqat.fusion.builder import GraphBuilder
 from onnxqat.fusion.graph import QatGraph
-from onnxqat.fusion.requantize import requantize_integer
+from onnxqat.fusion.formats.integer import requantize_integer
 from onnxqat.fusion.storage import emit_codes, pack, unpack_reference
 from onnxqat.fusion.values import Acc
 from onnxqat.fusion.weights import weight_codes

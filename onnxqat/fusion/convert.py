@@ -1,26 +1,27 @@
-"""Float in the integer graph: nodes kept in float (keep_float, ConvTranspose, a Softmax tail) and the conversions of
-codes, accumulators and pooled sums to float (DequantizeLinear, or a float rescale of a sum of terms) and back."""
+"""Conversions between the representations of a value (values.py) in the graph being written: codes, accumulators
+and pooled sums to float (DequantizeLinear, or a float rescale of a sum of terms), float back to codes, an
+accumulator to int32 output codes; and the float island: a QAT node copied as it is onto float inputs."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from onnxqat.errors import FuseError
 from onnxqat.fusion.builder import GraphBuilder
 from onnxqat.fusion.graph import QatGraph, attrs
-from onnxqat.fusion.lower_pooling import acc_of_pooled
-from onnxqat.fusion.outputs import acc_output
-from onnxqat.fusion.values import Acc, Codes, Float, Pooled
+from onnxqat.fusion.values import Acc, Codes, Float, OutputInfo, Plain, Pooled
 from onnxqat.ops.schema import DOMAIN
 
 if TYPE_CHECKING:
-    from onnxqat.fusion.lower import Lowerer
+    from onnxqat.fusion.lowering import Lowerer
 
 
-def keep_float(low: Lowerer, node: onnx.NodeProto, record: bool = True) -> None:
+def float_island(low: Lowerer, node: onnx.NodeProto) -> None:
     """The node itself on float inputs (weights fake-quantized as constants); its outputs are Float."""
     g, b = low.g, low.b
     ins = []
@@ -40,8 +41,6 @@ def keep_float(low: Lowerer, node: onnx.NodeProto, record: bool = True) -> None:
     for o_old, o_new in zip(node.output, outs):
         if o_old:
             low.val[o_old] = Float(o_new)
-    if record:
-        low.kept.append(node.name or node.output[0])
 
 
 def fake_quantized_weight(g: QatGraph, q: onnx.NodeProto) -> np.ndarray:
@@ -63,7 +62,7 @@ def to_float(low: Lowerer, v) -> str:
     b = low.b
     if isinstance(v, Pooled):
         v = acc_of_pooled(b, v, f"{v.codes.name}_pool")
-    if isinstance(v, Float):
+    if isinstance(v, (Float, Plain)):
         return v.name
     if isinstance(v, Codes):
         return dequantize(b, v)
@@ -92,6 +91,59 @@ def to_codes(b: GraphBuilder, v: Float) -> Codes:
     s = b.const(f"{v.name}_scale", np.array(c.scale, np.float32))
     zp = b.const(f"{v.name}_zp", np.array(c.zp, helper.tensor_dtype_to_np_dtype(c.dtype)))
     return Codes(b.op("QuantizeLinear", [v.name, s, zp], f"{v.name}_q"), c.scale, c.r, c.dtype, c.zp)
+
+
+def acc_of_pooled(b: GraphBuilder, p: Pooled, base: str) -> Acc:
+    """The pooled mean as an accumulator: the int32 sum of the codes with scale / count."""
+    v = p.codes
+    x32 = b.cast(v.name, TensorProto.INT32, f"{base}_i32")
+    ssum = b.op("ReduceSum", [x32, b.const(f"{base}_axes", np.array(p.axes, np.int64))], f"{base}_sum",
+                keepdims=0 if p.flat else 1)
+    s = v.scale / p.count
+    return Acc([(ssum, np.array([s]), v.bound * p.count)], np.array([-s * v.zp * p.count]), (), 1)
+
+
+def acc_output(b: GraphBuilder, v: Acc, name: str, out_name: str, dequantize: bool) -> OutputInfo:
+    """Acc -> int32 codes in accumulator steps (c = acc + round(bias/scale)); with dequantize, refined by 2^k so
+    the bias keeps 2^-k of a step, then DequantizeLinear to float. The last node writes `out_name`."""
+    if len(v.terms) != 1:
+        raise FuseError(f"'{name}' is a sum of branches without an activation quantizer")
+    if np.isfinite(v.clip).any():
+        raise FuseError(f"'{name}': a Relu/Clip after the last layer without a quantizer is not supported")
+    t, sc, bound = v.terms[0]
+    n = max(sc.size, v.bias.size)
+    sc = np.broadcast_to(sc, (n,)).copy()
+    bias = np.broadcast_to(v.bias, (n,))
+    sgn = np.where(sc < 0, -1, 1)
+    mag = np.abs(sc)
+    mag = np.where(mag > 0, mag, np.max(mag) if np.max(mag) > 0 else 1.0)
+    bcode = bias / mag
+    room = (2 ** 30) / max(bound + np.max(np.abs(bcode)) + 1, 1)
+    k = int(max(0, min(16, math.floor(math.log2(room))))) if dequantize else 0
+    cshape = v.cshape if n > 1 else ()
+    mul = (sgn * (1 << k)).astype(np.int32)
+    y = t
+    if np.any(mul != 1):
+        mul_c = mul.reshape(cshape) if np.any(mul != mul[0]) else mul[:1].reshape(())
+        y = b.op("Mul", [t, b.const(f"{name}_mul", mul_c)], f"{name}_acc")
+    badd = np.floor(bcode * (1 << k) + 0.5).astype(np.int32)
+    out_scale = mag / (1 << k)
+    if not dequantize:
+        b.nodes.append(helper.make_node("Add", [y, b.const(f"{name}_bias", badd.reshape(cshape))], [out_name],
+                                        name=b.fresh(f"{name}_codes")))
+        return OutputInfo(out_name, mag, v.axis, TensorProto.INT32)
+    y = b.op("Add", [y, b.const(f"{name}_bias", badd.reshape(cshape))], f"{name}_codes")
+    if n > 1 and not np.all(out_scale == out_scale[0]):
+        s = b.const(f"{name}_scale", out_scale.astype(np.float32))
+        zp = b.const(f"{name}_zp", np.zeros(n, np.int32))
+        dq_attrs = {"axis": v.axis}
+    else:
+        s = b.const(f"{name}_scale", np.array(out_scale[0], np.float32))
+        zp = b.const(f"{name}_zp", np.array(0, np.int32))
+        dq_attrs = {}
+    b.nodes.append(helper.make_node("DequantizeLinear", [y, s, zp], [out_name], name=b.fresh(f"{name}_dequantize"),
+                                    **dq_attrs))
+    return OutputInfo(out_name, mag, v.axis, TensorProto.FLOAT)
 
 
 def _cshape(v: Acc, per_channel: np.ndarray) -> tuple:

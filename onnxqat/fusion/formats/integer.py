@@ -1,9 +1,17 @@
-"""Activation quantizers: a value (accumulator, codes, pooled sum, float) -> codes
-u = clip(round(v / s_out) + zp, lo, hi).
+"""The integer format (bit-exact, integer ops only; for hardware targets and N2D2's IntegerOnly).
 
-Integer format: a fixed-point multiplier per channel and a rounding right shift that rounds half to even
-(rescale="fixed-point"), or a float multiply and ONNX Round (rescale="float", N2D2's default). QDQ format, and a float
-tensor in the integer format (after a node kept in float): a float Clip + QuantizeLinear.
+The integer accumulator of a weighted layer: acc = sum (u - z_in) W_int, exact in int32, by ConvInteger or
+MatMulInteger on uint8 input codes and uint8 weight codes with a zero point.
+
+W_int = mult (u_w - zp_w) + rem (weights.py): ConvInteger takes the stored codes scaled by mult with zero point
+-offset while that fits uint8; else (8-bit DoReFa, 2k - 255 = 2(k - 127) - 1) the graph computes
+mult acc(k, 127) + rem boxsum(x), the box sum by a ConvInteger with all-one weights. A Gemm/MatMul on a pooled input
+runs as a 1x1 ConvInteger on the codes and sums over the pooled axes afterwards. A layer whose accumulator could
+overflow int32 is refused.
+
+Requantization of an accumulator (or a sum of them, or codes) to the next quantizer's codes: a fixed-point multiplier
+per channel and a rounding right shift that rounds half to even (rescale="fixed-point"), or a float multiply and ONNX
+Round (rescale="float", N2D2's default). README.md "The math" has the derivation.
 """
 
 from __future__ import annotations
@@ -17,66 +25,87 @@ from onnx import TensorProto
 
 from onnxqat.errors import FuseError
 from onnxqat.fusion.builder import GraphBuilder
-from onnxqat.fusion.float_islands import dequantize, to_float
-from onnxqat.fusion.graph import check_range, node_label
-from onnxqat.fusion.lower_pooling import acc_of_pooled
-from onnxqat.fusion.values import Acc, Codes, Float, Pooled
+from onnxqat.fusion.formats.base import Format, code_bounds
+from onnxqat.fusion.graph import attrs, node_label
+from onnxqat.fusion.storage import emit_codes, emit_scaled_codes
+from onnxqat.fusion.values import Acc, Codes, Pooled, WeightedLayer
+from onnxqat.fusion.weights import WeightCodes
 
 if TYPE_CHECKING:
-    from onnxqat.fusion.lower import Lowerer
+    from onnxqat.fusion.lowering import Lowerer
 
 PRECISION_BITS = 28  # fixed-point multipliers are < 2**28
 
 
-def lower_activation_quantizer(low: Lowerer, node: onnx.NodeProto) -> None:
-    """SatActQuant (step alpha/R) or LsqQuant on an activation (step s; signed: codes c + (R+1)/2)."""
-    g = low.g
-    out = node.output[0]
-    if node.op_type == "SatActQuant":
-        alpha = abs(g.scalar(node, 1, "alpha"))
-        r = check_range(node, g.scalar(node, 2, "range"), max_r=255)
-        if not alpha > 0:
-            raise FuseError(f"{node_label(node)}: alpha is 0")
-        low.val[out] = low.record(out, requantize(low, low.get(node.input[0], node), alpha / r, r, out))
-        return
-    r = check_range(node, g.scalar(node, 2, "range"), max_r=255)
-    zp = (r + 1) // 2 if int(g.scalar(node, 3, "signed")) else 0  # signed codes [-(R+1)/2, (R-1)/2] as u - zp
-    step = g.const(node.input[1], node, "step")
-    if step.size != 1:
-        raise FuseError(f"{node_label(node)}: per-channel step on an activation is not supported")
-    s = float(step.reshape(-1)[0])
-    if not s > 0:
-        raise FuseError(f"{node_label(node)}: step must be > 0, is {s:g}")
-    low.val[out] = low.record(out, requantize(low, low.get(node.input[0], node), s, r, out, zp))
+class IntegerFormat(Format):
+    name = "int"
+
+    def weighted(self, low: Lowerer, layer: WeightedLayer) -> Acc:
+        acc, bound = integer_accumulator(low.b, layer.node, layer.x, layer.codes, layer.u, layer.wk, layer.w_shape,
+                                         layer.n_out, layer.pooled, layer.base)
+        return Acc([(acc, layer.scale, bound)], layer.bias, layer.cshape, layer.ch_axis)
+
+    def requantize_value(self, low: Lowerer, v, s_out: float, r: int, name: str, zp: int) -> Codes:
+        return requantize_integer(low.b, v, s_out, r, name, zp, self.rescale)
 
 
-def code_bounds(clip: tuple, s_out: float, r: int, zp: int) -> tuple[int, int]:
-    """[lo, hi] of the codes: [0, r], narrowed by a Relu/Clip folded into the quantizer."""
-    lo_u = 0 if not np.isfinite(clip[0]) else int(min(r, max(0, np.round(clip[0] / s_out) + zp)))
-    hi_u = r if not np.isfinite(clip[1]) else int(max(lo_u, min(r, np.round(clip[1] / s_out) + zp)))
-    return lo_u, hi_u
-
-
-def requantize(low: Lowerer, v, s_out: float, r: int, name: str, zp: int = 0):
-    """u = clip(round(v / s_out) + zp, 0, r) (and within a folded Relu/Clip of v)."""
-    b = low.b
-    if isinstance(v, Pooled):
-        v = acc_of_pooled(b, v, f"{name}_pool")
-    if low.format == "qdq" or isinstance(v, Float):
-        lo_u, hi_u = code_bounds(v.clip if isinstance(v, Acc) else (-np.inf, np.inf), s_out, r, zp)
-        xf = to_float(low, v)
-        lo = b.const(f"{name}_lo", np.array((lo_u - zp) * s_out, np.float32))
-        hi = b.const(f"{name}_hi", np.array((hi_u - zp) * s_out, np.float32))
-        y = b.op("Clip", [xf, lo, hi], f"{name}_clip")
-        # uint8 codes with zero point zp (onnxruntime's QDQ default; its QDQ propagation mishandles int8 codes)
-        s = b.const(f"{name}_scale", np.array(s_out, np.float32))
-        zq = b.const(f"{name}_zp", np.array(zp, np.uint8))
-        q = b.op("QuantizeLinear", [y, s, zq], f"{name}_codes")
-        if low.format == "qdq":
-            c = Codes(q, s_out, r, TensorProto.UINT8, zp)
-            return Float(dequantize(b, c), grid=c)
-        return Codes(q, s_out, r, TensorProto.UINT8, zp)
-    return requantize_integer(b, v, s_out, r, name, zp, low.rescale)
+def integer_accumulator(b: GraphBuilder, node: onnx.NodeProto, x: Codes, codes: WeightCodes, u: np.ndarray,
+                        wk: np.ndarray, w_shape: tuple, n_out: int, pooled: Pooled | None,
+                        base: str) -> tuple[str, float]:
+    """(int32 accumulator tensor, bound on its magnitude); u and wk are the stored codes and W_int in the op's layout."""
+    op = node.op_type
+    a = attrs(node)
+    zp_x = b.const(f"{base}_x_zp", np.array(x.zp, np.uint8))
+    umax = (1 << codes.bits) - 1
+    if codes.mult * umax <= 255 and 0 <= -codes.offset <= 255:
+        wt = emit_scaled_codes(b, f"{base}_w", np.ascontiguousarray(u), codes.bits, codes.mult)
+        zp, rem, mult = -codes.offset, 0, 1
+    else:  # W_int = mult*(u - zp) + rem, rem in (-mult, 0]
+        wt = emit_codes(b, f"{base}_w", np.ascontiguousarray(u), codes.bits)
+        mult = codes.mult
+        zp = (-codes.offset) // mult
+        rem = codes.offset + mult * zp
+    zp_w = b.const(f"{base}_w_zp", np.array(zp, np.uint8))
+    if pooled is not None:  # weights [K, N] -> a 1x1 convolution [N, K, 1, 1]
+        k1 = [1] * len(pooled.axes)
+        wt = b.op("Reshape", [b.op("Transpose", [wt], f"{base}_wT", perm=[1, 0]),
+                              b.const(f"{base}_w1x1", np.array([n_out, -1] + k1, np.int64))], f"{base}_w_1x1")
+        acc = b.op("ConvInteger", [x.name, wt, zp_x, zp_w], f"{base}_acc_map")
+        acc = b.op("ReduceSum", [acc, b.const(f"{base}_pool_axes", np.array(pooled.axes, np.int64))], f"{base}_acc",
+                   keepdims=0)
+    elif op == "Conv":
+        conv_attrs = {k: v for k, v in a.items() if k in ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")}
+        acc = b.op("ConvInteger", [x.name, wt, zp_x, zp_w], f"{base}_acc", **conv_attrs)
+    else:
+        acc = b.op("MatMulInteger", [x.name, wt, zp_x, zp_w], f"{base}_acc")
+    if mult != 1:
+        acc = b.op("Mul", [acc, b.const(f"{base}_m", np.array(mult, np.int32))], f"{base}_accm")
+    if rem != 0:
+        if pooled is not None:
+            box = b.op("ReduceSum", [b.cast(x.name, TensorProto.INT32, f"{base}_x32"),
+                                     b.const(f"{base}_box_axes", np.array([1] + pooled.axes, np.int64))],
+                       f"{base}_box", keepdims=0)
+            if x.zp:
+                raise FuseError(f"{node_label(node)}: 8-bit DoReFa weights after a pooled input with a zero point")
+            box = b.op("Unsqueeze", [box, b.const(f"{base}_box_ax1", np.array([1], np.int64))], f"{base}_box2")
+        elif op == "Conv":
+            grp = int(a.get("group", 1))
+            ones_shape = (1,) + w_shape[1:] if grp == 1 else w_shape
+            ones = b.const(f"{base}_ones", np.ones(ones_shape, np.uint8))
+            zero = b.const(f"{base}_ones_zp", np.array(0, np.uint8))
+            box = b.op("ConvInteger", [x.name, ones, zp_x, zero], f"{base}_box", **conv_attrs)
+        else:
+            x32 = b.cast(x.name, TensorProto.INT32, f"{base}_x32")
+            if x.zp:
+                x32 = b.op("Sub", [x32, b.const(f"{base}_xzp32", np.array(x.zp, np.int32))], f"{base}_xc")
+            box = b.op("ReduceSum", [x32, b.const(f"{base}_ax", np.array([-1], np.int64))], f"{base}_box", keepdims=1)
+        box = b.op("Mul", [box, b.const(f"{base}_rem", np.array(rem, np.int32))], f"{base}_boxm")
+        acc = b.op("Add", [acc, box], f"{base}_accw")
+    red = tuple(i for i in range(wk.ndim) if i != (0 if op == "Conv" else 1))
+    bound = float(np.max(np.sum(np.abs(wk), axis=red))) * x.bound * (pooled.count if pooled else 1)
+    if bound > 2**31 - 1:
+        raise FuseError(f"{node_label(node)}: its int32 accumulator could overflow (bound {bound:.3g})")
+    return acc, bound
 
 
 def requantize_integer(b: GraphBuilder, v: Acc | Codes, s_out: float, r: int, name: str, zp: int = 0,

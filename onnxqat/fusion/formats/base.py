@@ -1,0 +1,92 @@
+"""What an output format decides: how a weighted layer on codes is written, and how a value becomes the codes of the
+next activation quantizer. The op lowerings (fusion/ops/) call these through `low.fmt`; everything else they write
+is the same in every format."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from onnx import TensorProto
+
+from onnxqat.fusion.convert import acc_of_pooled, dequantize, to_float
+from onnxqat.fusion.values import Acc, Codes, Float, Pooled, WeightedLayer
+
+if TYPE_CHECKING:
+    from onnxqat.fusion.lowering import Lowerer
+
+
+def code_bounds(clip: tuple, s_out: float, r: int, zp: int) -> tuple[int, int]:
+    """[lo, hi] of the codes: [0, r], narrowed by a Relu/Clip folded into the quantizer."""
+    lo_u = 0 if not np.isfinite(clip[0]) else int(min(r, max(0, np.round(clip[0] / s_out) + zp)))
+    hi_u = r if not np.isfinite(clip[1]) else int(max(lo_u, min(r, np.round(clip[1] / s_out) + zp)))
+    return lo_u, hi_u
+
+
+class Format:
+    """Base of the output formats. Subclasses set `name` and implement `weighted` and `requantize_value`."""
+
+    name = ""
+    float_arithmetic = False  # True: sums, pooling and movement run on dequantized floats (QDQ)
+    input_type: str | None = None  # forces the graph input type ("float" for QDQ), else the user's choice
+
+    def __init__(self, rescale: str = "fixed-point"):
+        self.rescale = rescale  # integer requantization: "fixed-point" (multiplier + shift) or "float"
+
+    def weighted(self, low: Lowerer, layer: WeightedLayer):
+        raise NotImplementedError
+
+    def materialize(self, low: Lowerer, v):
+        """A Pending value as an Acc (formats that never defer a layer return v as it is)."""
+        return v
+
+    def bias_step(self, low: Lowerer, layer: WeightedLayer) -> np.ndarray | None:
+        """The grid (real value per step, per output channel) a kernel of this format rounds the layer's bias to, or
+        None when the bias is added exactly (snap_bias.py moves the QAT model's bias onto it)."""
+        return None
+
+    def codes_op(self, low: Lowerer, op: str, inputs: list[str], name: str, attrs: dict) -> str:
+        """An op that moves or selects codes (MaxPool, Reshape, Transpose ...) on the codes tensor inputs[0]."""
+        return low.b.op(op, inputs, name, **attrs)
+
+    def output_acc(self, low: Lowerer, v: Acc, name: str) -> str | None:
+        """A float tensor of an accumulator's real value for a graph output, or None for the default (int32 codes
+        and a last DequantizeLinear, convert.acc_output)."""
+        return None
+
+    def requantize_value(self, low: Lowerer, v, s_out: float, r: int, name: str, zp: int):
+        """An Acc or Codes -> codes of the quantizer (step s_out, range r, zero point zp)."""
+        raise NotImplementedError
+
+    def quantize_node(self, low: Lowerer, node, v, s_out: float, r: int, zp: int) -> None:
+        """An activation quantizer node: its output's value is the codes of v (and the self-check compares them)."""
+        out = node.output[0]
+        low.val[out] = low.record(out, self.requantize(low, v, s_out, r, out, zp))
+
+    def requantize(self, low: Lowerer, v, s_out: float, r: int, name: str, zp: int = 0):
+        """u = clip(round(v / s_out) + zp, 0, r) (and within a folded Relu/Clip of v)."""
+        if isinstance(v, Pooled):
+            v = acc_of_pooled(low.b, v, f"{name}_pool")
+        if isinstance(v, Float):
+            return quantize_float(low, v, s_out, r, name, zp)
+        return self.requantize_value(low, v, s_out, r, name, zp)
+
+
+def quantize_float(low: Lowerer, v, s_out: float, r: int, name: str, zp: int = 0) -> Codes:
+    """A float value -> uint8 codes with zero point zp: Clip to the code range, then QuantizeLinear (which rounds half
+    to even, as the quantizers do). uint8 with a zero point is onnxruntime's QDQ default; its QDQ propagation
+    mishandles int8 codes."""
+    b = low.b
+    lo_u, hi_u = code_bounds(v.clip if isinstance(v, Acc) else (-np.inf, np.inf), s_out, r, zp)
+    xf = to_float(low, v)
+    lo = b.const(f"{name}_lo", np.array((lo_u - zp) * s_out, np.float32))
+    hi = b.const(f"{name}_hi", np.array((hi_u - zp) * s_out, np.float32))
+    y = b.op("Clip", [xf, lo, hi], f"{name}_clip")
+    s = b.const(f"{name}_scale", np.array(s_out, np.float32))
+    zq = b.const(f"{name}_zp", np.array(zp, np.uint8))
+    return Codes(b.op("QuantizeLinear", [y, s, zq], f"{name}_codes"), s_out, r, TensorProto.UINT8, zp)
+
+
+def dequantized(low: Lowerer, c: Codes) -> Float:
+    """Codes as the float tensor a QDQ graph passes on (DequantizeLinear), remembering the grid."""
+    return Float(dequantize(low.b, c), grid=c)

@@ -1,0 +1,292 @@
+"""The ort format: the integer kernels onnxruntime's CPU provider runs fast (the default target of `fuse`).
+
+onnxruntime's ConvInteger is about as slow as its float Conv and an int64 rescale chain costs ~10 elementwise ops per
+quantizer; its QLinearConv / QGemm (int8 GEMM with the requantization fused) run at about half the float time. So:
+- a weighted layer read by an activation quantizer (through its folded BatchNormalization and Relu/Clip) is one
+  QLinearConv (Conv) or QGemm (Gemm/MatMul, com.microsoft) with an int32 bias and the quantizer's scale and zero
+  point as output, plus a uint8 Clip when the quantizer's range is narrower than the uint8 saturation (4 bits);
+- 8-bit weights as int8_weights.py decides (int8, or uint8 where AVX2's int16 pair sums could saturate; scaled by 2^k
+  for a finer bias grid); negative per-channel scales (BatchNorm's negative gammas) stay in the weight scale, which
+  both kernels accept; the int32 bias is rounded to that grid, so fuse first moves the QAT model's bias onto it
+  (snap_bias.py) and the two compute the same;
+- a dense convolution on fewer than 4 input channels (an image's first layer: QLinearConv is 2-5x slower than a float
+  Conv there, measured; depthwise ones are fast) is a float Conv on the codes with the bias in its B input, exact while
+  the accumulator stays below 2^24, as is a Gemm read through GlobalAveragePool (float ReduceSum of the codes, then
+  Gemm), and any layer read by something else than a quantizer (a residual Add); one per-channel QuantizeLinear
+  requantizes them;
+- a sum of two codes requantized (residual Add of quantized tensors) is one QLinearAdd, GlobalAveragePool of codes
+  requantized one QLinearGlobalAveragePool; other sums a float rescale + QuantizeLinear.
+The requantizations round in float32 like onnxruntime's kernels (half to even); the fake-quantized model rounds its own
+float32 values: codes can differ where a value lies within float32 rounding of a tie (the self-check counts them).
+The rescale option does not apply (always the float rescale of the kernels).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import numpy as np
+from onnx import TensorProto
+
+from onnxqat.fusion.formats.base import code_bounds
+from onnxqat.fusion.formats.int8_weights import EXACT_FLOAT, accumulator_bound, int8_weights, out_axis
+from onnxqat.fusion.formats.integer import IntegerFormat
+from onnxqat.fusion.graph import attrs
+from onnxqat.fusion.storage import emit_codes
+from onnxqat.fusion.values import Acc, Codes, Pending, Pooled, WeightedLayer
+
+if TYPE_CHECKING:
+    from onnxqat.fusion.lowering import Lowerer
+
+MS = "com.microsoft"
+MIN_QLINEAR_CHANNELS = 4  # a dense QLinearConv on fewer input channels is slower than a float conv (depthwise is not)
+CONV_ATTRS = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
+
+
+class OrtFormat(IntegerFormat):
+    name = "ort"
+
+    def __init__(self, rescale: str = "fixed-point"):
+        super().__init__(rescale)
+        self.float_tensors: set[str] = set()  # accumulators computed in float (exact integers)
+
+    # ------------------------------------------------------------------ weighted layers
+    def weighted(self, low: Lowerer, layer: WeightedLayer):
+        if layer.pooled is not None or _dense_with_few_channels(layer):
+            acc = self.float_accumulator(low, layer)
+            return acc if acc is not None else super().weighted(low, layer)
+        return Pending(layer)
+
+    def materialize(self, low: Lowerer, v):
+        if not isinstance(v, Pending):
+            return v
+        acc = self.float_accumulator(low, v.layer) or super().weighted(low, v.layer)
+        return replace(acc, clip=v.clip)
+
+    def float_accumulator(self, low: Lowerer, layer: WeightedLayer) -> Acc | None:
+        """The layer as a float Conv/MatMul on the codes with integer weights (signs of the per-channel scales folded
+        in) and the bias in accumulator steps as its B input: the output is acc + bias/|scale|, acc exact while below
+        2^24 (else None). Real value = |scale| * output."""
+        x, b = layer.x, low.b
+        bound = accumulator_bound(layer)
+        mag = np.abs(layer.scale)
+        if bound >= EXACT_FLOAT or not np.all(mag > 0):
+            return None
+        sign = np.where(layer.scale < 0, -1, 1).astype(np.int64)
+        base = layer.base
+        # Cast, not DequantizeLinear: onnxruntime's QDQ fusion would turn DequantizeLinear -> Conv -> QuantizeLinear
+        # into a QLinearConv that refuses the per-channel output scale
+        xf = b.cast(x.name, TensorProto.FLOAT, f"{base}_xf")
+        if x.zp:
+            xf = b.op("Sub", [xf, b.const(f"{base}_xzp_f", np.array(x.zp, np.float32))], f"{base}_xc")
+        w = self.weight_tensor(low, layer, TensorProto.FLOAT, sign)
+        bias = b.const(f"{base}_bias_acc", (layer.bias / mag).astype(np.float32))
+        if layer.pooled is not None:
+            xf = b.op("ReduceSum", [xf, b.const(f"{base}_pool_axes", np.array(layer.pooled.axes, np.int64))],
+                      f"{base}_xsum", keepdims=0)
+        if layer.node.op_type == "Conv" and layer.pooled is None:
+            acc = b.op("Conv", [xf, w, bias], f"{base}_acc_f", **_conv_attrs(layer))
+        else:
+            acc = b.op("Gemm", [xf, w, bias], f"{base}_acc_f")
+        self.float_tensors.add(acc)
+        return Acc([(acc, mag, bound)], np.zeros(1), layer.cshape, layer.ch_axis)
+
+    def weight_tensor(self, low: Lowerer, layer: WeightedLayer, dtype: int, factor: np.ndarray, add: int = 0) -> str:
+        """factor_o * W_int + add in the op's layout as `dtype`, stored as the quantizer's packed codes and computed in
+        the graph from initializers only (onnxruntime folds it when the session starts)."""
+        b, codes = low.b, layer.codes
+        base = layer.base
+        u = emit_codes(b, f"{base}_w", np.ascontiguousarray(layer.u), codes.bits)
+        shape = _wshape(layer)
+        mult = (factor * codes.mult).astype(np.int32).reshape(shape)
+        offs = (factor * codes.offset + add).astype(np.int32).reshape(shape)
+        w = b.op("Mul", [b.cast(u, TensorProto.INT32, f"{base}_w32"), b.const(f"{base}_w_mult", mult)], f"{base}_wm")
+        w = b.op("Add", [w, b.const(f"{base}_w_offset", offs)], f"{base}_wo")
+        return b.cast(w, dtype, f"{base}_weight")
+
+    # ------------------------------------------------------------------ requantization
+    def requantize_value(self, low: Lowerer, v, s_out: float, r: int, name: str, zp: int) -> Codes:
+        if isinstance(v, Pending):
+            c = self.qlinear_layer(low, v, s_out, r, name, zp)
+            if c is not None:
+                return c
+            v = self.materialize(low, v)
+        if isinstance(v, Codes):
+            v = Acc([v.term()], v.offset(), (), 1, sources=(v,))
+        if len(v.sources) == 2 and not np.isfinite(v.clip).any():
+            return self._clip(low, self._qlinear_add(low, v.sources, s_out, name, zp), s_out, r, zp, v.clip, name)
+        return self.float_requantize(low, v, s_out, r, name, zp)
+
+    def quantize_node(self, low: Lowerer, node, v, s_out: float, r: int, zp: int) -> None:
+        """A float accumulator whose quantizer only feeds a MaxPool is pooled first, in float, and requantized after:
+        4x fewer values to requantize and no uint8 pooling. Exact: the requantization is non-decreasing (positive
+        per-channel scales: the float accumulator has the signs in its weights) and MaxPool's padding is -inf."""
+        pool = low.g.only_consumer(node.output[0])
+        if (pool is None or pool.op_type != "MaxPool" or len([o for o in pool.output if o]) != 1
+                or not isinstance(v, Acc) or len(v.terms) != 1 or v.terms[0][0] not in self.float_tensors
+                or not np.all(v.terms[0][1] > 0)):
+            return super().quantize_node(low, node, v, s_out, r, zp)
+        t, sc, bound = v.terms[0]
+        pooled = low.b.op("MaxPool", [t], f"{pool.output[0]}_acc_pool", **attrs(pool))
+        self.float_tensors.add(pooled)
+        out = pool.output[0]
+        low.val[out] = low.record(out, self.requantize(low, replace(v, terms=[(pooled, sc, bound)]), s_out, r, out, zp))
+        low.done.add(low.index(pool))
+
+    def requantize(self, low: Lowerer, v, s_out: float, r: int, name: str, zp: int = 0):
+        if isinstance(v, Pooled) and not v.flat:
+            return self._clip(low, self._qlinear_pool(low, v, s_out, name, zp), s_out, r, zp, (-np.inf, np.inf), name)
+        return super().requantize(low, v, s_out, r, name, zp)
+
+    def bias_step(self, low: Lowerer, layer: WeightedLayer) -> np.ndarray | None:
+        return None if not self._qlinear_fits(low, layer) else int8_weights(layer).step
+
+    def _qlinear_fits(self, low: Lowerer, layer: WeightedLayer) -> bool:
+        if layer.pooled is not None or _dense_with_few_channels(layer):
+            return False
+        if layer.node.op_type != "Conv" and len(low.g.shape_of(layer.node.input[0]) or []) != 2:
+            return False  # QGemm takes 2-D inputs
+        return int8_weights(layer) is not None
+
+    def qlinear_layer(self, low: Lowerer, p: Pending, s_out: float, r: int, name: str, zp: int) -> Codes | None:
+        """QLinearConv / QGemm writing the quantizer's codes; None where the layer does not fit their types."""
+        layer, b = p.layer, low.b
+        x, op = layer.x, layer.node.op_type
+        if not self._qlinear_fits(low, layer):
+            return None
+        plan = int8_weights(layer)
+        unit, signed = plan.step, plan.signed  # negative per-channel scales (BatchNorm's negative gammas) work in
+        bias_q = np.round(layer.bias / unit)  # QLinearConv and QGemm: the sign stays in the weight scale
+        wdtype = TensorProto.INT8 if signed else TensorProto.UINT8
+        w = self.weight_tensor(low, layer, wdtype, np.full(layer.n_out, 1 << plan.k, np.int64), 0 if signed else 128)
+        base = layer.base
+        n = layer.n_out
+        ins = [x.name, b.const(f"{base}_x_scale", np.array(x.scale, np.float32)),
+               b.const(f"{base}_x_zp", np.array(x.zp, np.uint8)), w,
+               b.const(f"{base}_w_scale", (unit / x.scale).astype(np.float32)),
+               b.const(f"{base}_w_zp", np.zeros(n, np.int8) if signed else np.full(n, 128, np.uint8))]
+        y_scale = b.const(f"{name}_scale", np.array(s_out, np.float32))
+        y_zp = b.const(f"{name}_zp", np.array(zp, np.uint8))
+        bias = b.const(f"{base}_bias_i32", bias_q.astype(np.int32))
+        if op == "Conv":
+            y = b.op("QLinearConv", ins + [y_scale, y_zp, bias], f"{name}_qconv", **_conv_attrs(layer))
+        else:
+            y = b.op("QGemm", ins + [bias, y_scale, y_zp], f"{name}_qgemm", domain=MS)
+        return self._clip(low, y, s_out, r, zp, p.clip, name)
+
+    def float_requantize(self, low: Lowerer, v: Acc, s_out: float, r: int, name: str, zp: int) -> Codes:
+        """round(sum_i t_i scale_i / s_out + bias / s_out) + zp, saturated to uint8, in float: every term in units of
+        the first one (u, per channel: a float accumulator as it is, others by a per-channel DequantizeLinear), their
+        sum, then one per-channel QuantizeLinear with scale s_out / u (which rounds half to even)."""
+        b = low.b
+        n = max([t[1].size for t in v.terms] + [v.bias.size])
+        unit = np.broadcast_to(v.terms[0][1], (n,)).astype(np.float64)
+        if not np.all(unit > 0):
+            unit = np.full(n, float(np.max(np.abs(unit))) or 1.0)
+        per_channel = n > 1 and not np.all(unit == unit[0])
+        axis = v.axis if n > 1 else 1
+
+        def vec(x: np.ndarray) -> np.ndarray:
+            x = np.broadcast_to(x, (n,)).astype(np.float32)
+            return x if per_channel else x[:1].reshape(())
+
+        y = None
+        for k, (t, sc, _) in enumerate(v.terms):
+            rel = np.broadcast_to(sc, (n,)) / unit
+            if t in self.float_tensors:
+                p = t if np.all(rel == 1) else b.op("Mul", [t, b.const(f"{name}_m{k}", vec(rel).reshape(
+                    v.cshape if per_channel else ()))], f"{name}_p{k}")
+            elif np.all(rel > 0):  # (t - 0) * rel in one op; rel per channel needs DequantizeLinear's axis
+                rel_c = np.broadcast_to(rel, (n,)).astype(np.float32)
+                one_rel = np.all(rel_c == rel_c[0])
+                p = b.op("DequantizeLinear", [t, b.const(f"{name}_m{k}", rel_c[:1].reshape(()) if one_rel else rel_c)],
+                         f"{name}_p{k}", **({} if one_rel else {"axis": axis}))
+            else:
+                tf = b.cast(t, TensorProto.FLOAT, f"{name}_t{k}")
+                p = b.op("Mul", [tf, b.const(f"{name}_m{k}", np.broadcast_to(rel, (n,)).astype(np.float32).reshape(
+                    v.cshape if n > 1 else ()) if n > 1 else rel.astype(np.float32)[:1].reshape(()))], f"{name}_p{k}")
+            y = p if y is None else b.op("Add", [y, p], f"{name}_sum")
+        bias = np.broadcast_to(v.bias, (n,)) / unit
+        if np.any(bias != 0):
+            bshape = v.cshape if n > 1 else ()
+            y = b.op("Add", [y, b.const(f"{name}_bias", bias.astype(np.float32).reshape(bshape) if n > 1
+                                        else bias.astype(np.float32)[:1].reshape(()))], f"{name}_biased")
+        ys = s_out / unit
+        zps = np.full(n, zp, np.uint8) if per_channel else np.array(zp, np.uint8)  # per-axis scale: per-axis zero point
+        q = b.op("QuantizeLinear", [y, b.const(f"{name}_scale", vec(ys)), b.const(f"{name}_zp", zps)],
+                 f"{name}_q", **({"axis": axis} if per_channel else {}))
+        return self._clip(low, q, s_out, r, zp, v.clip, name)
+
+    def _qlinear_add(self, low: Lowerer, src: tuple, s_out: float, name: str, zp: int) -> str:
+        b = low.b
+        ins = []
+        for k, c in enumerate(src):
+            ins += [c.name, b.const(f"{name}_s{k}", np.array(c.scale, np.float32)),
+                    b.const(f"{name}_z{k}", np.array(c.zp, np.uint8))]
+        ins += [b.const(f"{name}_scale", np.array(s_out, np.float32)), b.const(f"{name}_zp", np.array(zp, np.uint8))]
+        return b.op("QLinearAdd", ins, f"{name}_qadd", domain=MS)
+
+    def _qlinear_pool(self, low: Lowerer, p: Pooled, s_out: float, name: str, zp: int) -> str:
+        b, c = low.b, p.codes
+        return b.op("QLinearGlobalAveragePool", [c.name, b.const(f"{name}_xs", np.array(c.scale, np.float32)),
+                                                 b.const(f"{name}_xz", np.array(c.zp, np.uint8)),
+                                                 b.const(f"{name}_scale", np.array(s_out, np.float32)),
+                                                 b.const(f"{name}_zp", np.array(zp, np.uint8))],
+                    f"{name}_qgap", domain=MS, channels_last=0)
+
+    def _clip(self, low: Lowerer, y: str, s_out: float, r: int, zp: int, clip: tuple, name: str) -> Codes:
+        """Codes saturated to uint8 by the kernel, narrowed to the quantizer's [lo, hi] by a uint8 Clip."""
+        lo_u, hi_u = code_bounds(clip, s_out, r, zp)
+        if (lo_u, hi_u) != (0, 255):
+            b = low.b
+            y = b.op("Clip", [y, b.const(f"{name}_lo", np.array(lo_u, np.uint8)),
+                              b.const(f"{name}_hi", np.array(hi_u, np.uint8))], f"{name}_codes")
+        return Codes(y, s_out, r, TensorProto.UINT8, zp)
+
+    def codes_op(self, low: Lowerer, op: str, inputs: list[str], name: str, attrs: dict) -> str:
+        """MaxPool on uint8 is a scalar loop in onnxruntime (10-70x slower than its float MaxPool, measured on 1.32):
+        pool the codes as floats (exact: small integers) and cast back."""
+        if op != "MaxPool":
+            return super().codes_op(low, op, inputs, name, attrs)
+        b = low.b
+        xf = b.cast(inputs[0], TensorProto.FLOAT, f"{name}_f")
+        return b.cast(b.op("MaxPool", [xf] + inputs[1:], f"{name}_pool_f", **attrs), TensorProto.UINT8, name)
+
+    # ------------------------------------------------------------------ outputs
+    def output_acc(self, low: Lowerer, v: Acc, name: str):
+        """A float accumulator output: scale * acc + bias in float (the integer path handles int32 ones)."""
+        if not any(t in self.float_tensors for t, _, _ in v.terms):
+            return None
+        return float_output(low, v, name, self.float_tensors)
+
+
+def float_output(low: Lowerer, v: Acc, name: str, float_tensors: set) -> str:
+    b = low.b
+    n = max([t[1].size for t in v.terms] + [v.bias.size])
+    cshape = v.cshape if n > 1 else ()
+    y = None
+    for k, (t, sc, _) in enumerate(v.terms):
+        tf = t if t in float_tensors else b.cast(t, TensorProto.FLOAT, f"{name}_t{k}")
+        s = np.broadcast_to(sc, (n,)).astype(np.float32)
+        p = b.op("Mul", [tf, b.const(f"{name}_s{k}", s.reshape(cshape) if n > 1 else s[:1].reshape(()))],
+                 f"{name}_p{k}")
+        y = p if y is None else b.op("Add", [y, p], f"{name}_sum")
+    bias = np.broadcast_to(v.bias, (n,)).astype(np.float32)
+    return b.op("Add", [y, b.const(f"{name}_bias", bias.reshape(cshape) if n > 1 else bias[:1].reshape(()))],
+                f"{name}_real")
+
+
+def _wshape(layer: WeightedLayer) -> list:
+    shape = [1] * layer.wk.ndim
+    shape[out_axis(layer)] = layer.n_out
+    return shape
+
+
+def _dense_with_few_channels(layer: WeightedLayer) -> bool:
+    return (layer.node.op_type == "Conv" and layer.wk.shape[1] < MIN_QLINEAR_CHANNELS
+            and int(attrs(layer.node).get("group", 1)) == 1)
+
+
+def _conv_attrs(layer: WeightedLayer) -> dict:
+    return {k: v for k, v in attrs(layer.node).items() if k in CONV_ATTRS}

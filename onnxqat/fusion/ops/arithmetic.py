@@ -1,0 +1,95 @@
+"""Add / Sub / Mul / Div.
+
+- a scalar constant Mul/Div/Add/Sub of codes (the input normalisation x*255/128 - 127/128): a new scale and zero
+  point, no op (ConvInteger pads with the zero point, as the float model pads the normalised image with 0);
+- a constant Add on an accumulator: into its bias;
+- a residual Add of two values: one accumulator of the branches' terms (each branch keeps its own scales), requantized
+  once by the quantizer that follows; in the QDQ format (or with a float branch) a float Add.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+
+from onnxqat.fusion.convert import acc_of_pooled, to_float
+from onnxqat.fusion.graph import NoIntegerForm, node_label
+from onnxqat.fusion.values import Acc, Codes, Float, Pooled, as_vector
+
+if TYPE_CHECKING:
+    from onnxqat.fusion.lowering import Lowerer
+
+
+def lower_arithmetic(low: Lowerer, node: onnx.NodeProto) -> None:
+    g, op = low.g, node.op_type
+    consts = [i for i in node.input if i in g.consts]
+    if len(node.input) == 2 and len(consts) == 1:
+        v = low.get([i for i in node.input if i not in g.consts][0], node)
+        if isinstance(v, Codes):
+            return constant_on_codes(low, node, v)
+        if op == "Add" and isinstance(v, Acc):
+            low.val[node.output[0]] = Acc(v.terms, v.bias + as_vector(g.consts[consts[0]]), v.cshape, v.axis)
+            return
+    elif op == "Add" and len(node.input) == 2 and not consts:
+        return residual_add(low, node)
+    raise NoIntegerForm(f"{node_label(node)}: no integer form for {op} of these inputs", f"{op} of these inputs")
+
+
+def constant_on_codes(low: Lowerer, node: onnx.NodeProto, v: Codes) -> None:
+    """A scalar Mul/Div/Add/Sub of codes: a new scale and zero point, no op."""
+    g, op = low.g, node.op_type
+    ci = [i for i in node.input if i in g.consts]
+    c = g.consts[ci[0]]
+    if c.size != 1:
+        raise NoIntegerForm(f"{node_label(node)}: only a scalar constant {op} of codes changes scale or zero point",
+                            f"per-channel {op} of codes")
+    c = float(c.reshape(-1)[0])
+    scale, zp = v.scale, float(v.zp)
+    if op in ("Mul", "Div"):
+        f = c if op == "Mul" else 1.0 / c
+        if not f > 0:
+            raise NoIntegerForm(f"{node_label(node)}: {op} by {c:g} (only a positive factor keeps the codes)",
+                                f"{op} by a negative constant")
+        scale *= f
+    elif op == "Sub" and node.input[1] == ci[0]:
+        zp += c / scale
+    elif op == "Add":
+        zp -= c / scale
+    else:
+        raise NoIntegerForm(f"{node_label(node)}: constant minus codes", "constant minus codes")
+    if abs(zp - round(zp)) > 1e-3 or not 0 <= round(zp) <= 255:
+        raise NoIntegerForm(f"{node_label(node)}: the offset {op} {c:g} is not a whole number of codes "
+                            f"(zero point {zp:g}, step {scale:g})", "offset not a whole number of codes")
+    low.val[node.output[0]] = Codes(v.name, scale, v.r, v.dtype, int(round(zp)))
+
+
+def residual_add(low: Lowerer, node: onnx.NodeProto) -> None:
+    vals = [low.get(i, node) for i in node.input]
+    vals = [acc_of_pooled(low.b, v, f"{node.output[0]}_{k}") if isinstance(v, Pooled) else v
+            for k, v in enumerate(vals)]
+    if low.fmt.float_arithmetic or any(isinstance(v, Float) for v in vals):
+        fl = [to_float(low, v) for v in vals]
+        low.val[node.output[0]] = Float(low.b.op("Add", fl, node.output[0]))
+        return
+    if not all(isinstance(v, (Acc, Codes)) for v in vals):
+        raise NoIntegerForm(f"{node_label(node)}: Add of these inputs", "Add of these inputs")
+    terms, bias, cshape, axis = [], np.zeros(1), (1,), 1
+    for v in vals:
+        if isinstance(v, Codes):
+            terms.append(v.term())
+            bias = bias + v.offset()
+        else:
+            if np.isfinite(v.clip).any():
+                raise NoIntegerForm(f"{node_label(node)}: a Relu/Clip inside a residual branch without an activation "
+                                    "quantizer", "Relu/Clip in a residual branch without a quantizer")
+            terms += v.terms
+            if len(v.cshape) > len(cshape) or np.prod(v.cshape) > np.prod(cshape):
+                cshape, axis = v.cshape, v.axis
+            bias = bias + v.bias
+    sources = tuple(vals) if all(isinstance(v, Codes) for v in vals) else ()
+    low.val[node.output[0]] = Acc(terms, np.asarray(bias, np.float64), cshape, axis, sources=sources)
+
+
+HANDLERS = {op: lower_arithmetic for op in ("Add", "Sub", "Mul", "Div")}

@@ -1,0 +1,160 @@
+"""The ort format: QLinearConv / QGemm / QLinearAdd / QLinearGlobalAveragePool and float convolutions on codes, checked
+against the fake-quantized model (onnxruntime with the op library) and the int format, on onnxruntime 1.19.2 and the
+latest stock onnxruntime."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, numpy_helper
+
+import qat_models as qm
+from onnxqat.fusion import stock
+from onnxqat.fusion.api import fuse
+from onnxqat.fusion.formats.int8_weights import PAIR_SATURATION
+
+MODELS = {
+    "conv_bn_sat4": lambda: qm.conv_bn_sat(15, 15),
+    "residual4": lambda: qm.residual(),
+    "lsq_per_channel4": lambda: qm.lsq_per_channel(15),
+    "mobile_block4": lambda: qm.mobile_block(15),
+    "gemm_bn1d_sat4": lambda: qm.gemm_bn1d(15, "sat"),
+    "lsq_per_channel8": lambda: qm.lsq_per_channel(255),
+    "mobile_block8": lambda: qm.mobile_block(255),
+}
+INT64_CHAIN = {"BitShift", "BitwiseAnd", "BitwiseXor", "Min", "Max", "ConvInteger", "MatMulInteger"}
+
+
+def codes_in(model, n, seed=5):
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim][1:]
+    return np.random.default_rng(seed).integers(0, 256, size=[n] + dims, dtype=np.uint8)
+
+
+def node_ops(model):
+    return [n.op_type for n in model.graph.node]
+
+
+def runtime_ops(model) -> set:
+    """Op types of the nodes that read the graph input (the rest reads initializers only: onnxruntime folds it when
+    the session starts, e.g. the unpacking of 4-bit weight codes)."""
+    live = {i.name for i in model.graph.input}
+    ops = set()
+    for n in model.graph.node:
+        if any(i in live for i in n.input):
+            live.update(n.output)
+            ops.add(n.op_type)
+    return ops
+
+
+def constant_value(model, tensor):
+    """Evaluate the initializer-only subgraph that computes `tensor` (onnx.reference)."""
+    from onnx.reference import ReferenceEvaluator
+
+    producers = {o: n for n in model.graph.node for o in n.output}
+    need, stack = [], [tensor]
+    while stack:
+        t = stack.pop()
+        if t in producers and producers[t] not in need:
+            need.append(producers[t])
+            stack.extend(producers[t].input)
+    order = [n for n in model.graph.node if n in need]
+    sub = onnx.helper.make_model(onnx.helper.make_graph(
+        order, "sub", [], [onnx.helper.make_tensor_value_info(tensor, TensorProto.UNDEFINED, None)],
+        list(model.graph.initializer)), opset_imports=model.opset_import)
+    return ReferenceEvaluator(sub).run(None, {})[0]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_agrees_with_fake_quant(name):
+    """4-bit: every output code; 8-bit: top-1 and >= 99 % of codes (the int32 bias is rounded on the accumulator's
+    grid, which the float fake-quantized model is not: a value within that error of a rounding tie can move)."""
+    qat = MODELS[name]()
+    res = fuse(qat, format="ort", verify_data=codes_in(qat, 256), min_agreement=0)
+    ops = runtime_ops(res.model)
+    assert not ops & INT64_CHAIN, ops & INT64_CHAIN
+    assert ops & {"QLinearConv", "QGemm"}
+    a = res.agreement
+    assert a.top1_agreement == 1.0
+    if name.endswith("4"):
+        assert a.code_agreement >= 0.97 and a.min_activation_agreement >= 0.998, a.summary()
+    else:
+        assert a.code_agreement >= 0.94 and a.min_activation_agreement >= 0.995, a.summary()
+
+
+def test_layers_read_by_quantizers_are_qlinear():
+    """conv_bn_sat: conv1 has one input channel (a float Conv on the codes: QLinearConv is slower there), pooled in
+    float before its quantizer (which only feeds the MaxPool), conv2 is a QLinearConv with the quantizer's scale and
+    zero point, fc (no quantizer after it) a float Gemm on codes; 4-bit ranges clip the uint8 codes."""
+    qat = qm.conv_bn_sat(15, 15)
+    m = fuse(qat, format="ort", check=False).model
+    ops = node_ops(m)
+    assert ops.count("QLinearConv") == 1 and ops.count("Conv") == 1 and ops.count("Gemm") == 1
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    qconv = next(n for n in m.graph.node if n.op_type == "QLinearConv")
+    alpha = 2.93  # relu2's alpha in qat_models.conv_bn_sat
+    assert float(inits[qconv.input[6]]) == pytest.approx(alpha / 15, rel=1e-6) and int(inits[qconv.input[7]]) == 0
+    clip = next(n for n in m.graph.node if n.op_type == "Clip" and n.input[0] == qconv.output[0])
+    assert (int(inits[clip.input[1]]), int(inits[clip.input[2]])) == (0, 15)
+    producers = {o: n for n in m.graph.node for o in n.output}
+    consumers = {i: n for n in m.graph.node for i in n.input}
+    pool = next(n for n in m.graph.node if n.op_type == "MaxPool")
+    assert producers[pool.input[0]].op_type == "Conv" and consumers[pool.output[0]].op_type == "QuantizeLinear"
+
+
+def _weight_cast(model, conv):
+    """The Cast that writes a QLinearConv's weights from the packed codes (folded by onnxruntime at load)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    return producers[conv.input[3]]
+
+
+def _lsq8_conv(step: float):
+    """8-bit input codes -> conv (8-bit LSQ weights with the given step) -> BN -> Relu -> 8-bit LSQ -> Gemm."""
+    b = qm.QatBuilder(4)
+    x = b.conv("conv", "input", 8, 8, wq="lsq", r=255)
+    for t in b.inits:
+        if t.name == "conv_wquant.step":
+            t.CopyFrom(numpy_helper.from_array(np.array([step], np.float32), t.name))
+    x = b.lsq_act("relu", b.op("Relu", [b.bn("bn", x, 8)], "relu"), 0.05, 255)
+    x = b.op("Flatten", [x], "flat", axis=1)
+    return b.model(["N", 8, 6, 6], b.gemm("fc", x, 8 * 36, 4, wq="lsq", r=255), ["N", 4])
+
+
+@pytest.mark.parametrize("step, want", [(1e-3, TensorProto.UINT8), (0.3, TensorProto.INT8)])
+def test_uint8_weights_where_int16_pair_sums_could_saturate(step, want):
+    """8-bit input codes (up to 255): int8 weights only while 2 * 255 * max|w| <= 32767 (AVX2 sums pairs of u8 x s8
+    products in saturating int16), else uint8 weights with zero point 128. A tiny step clips the codes to
+    [-128, 127]; a large one keeps them small. Both agree with the fake-quantized model."""
+    qat = _lsq8_conv(step)
+    res = fuse(qat, format="ort", verify_data=codes_in(qat, 64), min_agreement=0)
+    conv = next(n for n in res.model.graph.node if n.op_type == "QLinearConv")
+    w = constant_value(res.model, conv.input[3]).astype(np.int64) - (128 if want == TensorProto.UINT8 else 0)
+    assert _weight_cast(res.model, conv).attribute[0].i == want
+    assert (2 * 255 * np.abs(w).max() > PAIR_SATURATION) == (want == TensorProto.UINT8)
+    assert res.agreement.top1_agreement == 1.0 and res.agreement.min_activation_agreement >= 0.99
+
+
+def test_int8_weights_scaled_for_a_finer_bias_grid():
+    """DoReFa 4-bit weight codes (odd integers in [-15, 15]) are stored scaled by 8 (|w| <= 120): the QLinearConv's
+    weight scale is 1/8 of the layer's, so its int32 bias resolves 1/8 of an accumulator step."""
+    m = fuse(qm.conv_bn_sat(15, 15), format="ort", check=False).model
+    qconv = next(n for n in m.graph.node if n.op_type == "QLinearConv")
+    w = constant_value(m, qconv.input[3]).astype(np.int64)
+    assert w.dtype == np.int64 and np.all(w % 8 == 0) and np.all(np.abs(w // 8) % 2 == 1) and np.abs(w).max() <= 120
+
+
+def test_stock_onnxruntime_runs_it_the_same():
+    """The ort format needs only onnxruntime's own (contrib) kernels: the latest stock onnxruntime gives the outputs
+    of the training package's 1.19.2."""
+    import onnxruntime as ort
+
+    for qat in (qm.residual(), qm.mobile_block(15), qm.lsq_per_channel(255)):
+        m = fuse(qat, format="ort", check=False).model
+        x = codes_in(qat, 32)
+        local = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            path = f"{d}/m.onnx"
+            onnx.save(m, path)
+            got, version = stock.run_stock(path, {"input": x})
+        assert version != ort.__version__
+        np.testing.assert_array_equal(got[0], local[0])
