@@ -66,22 +66,28 @@ def to_float(low: Lowerer, v) -> str:
         return v.name
     if isinstance(v, Codes):
         return dequantize(b, v)
-    if len(v.terms) == 1 and not np.isfinite(v.clip).any():  # int32 codes + DequantizeLinear, as for an output
-        out = b.fresh(f"{v.terms[0][0]}_dq")
-        acc_output(b, v, out, out, True)
-        return out
+    return low.fmt.acc_to_float(low, v, f"{v.terms[0][0]}_real")
+
+
+def acc_to_float(b: GraphBuilder, v: Acc, name: str, float_terms: set = frozenset()) -> str:
+    """sum_i t_i scale_i + bias in float (Cast of integer terms, Mul, Add), clipped by a folded Relu/Clip. Not a
+    DequantizeLinear of int32: onnxruntime's QDQ propagation moves such a DequantizeLinear across a Transpose and
+    writes a QuantizeLinear with its int32 zero point, which it then refuses (seen on two corpus models)."""
     parts = []
-    for t, sc, _ in v.terms:
-        tf = b.cast(t, TensorProto.FLOAT, f"{t}_f")
-        parts.append(b.op("Mul", [tf, b.const(f"{t}_s", sc.astype(np.float32).reshape(_cshape(v, sc)))], f"{t}_real"))
+    for k, (t, sc, _) in enumerate(v.terms):
+        tf = t if t in float_terms else b.cast(t, TensorProto.FLOAT, f"{name}_t{k}")
+        parts.append(b.op("Mul", [tf, b.const(f"{name}_s{k}", sc.astype(np.float32).reshape(_cshape(v, sc)))],
+                          f"{name}_p{k}"))
     y = parts[0]
     for p in parts[1:]:
-        y = b.op("Add", [y, p], f"{y}_sum")
-    y = b.op("Add", [y, b.const(f"{y}_b", v.bias.astype(np.float32).reshape(_cshape(v, v.bias)))], f"{y}_b")
+        y = b.op("Add", [y, p], f"{name}_sum")
+    y = b.op("Add", [y, b.const(f"{name}_b", v.bias.astype(np.float32).reshape(_cshape(v, v.bias)))], f"{name}_b")
     if np.isfinite(v.clip).any():
-        lo = b.const(f"{y}_lo", np.array(v.clip[0] if np.isfinite(v.clip[0]) else -np.finfo(np.float32).max, np.float32))
-        hi = b.const(f"{y}_hi", np.array(v.clip[1] if np.isfinite(v.clip[1]) else np.finfo(np.float32).max, np.float32))
-        y = b.op("Clip", [y, lo, hi], f"{y}_clip")
+        lo = b.const(f"{name}_lo", np.array(v.clip[0] if np.isfinite(v.clip[0]) else -np.finfo(np.float32).max,
+                                            np.float32))
+        hi = b.const(f"{name}_hi", np.array(v.clip[1] if np.isfinite(v.clip[1]) else np.finfo(np.float32).max,
+                                            np.float32))
+        y = b.op("Clip", [y, lo, hi], f"{name}_clip")
     return y
 
 

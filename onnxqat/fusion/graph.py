@@ -27,6 +27,28 @@ class NoIntegerForm(Exception):
         self.cause = cause or reason  # short, groupable: "no integer lowering", "input not quantized", ...
 
 
+FUSED_OPSET = 21  # the opset of the fused model (BitwiseAnd needs 18, int4 types 21)
+
+
+def upgraded(model: onnx.ModelProto, opset: int = FUSED_OPSET) -> onnx.ModelProto:
+    """The QAT model at the fused model's opset (onnx.version_converter; the quantizers' domain passes through), so
+    that nodes copied into the fused graph (shape ops, float islands) are valid there: ReduceMean's axes, Unsqueeze's
+    axes, Clip's bounds ... moved from attributes to inputs between opsets 11 and 18."""
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), opset)
+    if current >= opset:
+        return model
+    try:
+        return onnx.version_converter.convert_version(model, opset)
+    except Exception as exc:
+        raise FuseError(f"cannot convert the model from opset {current} to {opset} "
+                        f"(onnx.version_converter: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+                        ) from None
+
+
+_NOT_FOLDED = {"Shape", "Size", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+               "Bernoulli"}
+
+
 class QatGraph:
     """Constants by name, producer/consumers of each tensor, and the attribute/initializer helpers fuse needs."""
 
@@ -34,11 +56,7 @@ class QatGraph:
         self.model = model
         g = model.graph
         self.consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-        for n in g.node:
-            if n.op_type == "Constant" and n.domain in ("", "ai.onnx"):
-                for a in n.attribute:
-                    if a.name == "value":
-                        self.consts[n.output[0]] = numpy_helper.to_array(a.t)
+        self._fold_constants()
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         for n in g.node:
@@ -53,6 +71,32 @@ class QatGraph:
         self.output_names = [o.name for o in g.output]
         self.quantizers = [n for n in g.node if is_quantizer(n)]
         self._types: dict[str, tuple[int, list]] | None = None
+
+    def _fold_constants(self) -> None:
+        """Outputs of nodes whose inputs are all constants are constants too (Constant, an exporter's Identity on a
+        shared weight, a Cast or Reshape of an initializer ...): evaluated once with onnx.reference."""
+        from onnx.reference import ReferenceEvaluator
+
+        for n in self.model.graph.node:
+            if n.domain not in ("", "ai.onnx") or n.op_type in _NOT_FOLDED or not n.output:
+                continue
+            if n.op_type == "Constant":
+                a = next((a for a in n.attribute if a.name == "value"), None)
+                if a is not None:
+                    self.consts[n.output[0]] = numpy_helper.to_array(a.t)
+                    continue
+            if not all(i in self.consts for i in n.input if i):
+                continue
+            try:
+                inits = [numpy_helper.from_array(self.consts[i], i) for i in dict.fromkeys(n.input) if i]
+                m = onnx.helper.make_model(onnx.helper.make_graph(
+                    [n], "fold", [], [onnx.helper.make_tensor_value_info(o, 0, None) for o in n.output if o], inits),
+                    opset_imports=[o for o in self.model.opset_import if o.domain in ("", "ai.onnx")])
+                values = ReferenceEvaluator(m).run(None, {})
+            except Exception:  # not foldable here: the walk lowers it as a node
+                continue
+            for o, v in zip([o for o in n.output if o], values):
+                self.consts[o] = np.asarray(v)
 
     def _infer(self) -> dict[str, tuple[int, list]]:
         """(elem type, static dims or None) of every tensor shape inference can tell, quantizers read as Identity."""

@@ -21,7 +21,7 @@ from onnxqat.errors import FuseError
 from onnxqat.fusion.builder import GraphBuilder
 from onnxqat.fusion.convert import float_island
 from onnxqat.fusion.formats import FORMATS
-from onnxqat.fusion.graph import NoIntegerForm, QatGraph, image_input, node_label
+from onnxqat.fusion.graph import NoIntegerForm, QatGraph, image_input, node_label, upgraded
 from onnxqat.fusion.ops import LOWERINGS
 from onnxqat.fusion.outputs import assemble_model, lower_output
 from onnxqat.fusion.values import Codes, Float, Lowered, Pending, Plain
@@ -53,6 +53,7 @@ class Lowerer:
             raise FuseError(f"unknown input type '{input_type}' (uint8 or float)")
         if not input_scale > 0:
             raise FuseError(f"input scale must be > 0, got {input_scale}")
+        model = upgraded(model)
         self.g = QatGraph(model)
         self.fmt = FORMATS[format](rescale)
         self.format = format
@@ -112,6 +113,8 @@ class Lowerer:
     def get(self, name: str, node, raw: bool = False) -> object:
         """The value of QAT tensor `name`, read by `node` (named in the error when it has none). A Pending layer is
         written (materialized) for readers that don't take it raw, once: later readers share it."""
+        if name not in self.val and name in self.g.consts:  # a constant read as data (Concat of dims ...)
+            self.val[name] = Plain(self.b.const(name, self.g.consts[name]))
         if name not in self.val:
             prod = self.g.producer.get(name)
             src = f" (from {node_label(prod)})" if prod is not None else ""
@@ -150,8 +153,8 @@ class Lowerer:
 
     def _node(self, node: onnx.NodeProto) -> None:
         g = self.g
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-            return
+        if all(o in self.g.consts for o in node.output if o) and node.domain in ("", "ai.onnx"):
+            return  # a constant (folded by QatGraph): its readers take the value
         if node.domain == DOMAIN and node.input[0] in g.consts:
             return  # weight quantizer: read by its consumer
         self.lowered_nodes += 1

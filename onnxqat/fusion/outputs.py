@@ -15,13 +15,14 @@ from onnx import TensorProto, helper
 
 from onnxqat.errors import FuseError
 from onnxqat.fusion.builder import GraphBuilder
-from onnxqat.fusion.convert import acc_of_pooled, acc_output
+from onnxqat.fusion.graph import FUSED_OPSET
+from onnxqat.fusion.convert import acc_of_pooled, acc_output, to_float
 from onnxqat.fusion.values import Codes, Float, OutputInfo, Pending, Plain, Pooled
 
 if TYPE_CHECKING:
     from onnxqat.fusion.lowering import Lowerer
 
-OPSET = 21
+OPSET = FUSED_OPSET
 IR_VERSION = 10
 
 
@@ -54,6 +55,11 @@ def lower_output(low: Lowerer, name: str) -> OutputInfo:
         rename(b, v.name, name)
         return OutputInfo(name, np.array([v.scale]), 1, v.dtype)
     y = low.fmt.output_acc(low, v, name) if low.dequantize_output else None
+    if y is None and (len(v.terms) > 1 or np.isfinite(v.clip).any()):  # a sum of branches, or a Relu of the logits
+        if not low.dequantize_output:
+            raise FuseError(f"graph output '{name}' is a sum of branches or clipped: no single int32 code grid "
+                            "(leave --integer-output out)")
+        y = to_float(low, v)
     if y is not None:
         rename(b, y, name)
         unit = np.abs(np.broadcast_to(v.terms[0][1], (max(t[1].size for t in v.terms),)))

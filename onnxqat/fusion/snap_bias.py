@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxqat.fusion.graph import QatGraph
 from onnxqat.fusion.values import WeightedLayer
 from onnxqat.ops.schema import is_quantizer
 
@@ -45,8 +46,7 @@ def snap_biases(model: onnx.ModelProto, layers: list[tuple[WeightedLayer, np.nda
         for i in n.input:
             users[i] = users.get(i, 0) + 1
     by_name = {(n.name or n.output[0]): n for n in m.graph.node}
-    constants = {n.output[0]: numpy_helper.to_array(a.t) for n in m.graph.node if n.op_type == "Constant"
-                 for a in n.attribute if a.name == "value"}
+    constants = QatGraph(m).consts  # initializers and what constant nodes compute (an exporter's Identity on B)
     consumers: dict[str, list] = {}
     for n in model.graph.node:
         for i in n.input:
@@ -71,7 +71,7 @@ def snap_biases(model: onnx.ModelProto, layers: list[tuple[WeightedLayer, np.nda
         if name not in inits and name not in constants:
             report.skipped.append(layer.base)  # a computed bias: nothing to move
             continue
-        if name not in inits or users.get(name, 0) > 1:  # a Constant node's, or shared: this node's own copy
+        if name not in inits or users.get(name, 0) > 1:  # a constant node's output, or shared: this node's own copy
             new = f"{layer.base}.snapped_bias"
             value = numpy_helper.to_array(inits[name]) if name in inits else constants[name]
             m.graph.initializer.append(numpy_helper.from_array(np.asarray(value, np.float32).copy(), new))

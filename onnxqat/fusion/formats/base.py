@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from onnx import TensorProto
 
-from onnxqat.fusion.convert import acc_of_pooled, dequantize, to_float
+from onnxqat.fusion.convert import acc_of_pooled, acc_to_float, dequantize, to_float
 from onnxqat.fusion.values import Acc, Codes, Float, Pooled, WeightedLayer
 
 if TYPE_CHECKING:
@@ -48,6 +48,10 @@ class Format:
     def codes_op(self, low: Lowerer, op: str, inputs: list[str], name: str, attrs: dict) -> str:
         """An op that moves or selects codes (MaxPool, Reshape, Transpose ...) on the codes tensor inputs[0]."""
         return low.b.op(op, inputs, name, **attrs)
+
+    def acc_to_float(self, low: Lowerer, v: Acc, name: str) -> str:
+        """The real value of an accumulator as a float tensor (a float island's input, a sum as a graph output)."""
+        return acc_to_float(low.b, v, name)
 
     def output_acc(self, low: Lowerer, v: Acc, name: str) -> str | None:
         """A float tensor of an accumulator's real value for a graph output, or None for the default (int32 codes

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from onnx import TensorProto
 
+from onnxqat.fusion.convert import acc_to_float
 from onnxqat.fusion.formats.base import code_bounds
 from onnxqat.fusion.formats.int8_weights import EXACT_FLOAT, accumulator_bound, int8_weights, out_axis
 from onnxqat.fusion.formats.integer import IntegerFormat
@@ -87,8 +88,10 @@ class OrtFormat(IntegerFormat):
                       f"{base}_xsum", keepdims=0)
         if layer.node.op_type == "Conv" and layer.pooled is None:
             acc = b.op("Conv", [xf, w, bias], f"{base}_acc_f", **_conv_attrs(layer))
-        else:
+        elif len(low.g.shape_of(layer.node.input[0]) or []) == 2 or layer.pooled is not None:
             acc = b.op("Gemm", [xf, w, bias], f"{base}_acc_f")
+        else:  # a MatMul on a [.., K] tensor (a transformer's tokens): Gemm takes 2-D only
+            acc = b.op("Add", [b.op("MatMul", [xf, w], f"{base}_mm_f"), bias], f"{base}_acc_f")
         self.float_tensors.add(acc)
         return Acc([(acc, mag, bound)], np.zeros(1), layer.cshape, layer.ch_axis)
 
@@ -253,28 +256,15 @@ class OrtFormat(IntegerFormat):
         xf = b.cast(inputs[0], TensorProto.FLOAT, f"{name}_f")
         return b.cast(b.op("MaxPool", [xf] + inputs[1:], f"{name}_pool_f", **attrs), TensorProto.UINT8, name)
 
-    # ------------------------------------------------------------------ outputs
-    def output_acc(self, low: Lowerer, v: Acc, name: str):
-        """A float accumulator output: scale * acc + bias in float (the integer path handles int32 ones)."""
+    # ------------------------------------------------------------------ float values
+    def acc_to_float(self, low: Lowerer, v: Acc, name: str) -> str:
+        return acc_to_float(low.b, v, name, self.float_tensors)
+
+    def output_acc(self, low: Lowerer, v: Acc, name: str) -> str | None:
+        """A float accumulator output: scale * acc + bias in float (int32 ones take the integer path)."""
         if not any(t in self.float_tensors for t, _, _ in v.terms):
             return None
-        return float_output(low, v, name, self.float_tensors)
-
-
-def float_output(low: Lowerer, v: Acc, name: str, float_tensors: set) -> str:
-    b = low.b
-    n = max([t[1].size for t in v.terms] + [v.bias.size])
-    cshape = v.cshape if n > 1 else ()
-    y = None
-    for k, (t, sc, _) in enumerate(v.terms):
-        tf = t if t in float_tensors else b.cast(t, TensorProto.FLOAT, f"{name}_t{k}")
-        s = np.broadcast_to(sc, (n,)).astype(np.float32)
-        p = b.op("Mul", [tf, b.const(f"{name}_s{k}", s.reshape(cshape) if n > 1 else s[:1].reshape(()))],
-                 f"{name}_p{k}")
-        y = p if y is None else b.op("Add", [y, p], f"{name}_sum")
-    bias = np.broadcast_to(v.bias, (n,)).astype(np.float32)
-    return b.op("Add", [y, b.const(f"{name}_bias", bias.reshape(cshape) if n > 1 else bias[:1].reshape(()))],
-                f"{name}_real")
+        return self.acc_to_float(low, v, name)
 
 
 def _wshape(layer: WeightedLayer) -> list:
