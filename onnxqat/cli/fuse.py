@@ -29,7 +29,9 @@ def fuse_command(
     input_scale: Annotated[float, typer.Option(
         "--input-scale", help="Real value of one input code.", show_default="1/255")] = 1 / 255,
     input_type: Annotated[str, typer.Option(
-        "--input-type", help="uint8 (image codes) or float (quantized in the graph).")] = "uint8",
+        "--input-type", help="auto (uint8 image codes where the first layer reads the input unquantized, float where "
+        "the model quantizes its input itself), uint8 (the first input holds whole codes x input scale), or float "
+        "(codes made by the graph's QuantizeLinear).")] = "auto",
     keep_float: Annotated[Optional[list[str]], typer.Option(
         "--keep-float", help="Node to keep in float between Dequantize/Quantize (repeatable); nodes with no "
         "integer form are kept in float anyway and listed.")] = None,

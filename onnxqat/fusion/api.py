@@ -113,7 +113,7 @@ class FuseResult:
 
 
 def fuse(model, output=None, format: str = "int", rescale: str = "fixed-point", verify_data=None, strict: bool = False,
-         *, input_scale: float = 1 / 255, input_type: str = "uint8", keep_float=(), dequantize_output: bool = True,
+         *, input_scale: float = 1 / 255, input_type: str = "auto", keep_float=(), dequantize_output: bool = True,
          verify_samples: int = 64, seed: int = 0, check: bool = True, verify_engine: str = "onnxruntime",
          integer_only: bool = False, min_agreement: float = MIN_AGREEMENT, report: bool = True,
          snap_bias: bool | None = None) -> FuseResult:

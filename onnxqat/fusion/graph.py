@@ -142,11 +142,42 @@ class QatGraph:
         return None
 
 
+def codes_input(g: QatGraph, input_type: str = "auto") -> str | None:
+    """The input the fused graph takes as image codes: with input_type "uint8" the first float input (the user says
+    it holds whole codes times input_scale), else image_input(g)."""
+    if input_type == "uint8":
+        return next((i.name for i in g.inputs if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT), None)
+    return image_input(g)
+
+
 def image_input(g: QatGraph) -> str | None:
-    """The network input that enters the fused graph as image codes: the first float input no quantizer reads
-    directly (an input with its own quantizer, or a second one such as a recurrent state, stays float)."""
-    return next((i.name for i in g.inputs if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-                 and not any(is_quantizer(c) for c in g.consumers.get(i.name, []))), None)
+    """The network input that enters the fused graph as codes (uint8 image codes with input_scale): the first float
+    input that a weighted layer reads with no activation quantizer on the way (N2D2's design: the image is the first
+    layer's 8-bit input). An input whose every path meets a quantizer first (a recipe that quantizes the normalised
+    image, a recurrent state) stays float and the graph quantizes it, exactly as the QAT model does: no assumption
+    about its value range."""
+    for inp in g.inputs:
+        if inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT and _read_unquantized(g, inp.name):
+            return inp.name
+    return None
+
+
+_WEIGHTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def _read_unquantized(g: QatGraph, tensor: str) -> bool:
+    """Whether a weighted layer reads `tensor` (through other ops) before any activation quantizer."""
+    seen, stack = set(), [tensor]
+    while stack:
+        t = stack.pop()
+        for n in g.consumers.get(t, []):
+            if is_quantizer(n) or id(n) in seen:
+                continue
+            seen.add(id(n))
+            if n.op_type in _WEIGHTED:
+                return True
+            stack.extend(o for o in n.output if o)
+    return False
 
 
 def attrs(node: onnx.NodeProto) -> dict:

@@ -21,7 +21,7 @@ from onnxqat.errors import FuseError
 from onnxqat.fusion.builder import GraphBuilder
 from onnxqat.fusion.convert import float_island
 from onnxqat.fusion.formats import FORMATS
-from onnxqat.fusion.graph import NoIntegerForm, QatGraph, image_input, node_label, upgraded
+from onnxqat.fusion.graph import NoIntegerForm, QatGraph, codes_input, node_label, upgraded
 from onnxqat.fusion.ops import LOWERINGS
 from onnxqat.fusion.outputs import assemble_model, lower_output
 from onnxqat.fusion.values import Codes, Float, Lowered, Pending, Plain
@@ -43,14 +43,14 @@ class Lowerer:
     """State of one lowering: the QAT graph, the graph being written, and the value of each QAT tensor in it."""
 
     def __init__(self, model: onnx.ModelProto, *, format: str = "int", rescale: str = "fixed-point",
-                 input_scale: float = 1 / 255, input_type: str = "uint8", keep_float=(), dequantize_output: bool = True,
+                 input_scale: float = 1 / 255, input_type: str = "auto", keep_float=(), dequantize_output: bool = True,
                  integer_only: bool = False):
         if format not in FORMATS:
             raise FuseError(f"unknown format '{format}' ({', '.join(FORMATS)})")
         if rescale not in ("fixed-point", "float"):
             raise FuseError(f"unknown rescale '{rescale}' (fixed-point or float)")
-        if input_type not in ("uint8", "float"):
-            raise FuseError(f"unknown input type '{input_type}' (uint8 or float)")
+        if input_type not in ("auto", "uint8", "float"):
+            raise FuseError(f"unknown input type '{input_type}' (auto, uint8 or float)")
         if not input_scale > 0:
             raise FuseError(f"input scale must be > 0, got {input_scale}")
         model = upgraded(model)
@@ -96,6 +96,9 @@ class Lowerer:
                             f"({', '.join(f'{k} x{v}' for k, v in groups.most_common())}): {first}")
         outputs = [lower_output(self, name) for name in g.output_names]
         model = assemble_model(g.model, graph_inputs, outputs, self.b, self.format)
+        if self.codes_input is not None:  # how the self-check (and a user) feeds it
+            model.metadata_props.add(key="onnxqat.codes_input", value=self.codes_input)
+            model.metadata_props.add(key="onnxqat.input_scale", value=repr(self.input_scale))
         steps = {id(layer): self.fmt.bias_step(self, layer) for layer in self.layers}
         return Lowered(model, outputs, self.weight_params, self.weight_bits, self.islands, self.act_codes,
                        self.lowered_nodes, self.tail, [(layer, steps[id(layer)]) for layer in self.layers])
@@ -127,11 +130,12 @@ class Lowerer:
 
     # ------------------------------------------------------------------ walk
     def _inputs(self) -> list[onnx.ValueInfoProto]:
-        """Graph inputs of the fused model. The first float input that no quantizer reads directly is the image: uint8
-        codes (real value = code * input_scale), or float quantized by the graph's first QuantizeLinear; other float
-        inputs (a recurrent state, an input with its own quantizer) stay float, non-float ones (ids, lengths) Plain."""
+        """Graph inputs of the fused model. The codes input (graph.codes_input: an image a layer reads unquantized, or
+        with input_type="uint8" the first float input) is uint8 codes (real value = code * input_scale), or with
+        input_type="float" float quantized by the graph's first QuantizeLinear; other float inputs (a recurrent state,
+        an input the QAT model quantizes itself) stay float, non-float ones (ids, lengths) Plain."""
         b, g = self.b, self.g
-        image = image_input(g)
+        image = self.codes_input = codes_input(g, self.input_type)
         out = []
         for inp in g.inputs:
             name, elem = inp.name, inp.type.tensor_type.elem_type
@@ -141,7 +145,7 @@ class Lowerer:
                 self.val[name] = Float(name) if elem == TensorProto.FLOAT else Plain(name)
                 out.append(helper.make_tensor_value_info(name, elem, dims))
                 continue
-            if self.input_type == "uint8":
+            if self.input_type != "float":
                 self.val[name] = Codes(name, self.input_scale, 255)
                 out.append(helper.make_tensor_value_info(name, TensorProto.UINT8, dims))
                 continue

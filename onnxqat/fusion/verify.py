@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 
 from onnxqat.errors import DataError, FuseError
-from onnxqat.fusion.graph import QatGraph, image_input
+from onnxqat.fusion.graph import QatGraph
 from onnxqat.fusion.values import OutputInfo
 
 
@@ -149,14 +149,6 @@ def _sample(vi: onnx.ValueInfoProto, n: int, rng: np.random.Generator, image: bo
     return np.zeros(shape, onnx.helper.tensor_dtype_to_np_dtype(elem))
 
 
-def random_codes(qat: onnx.ModelProto, samples: int, seed: int = 0) -> np.ndarray:
-    """uint8 image codes shaped like the image input (batch = samples)."""
-    g = QatGraph(qat)
-    name = image_input(g)
-    vi = next(i for i in g.inputs if i.name == name)
-    return _sample(vi, samples, np.random.default_rng(seed), True)
-
-
 def load_verify_data(path: str, samples: int | None = None):
     """The arrays of an NPZ: one array (the image input; keys x/images/input/data or the only one) or a dict with one
     array per input name."""
@@ -190,8 +182,10 @@ def build_feeds(qat: onnx.ModelProto, fused: onnx.ModelProto, data, input_scale:
     """Feeds of the QAT model and of the fused model for the same samples. `data`: None (random codes / N(0, 1)), an
     array for the image input, or a dict of arrays by input name (inputs it lacks get random values)."""
     g = QatGraph(qat)
-    image = image_input(g)
-    given = dict(data) if isinstance(data, dict) else ({} if data is None else {image: np.asarray(data)})
+    meta = {p.key: p.value for p in fused.metadata_props}
+    image = meta.get("onnxqat.codes_input")  # the input the fused model takes as image codes (lowering.py)
+    first = image or next((i.name for i in g.inputs), None)
+    given = dict(data) if isinstance(data, dict) else ({} if data is None else {first: np.asarray(data)})
     unknown = sorted(set(given) - {i.name for i in g.inputs})
     if unknown:
         raise DataError(f"verify data: the model has no input named '{unknown[0]}' "

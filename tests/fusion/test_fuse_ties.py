@@ -103,7 +103,7 @@ def test_fused_codes_equal_fake_quant_on_ties(tie_case, rescale):
     import onnxruntime as ort
 
     qat, p, xf, out, codes, ties, _ = tie_case
-    res = fuse(qat, rescale=rescale, input_scale=IN_SCALE, dequantize_output=False, check=False)
+    res = fuse(qat, rescale=rescale, input_scale=IN_SCALE, input_type="uint8", dequantize_output=False, check=False)
     fused = _probe(res.model, [(f"{n}_codes", TensorProto.UINT8) for n in STEPS])
     got_ref = ReferenceEvaluator(fused).run(None, {"input": p})
     got_ort = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": p})
@@ -122,7 +122,7 @@ def test_builtin_self_check_all_quantizers_identical(tie_case):
     """fuse's own self-check (onnx.reference + the numpy quantizers vs the fused model) on the tie inputs: strict,
     100 % at every activation quantizer."""
     qat, p, xf, out, codes, ties, _ = tie_case
-    res = fuse(qat, input_scale=IN_SCALE, verify_data=p, strict=True)
+    res = fuse(qat, input_scale=IN_SCALE, input_type="uint8", verify_data=p, strict=True)
     a = res.agreement
     assert a.max_code_diff == 0 and a.top1_agreement == 1.0 and a.code_agreement == 1.0
     assert set(a.activations) == set(STEPS) and min(a.activations.values()) == 1.0, a.activations
@@ -134,7 +134,7 @@ def test_tie_model_on_stock_onnxruntime(tie_case, tmp_path):
     if py is None:
         pytest.skip("no .venv-stock (scripts/make_stock_env.sh; tests/fusion/test_fuse_stock.py creates it)")
     qat, p, xf, out, codes, ties, _ = tie_case
-    res = fuse(qat, tmp_path / "t.onnx", input_scale=IN_SCALE, dequantize_output=False, check=False)
+    res = fuse(qat, tmp_path / "t.onnx", input_scale=IN_SCALE, input_type="uint8", dequantize_output=False, check=False)
     fused = _probe(res.model, [(f"{n}_codes", TensorProto.UINT8) for n in STEPS])
     onnx.save(fused, tmp_path / "t.onnx")
     got, version = stock.run_stock(tmp_path / "t.onnx", {"input": p})
