@@ -166,7 +166,7 @@ def fuse(model, output=None, format: str = "int", rescale: str = "fixed-point", 
                                                   data=None if data is None else data, samples=verify_samples,
                                                   seed=seed, engine=verify_engine)
         agreement = verify(reference, low.model, low.outputs, input_scale=input_scale,
-                           data=None if data is None else np.asarray(data), samples=verify_samples, seed=seed,
+                           data=data, samples=verify_samples, seed=seed,
                            activation_codes=low.activation_codes, engine=verify_engine)
         if strict and not agreement.identical:
             raise FuseError(f"--strict: fused and fake-quantized outputs differ (max code difference "

@@ -51,6 +51,7 @@ class OrtFormat(IntegerFormat):
     def __init__(self, rescale: str = "fixed-point"):
         super().__init__(rescale)
         self.float_tensors: set[str] = set()  # accumulators computed in float (exact integers)
+        self.qlinear_steps: dict[int, np.ndarray] = {}  # id(layer) -> its int32 bias grid, for the layers written so
 
     # ------------------------------------------------------------------ weighted layers
     def weighted(self, low: Lowerer, layer: WeightedLayer):
@@ -143,22 +144,24 @@ class OrtFormat(IntegerFormat):
         return super().requantize(low, v, s_out, r, name, zp)
 
     def bias_step(self, low: Lowerer, layer: WeightedLayer) -> np.ndarray | None:
-        return None if not self._qlinear_fits(low, layer) else int8_weights(layer).step
+        """The int32 bias grid of the layers written as QLinearConv / QGemm (the others add a float bias)."""
+        return self.qlinear_steps.get(id(layer))
 
-    def _qlinear_fits(self, low: Lowerer, layer: WeightedLayer) -> bool:
+    def _qlinear_plan(self, low: Lowerer, layer: WeightedLayer, s_out: float):
         if layer.pooled is not None or _dense_with_few_channels(layer):
-            return False
+            return None
         if layer.node.op_type != "Conv" and len(low.g.shape_of(layer.node.input[0]) or []) != 2:
-            return False  # QGemm takes 2-D inputs
-        return int8_weights(layer) is not None
+            return None  # QGemm takes 2-D inputs
+        return int8_weights(layer, s_out)
 
     def qlinear_layer(self, low: Lowerer, p: Pending, s_out: float, r: int, name: str, zp: int) -> Codes | None:
         """QLinearConv / QGemm writing the quantizer's codes; None where the layer does not fit their types."""
         layer, b = p.layer, low.b
         x, op = layer.x, layer.node.op_type
-        if not self._qlinear_fits(low, layer):
+        plan = self._qlinear_plan(low, layer, s_out)
+        if plan is None:
             return None
-        plan = int8_weights(layer)
+        self.qlinear_steps[id(layer)] = plan.step
         unit, signed = plan.step, plan.signed  # negative per-channel scales (BatchNorm's negative gammas) work in
         bias_q = np.round(layer.bias / unit)  # QLinearConv and QGemm: the sign stays in the weight scale
         wdtype = TensorProto.INT8 if signed else TensorProto.UINT8

@@ -19,7 +19,7 @@ from onnx import TensorProto
 from onnxqat.fusion.builder import GraphBuilder
 from onnxqat.fusion.convert import dequantize, to_float
 from onnxqat.fusion.formats.base import Format, code_bounds, dequantized
-from onnxqat.fusion.formats.int8_weights import int8_weights
+from onnxqat.fusion.formats.int8_weights import int8_weights, reading_quantizer_step
 from onnxqat.fusion.graph import attrs
 from onnxqat.fusion.values import Acc, Codes, Float, Pooled, WeightedLayer
 
@@ -33,10 +33,11 @@ class QdqFormat(Format):
     input_type = "float"
 
     def weighted(self, low: Lowerer, layer: WeightedLayer) -> Float:
-        return Float(qdq_layer(low.b, layer), unit=(layer.scale, layer.ch_axis))
+        return Float(qdq_layer(low.b, layer, reading_quantizer_step(low, layer)), unit=(layer.scale, layer.ch_axis))
 
     def bias_step(self, low: Lowerer, layer: WeightedLayer) -> np.ndarray | None:
-        plan = int8_weights(layer)
+        s_out = reading_quantizer_step(low, layer)
+        plan = int8_weights(layer, s_out) if s_out is not None else None
         return None if plan is None else plan.step
 
     def requantize(self, low: Lowerer, v, s_out: float, r: int, name: str, zp: int = 0) -> Float:
@@ -55,10 +56,12 @@ class QdqFormat(Format):
         return dequantized(low, Codes(q, s_out, r, TensorProto.UINT8, zp))
 
 
-def qdq_layer(b: GraphBuilder, layer: WeightedLayer) -> str:
+def qdq_layer(b: GraphBuilder, layer: WeightedLayer, s_out: float | None) -> str:
     """DequantizeLinear(x) -> float op with DequantizeLinear(W) (BN folded into the weight scale) + float bias; W as
     int8_weights.py says (int8 scaled by 2^k, or uint8 with zero point 128), or int16 for weights no 8-bit kernel
-    takes (8-bit DoReFa: odd integers up to +-255)."""
+    takes (8-bit DoReFa: odd integers up to +-255). Where onnxruntime would round the bias onto a grid coarser than
+    int8_weights.MAX_BIAS_STEP of the reading quantizer's step, the bias is a separate Add after the op, which keeps
+    the op out of onnxruntime's QDQ fusion: float, exact bias."""
     node, x, wk, scale = layer.node, layer.x, layer.wk, layer.scale
     op = node.op_type
     base = layer.base
@@ -76,7 +79,12 @@ def qdq_layer(b: GraphBuilder, layer: WeightedLayer) -> str:
     ws = b.const(f"{base}_w_scale", wscale.astype(np.float32))
     wf = b.op("DequantizeLinear", [wq, ws] + zp, f"{base}_w_f", axis=w_axis)
     bconst = b.const(f"{base}_bias", layer.bias.astype(np.float32))
-    if op == "Conv":
+    fused_bias = plan is not None and s_out is not None and int8_weights(layer, s_out) is not None
+    if op == "Conv" and fused_bias:
         return b.op("Conv", [xf, wf, bconst], layer.out, **attrs(node))
+    if op == "Conv":
+        y = b.op("Conv", [xf, wf], f"{base}_conv", **attrs(node))
+        return b.op("Add", [y, b.const(f"{base}_bias_c", layer.bias.astype(np.float32).reshape(layer.cshape))],
+                    layer.out)
     y = b.op("MatMul", [xf, wf], f"{base}_mm")
     return b.op("Add", [y, bconst], layer.out)
