@@ -4,6 +4,8 @@ accumulator to int32 output codes; and the float island: a QAT node copied as it
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import math
 from typing import TYPE_CHECKING
 
@@ -14,7 +16,7 @@ from onnx import TensorProto, helper
 from onnxqat.errors import FuseError
 from onnxqat.fusion.builder import GraphBuilder
 from onnxqat.fusion.graph import QatGraph, attrs
-from onnxqat.fusion.values import Acc, Codes, Float, OutputInfo, Plain, Pooled
+from onnxqat.fusion.values import Acc, Codes, Float, OutputInfo, Plain, Pooled, Table
 from onnxqat.ops.schema import DOMAIN
 
 if TYPE_CHECKING:
@@ -66,6 +68,9 @@ def to_float(low: Lowerer, v) -> str:
         return v.name
     if isinstance(v, Codes):
         return dequantize(b, v)
+    if isinstance(v, Table):  # the float values the fake-quantized model has, by code
+        idx = b.cast(v.codes.name, TensorProto.INT32, f"{v.codes.name}_idx")
+        return b.op("Gather", [b.const(f"{v.codes.name}_values", v.values), idx], f"{v.codes.name}_f", axis=0)
     return low.fmt.acc_to_float(low, v, f"{v.terms[0][0]}_real")
 
 
@@ -96,7 +101,7 @@ def to_codes(b: GraphBuilder, v: Float) -> Codes:
     c = v.grid
     s = b.const(f"{v.name}_scale", np.array(c.scale, np.float32))
     zp = b.const(f"{v.name}_zp", np.array(c.zp, helper.tensor_dtype_to_np_dtype(c.dtype)))
-    return Codes(b.op("QuantizeLinear", [v.name, s, zp], f"{v.name}_q"), c.scale, c.r, c.dtype, c.zp)
+    return replace(c, name=b.op("QuantizeLinear", [v.name, s, zp], f"{v.name}_q"))
 
 
 def acc_of_pooled(b: GraphBuilder, p: Pooled, base: str) -> Acc:

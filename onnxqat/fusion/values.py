@@ -27,6 +27,16 @@ class Codes:
     r: int
     dtype: int = TensorProto.UINT8
     zp: int = 0
+    # the float32 value of each code u in the QAT model, where the quantizer computes it otherwise than
+    # float32(u - zp) * float32(scale) (SatActQuant: alpha * (k / R)); lookup tables start from these
+    values: np.ndarray | None = field(default=None, compare=False, repr=False)
+
+    def real_values(self) -> np.ndarray:
+        """float32 value of every code 0..r, as the fake-quantized model holds it."""
+        if self.values is not None:
+            return self.values
+        u = np.arange(self.r + 1, dtype=np.float32)
+        return ((u - np.float32(self.zp)) * np.float32(self.scale)).astype(np.float32)
 
     @property
     def bound(self) -> float:  # max |u - zp|
@@ -65,6 +75,15 @@ class Pooled:
     axes: list
     count: int
     flat: bool = False
+
+
+@dataclass
+class Table:
+    """f(codes) for an elementwise function f, not yet written: `values[u]` is the float32 value the fake-quantized
+    model computes for code u (f applied to the code's value by the same kernel). A quantizer after it is one Gather
+    of a table of its codes; anything else reads the Gather of the float values."""
+    codes: Codes
+    values: np.ndarray  # float32 [r + 1]
 
 
 @dataclass

@@ -144,10 +144,10 @@ def test_float_input_option_quantizes_in_graph():
 def _pool_model(op):
     b = qm.QatBuilder(5)
     x = b.sat_act("relu1", b.bn("bn1", b.conv("conv1", "input", 3, 8), 8), "relu1_out", 1.93)
-    x = b.op(op, [x], "pooled")
+    x = b.op(op, [x], "pooled", **({"size": 3} if op == "LRN" else {}))
     x = b.sat_act("pooledq", x, "pooled_q", 0.71)
     x = b.op("Flatten", [x], "flat", axis=1)
-    return b.model(["N", 3, 6, 6], b.gemm("fc", x, 8 * (36 if op == "Sigmoid" else 1), 4), ["N", 4])
+    return b.model(["N", 3, 6, 6], b.gemm("fc", x, 8 * (36 if op in ("Sigmoid", "LRN") else 1), 4), ["N", 4])
 
 
 @pytest.mark.parametrize("r", [15, 255])
@@ -171,15 +171,15 @@ def test_global_average_pool_sums_codes_in_int32():
 def test_float_island_where_no_integer_form():
     """An op without integer lowering is kept in float between Dequantize/Quantize by itself (named in the summary),
     or named in the error with integer_only."""
-    qat = _pool_model("Sigmoid")
+    qat = _pool_model("LRN")
     from onnxqat.errors import FuseError
 
-    with pytest.raises(FuseError, match="--integer-only: 1 node.*Sigmoid 'pooled'"):
+    with pytest.raises(FuseError, match="--integer-only: 1 node.*LRN 'pooled'"):
         fuse(qat, check=False, integer_only=True)
     res = fuse(qat, verify_samples=32)
     assert res.kept_float == ["pooled"] and res.integer_nodes == res.lowered_nodes - 1
     ops = [n.op_type for n in res.model.graph.node]
-    i = ops.index("Sigmoid")
+    i = ops.index("LRN")
     assert ops[i - 1] == "DequantizeLinear" and "QuantizeLinear" in ops[i + 1:i + 3]
     assert res.agreement.top1_agreement == 1.0 and res.agreement.code_agreement >= 0.999
 

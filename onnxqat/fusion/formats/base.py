@@ -62,10 +62,12 @@ class Format:
         """An Acc or Codes -> codes of the quantizer (step s_out, range r, zero point zp)."""
         raise NotImplementedError
 
-    def quantize_node(self, low: Lowerer, node, v, s_out: float, r: int, zp: int) -> None:
-        """An activation quantizer node: its output's value is the codes of v (and the self-check compares them)."""
+    def quantize_node(self, low: Lowerer, node, v, s_out: float, r: int, zp: int) -> str:
+        """An activation quantizer node: its output's value is the codes of v (and the self-check compares them).
+        Returns the QAT tensor whose value it set."""
         out = node.output[0]
         low.val[out] = low.record(out, self.requantize(low, v, s_out, r, out, zp))
+        return out
 
     def requantize(self, low: Lowerer, v, s_out: float, r: int, name: str, zp: int = 0):
         """u = clip(round(v / s_out) + zp, 0, r) (and within a folded Relu/Clip of v)."""

@@ -122,7 +122,7 @@ class OrtFormat(IntegerFormat):
             return self._clip(low, self._qlinear_add(low, v.sources, s_out, name, zp), s_out, r, zp, v.clip, name)
         return self.float_requantize(low, v, s_out, r, name, zp)
 
-    def quantize_node(self, low: Lowerer, node, v, s_out: float, r: int, zp: int) -> None:
+    def quantize_node(self, low: Lowerer, node, v, s_out: float, r: int, zp: int) -> str:
         """A float accumulator whose quantizer only feeds a MaxPool is pooled first, in float, and requantized after:
         4x fewer values to requantize and no uint8 pooling. Exact: the requantization is non-decreasing (positive
         per-channel scales: the float accumulator has the signs in its weights) and MaxPool's padding is -inf."""
@@ -137,6 +137,7 @@ class OrtFormat(IntegerFormat):
         out = pool.output[0]
         low.val[out] = low.record(out, self.requantize(low, replace(v, terms=[(pooled, sc, bound)]), s_out, r, out, zp))
         low.done.add(low.index(pool))
+        return out
 
     def requantize(self, low: Lowerer, v, s_out: float, r: int, name: str, zp: int = 0):
         if isinstance(v, Pooled) and not v.flat:

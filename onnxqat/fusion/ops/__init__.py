@@ -4,9 +4,9 @@ keeps the node in float (a float island). Adding an op: a module with its HANDLE
 
 from __future__ import annotations
 
-from onnxqat.fusion.ops import (arithmetic, batchnorm, clip, concat, movement, pooling, quantizer, shape,
+from onnxqat.fusion.ops import (arithmetic, batchnorm, clip, concat, movement, pooling, quantizer, shape, unary,
                                 weighted)
 
 LOWERINGS = {}
-for _module in (weighted, batchnorm, quantizer, clip, arithmetic, movement, concat, pooling, shape):
+for _module in (weighted, batchnorm, quantizer, clip, arithmetic, movement, concat, pooling, shape, unary):
     LOWERINGS.update(_module.HANDLERS)

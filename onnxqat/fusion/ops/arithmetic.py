@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
+from onnx import TensorProto
 
 from onnxqat.fusion.convert import acc_of_pooled, to_float
 from onnxqat.fusion.graph import NoIntegerForm, node_label
-from onnxqat.fusion.values import Acc, Codes, Float, Pooled, as_vector
+from onnxqat.fusion.ops.unary import apply_node, product_table, same_codes
+from onnxqat.fusion.values import Acc, Codes, Float, Pooled, Table, as_vector
 
 if TYPE_CHECKING:
     from onnxqat.fusion.lowering import Lowerer
@@ -27,6 +29,9 @@ def lower_arithmetic(low: Lowerer, node: onnx.NodeProto) -> None:
     consts = [i for i in node.input if i in g.consts]
     if len(node.input) == 2 and len(consts) == 1:
         v = low.get([i for i in node.input if i not in g.consts][0], node)
+        if isinstance(v, Table) or (isinstance(v, Codes) and not low.fmt.float_arithmetic
+                                     and not _scales_codes(low, node, v)):
+            return table_of_constant_op(low, node, v)
         if isinstance(v, Codes):
             return constant_on_codes(low, node, v)
         if op == "Add" and isinstance(v, Acc):
@@ -34,7 +39,55 @@ def lower_arithmetic(low: Lowerer, node: onnx.NodeProto) -> None:
             return
     elif op == "Add" and len(node.input) == 2 and not consts:
         return residual_add(low, node)
+    elif op == "Mul" and len(node.input) == 2 and not consts and not low.fmt.float_arithmetic:
+        return product(low, node)
     raise NoIntegerForm(f"{node_label(node)}: no integer form for {op} of these inputs", f"{op} of these inputs")
+
+
+def _scales_codes(low: Lowerer, node: onnx.NodeProto, v: Codes) -> bool:
+    """Whether a scalar constant op keeps the codes codes: a positive Mul/Div, or an Add/Sub of whole codes."""
+    c = low.g.consts[[i for i in node.input if i in low.g.consts][0]]
+    if c.size != 1:
+        return False
+    c = float(c.reshape(-1)[0])
+    if node.op_type in ("Mul", "Div"):
+        return c > 0
+    if node.op_type == "Sub" and node.input[0] in low.g.consts:
+        return False
+    zp = v.zp + (c / v.scale if node.op_type == "Sub" else -c / v.scale)
+    return abs(zp - round(zp)) <= 1e-3 and 0 <= round(zp) <= 255
+
+
+def table_of_constant_op(low: Lowerer, node: onnx.NodeProto, v) -> None:
+    """x op c for a constant c that does not map codes to codes (a per-channel mean, an offset that is no whole code):
+    f(x) of the codes as a table, where c is one value."""
+    c = low.g.consts[[i for i in node.input if i in low.g.consts][0]]
+    if c.size != 1:
+        raise NoIntegerForm(f"{node_label(node)}: per-channel {node.op_type} of codes", f"per-channel {node.op_type}")
+    x = v.values if isinstance(v, Table) else v.real_values()
+    codes = v.codes if isinstance(v, Table) else v
+    low.val[node.output[0]] = Table(codes, apply_node(low, node, x))
+
+
+def product(low: Lowerer, node: onnx.NodeProto) -> None:
+    """Mul of two activations: of the same codes (x * Sigmoid(x)), a table; of two codes (squeeze-excitation
+    gating with a quantized gate), the exact int32 product sum (u1 - z1)(u2 - z2) with scale s1 s2, requantized by
+    the quantizer after it."""
+    a, b_ = (low.get(i, node) for i in node.input)
+    if isinstance(a, (Codes, Table)) and isinstance(b_, (Codes, Table)) and same_codes(a, b_):
+        low.val[node.output[0]] = product_table(a, b_)
+        return
+    if not (isinstance(a, Codes) and isinstance(b_, Codes)):
+        raise NoIntegerForm(f"{node_label(node)}: Mul of these inputs (not two quantized tensors)", "Mul of these inputs")
+    b = low.b
+    terms = []
+    for k, c in enumerate((a, b_)):
+        t = b.cast(c.name, TensorProto.INT32, f"{node.output[0]}_i{k}")
+        if c.zp:
+            t = b.op("Sub", [t, b.const(f"{node.output[0]}_z{k}", np.array(c.zp, np.int32))], f"{node.output[0]}_c{k}")
+        terms.append(t)
+    p = b.op("Mul", terms, f"{node.output[0]}_prod")
+    low.val[node.output[0]] = Acc([(p, np.array([a.scale * b_.scale]), a.bound * b_.bound)], np.zeros(1), (), 1)
 
 
 def constant_on_codes(low: Lowerer, node: onnx.NodeProto, v: Codes) -> None:

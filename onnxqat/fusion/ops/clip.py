@@ -4,6 +4,8 @@ itself."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import math
 from typing import TYPE_CHECKING
 
@@ -12,7 +14,8 @@ import onnx
 
 from onnxqat.fusion.convert import acc_of_pooled
 from onnxqat.fusion.graph import NoIntegerForm, attrs, node_label
-from onnxqat.fusion.values import Acc, Codes, Float, Pending, Pooled
+from onnxqat.fusion.ops.unary import lower_unary
+from onnxqat.fusion.values import Acc, Codes, Float, Pending, Pooled, Table
 
 if TYPE_CHECKING:
     from onnxqat.fusion.lowering import Lowerer
@@ -48,6 +51,8 @@ def lower_clip(low: Lowerer, node: onnx.NodeProto) -> None:
     if isinstance(v, Acc):
         low.val[node.output[0]] = Acc(v.terms, v.bias, v.cshape, v.axis, (max(v.clip[0], lo), min(v.clip[1], hi)))
         return
+    if isinstance(v, Table):
+        return lower_unary(low, node)
     if not isinstance(v, Codes):
         raise NoIntegerForm(f"{node_label(node)}: {node.op_type} of this input", f"{node.op_type} of this input")
     if lo <= -v.scale * v.zp and hi >= v.scale * (v.r - v.zp):
@@ -56,12 +61,11 @@ def lower_clip(low: Lowerer, node: onnx.NodeProto) -> None:
     lo_u = max(0, math.ceil(lo / v.scale - 1e-9) + v.zp) if np.isfinite(lo) else 0
     hi_u = min(v.r, math.floor(hi / v.scale + 1e-9) + v.zp) if np.isfinite(hi) else v.r
     exact = all(not np.isfinite(t) or abs(t / v.scale - round(t / v.scale)) < 1e-6 for t in (lo, hi))
-    if not exact:
-        raise NoIntegerForm(f"{node_label(node)}: clipping quantized codes at {lo:g}..{hi:g}, off their grid "
-                            f"(step {v.scale:g})", "clip off the code grid")
+    if not exact:  # off the grid (a ReLU6 whose 6 is no whole code): a table of the codes
+        return lower_unary(low, node)
     y = b.op("Clip", [v.name, b.const(f"{node.output[0]}_lo", np.array(lo_u, np.uint8)),
                       b.const(f"{node.output[0]}_hi", np.array(hi_u, np.uint8))], node.output[0])
-    low.val[node.output[0]] = Codes(y, v.scale, v.r, v.dtype, v.zp)
+    low.val[node.output[0]] = replace(v, name=y)
 
 
 HANDLERS = {"Relu": lower_clip, "Clip": lower_clip}

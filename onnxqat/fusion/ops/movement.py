@@ -5,12 +5,15 @@ tensors (a Shape -> Gather -> Concat chain), copied as they are."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from typing import TYPE_CHECKING
 
 import onnx
 
 from onnxqat.fusion.graph import NoIntegerForm, attrs, node_label
-from onnxqat.fusion.values import Codes, Float, Plain, Pooled
+from onnxqat.fusion.ops.unary import moved_table
+from onnxqat.fusion.values import Codes, Float, Plain, Pooled, Table
 
 if TYPE_CHECKING:
     from onnxqat.fusion.lowering import Lowerer
@@ -42,6 +45,12 @@ def lower_movement(low: Lowerer, node: onnx.NodeProto) -> None:
     if isinstance(v, Pooled) and not v.flat and node.op_type == "Flatten" and attrs(node).get("axis", 1) == 1:
         low.val[node.output[0]] = Pooled(v.codes, v.axes, v.count, True)
         return
+    if isinstance(v, Table) and node.op_type != "MaxPool":  # move the codes; the table stays
+        out = low.fmt.codes_op(low, node.op_type if node.op_type != "Dropout" else "Identity",
+                               [v.codes.name] + (side_inputs(low, node) if node.op_type != "Dropout" else []),
+                               node.output[0], attrs(node) if node.op_type != "Dropout" else {})
+        low.val[node.output[0]] = moved_table(v, out)
+        return
     if not isinstance(v, (Codes, Float)):
         raise NoIntegerForm(f"{node_label(node)}: its input is an integer accumulator (no activation quantizer "
                             "before it)", "input not quantized")
@@ -51,7 +60,7 @@ def lower_movement(low: Lowerer, node: onnx.NodeProto) -> None:
         op, extra, a = node.op_type, side_inputs(low, node), attrs(node)
     if isinstance(v, Codes):
         out = low.fmt.codes_op(low, op, [v.name] + extra, node.output[0], a)
-        low.val[node.output[0]] = Codes(out, v.scale, v.r, v.dtype, v.zp)
+        low.val[node.output[0]] = replace(v, name=out)  # same grid, same values
     else:
         low.val[node.output[0]] = Float(low.b.op(op, [v.name] + extra, node.output[0], **a), v.grid)
 
