@@ -58,6 +58,9 @@ class ActivationSettings:
     step: float = 0.05  # LSQ initial step without calibration data
     percentile: float = 99.99  # SAT alpha from calibration: this percentile of the activation
     linear: bool = False  # LSQ: also quantize (signed) inputs no ReLU produced (BatchNorm outputs, residual sums ...)
+    # LSQ, for integer export (fuse): also quantize the inputs of elementwise functions (Sigmoid, HardSwish ...: lookup
+    # tables) and of Add/Mul/Concat of activations (residual branches, gates), as TFLite places its quantizers
+    integer_export: bool = False
 
 
 def _positive(v) -> bool:
@@ -88,6 +91,7 @@ ACTIVATION_KEYS = {
     "step": ((int, float), _positive, "> 0"),
     "percentile": ((int, float), lambda v: 0 < v <= 100, "in (0, 100]"),
     "linear": ((bool,), None, ""),
+    "integer_export": ((bool,), None, ""),
 }
 NODE_KEYS = {**WEIGHT_KEYS, **ACTIVATION_KEYS}
 TOP_KEYS = (
@@ -245,6 +249,8 @@ def parse_recipe(text: str, source: str = "<string>", default_name: str = "recip
     activations = ActivationSettings(**check_table(data.get("activations", {}), "activations", ACTIVATION_KEYS))
     if activations.linear and activations.method != "lsq":
         raise fail("activations.linear", "needs method \"lsq\" (SAT's quantizer includes the ReLU)")
+    if activations.integer_export and not (activations.method == "lsq" and activations.linear):
+        raise fail("activations.integer_export", "needs method \"lsq\" and linear = true (its quantizers are signed)")
 
     op_types_raw = data.get("op_types", {})
     if not isinstance(op_types_raw, dict):

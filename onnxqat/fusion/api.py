@@ -49,15 +49,21 @@ class FuseResult:
     snap: SnapReport | None = None  # biases moved to the accumulator grid (the fused model's reference)
     snap_agreement: Agreement | None = None  # the trained vs the bias-snapped fake-quantized model
     reference: onnx.ModelProto | None = None  # the QAT model the fused one computes (snapped when snap is set)
+    head: list[str] = field(default_factory=list)  # float before the first quantizer (a float input's normalisation)
 
     @property
     def kept_float(self) -> list[str]:
         """Names of the QAT nodes kept in float (float islands and a float tail after the logits)."""
-        return [i.node for i in self.islands] + list(self.tail)
+        return list(self.head) + [i.node for i in self.islands] + list(self.tail)
 
     @property
     def integer_nodes(self) -> int:
-        return self.lowered_nodes - len(self.islands) - len(self.tail)
+        return self.lowered_nodes - len(self.islands) - len(self.tail) - len(self.head)
+
+    @property
+    def integer_share(self) -> float:
+        """Integer nodes among those between the first quantizer and the last (float head and tail excluded)."""
+        return self.integer_nodes / max(self.lowered_nodes - len(self.tail) - len(self.head), 1)
 
     def island_groups(self) -> "OrderedDict[tuple[str, str], list[str]]":
         """(op type, cause) -> node names, most frequent first."""
@@ -71,10 +77,15 @@ class FuseResult:
         lines = [f"fused ({self.format}): {len(self.model.graph.node)} nodes, {self.weight_params} weights at "
                  f"{'/'.join(map(str, bits)) or '-'} bits, {self.size} bytes ({self.size / 1e6:.3f} MB)"
                  + (f" -> {self.path}" if self.path else "")]
-        share = self.integer_nodes / max(self.lowered_nodes - len(self.tail), 1)
-        lines.append(f"integer: {self.integer_nodes} of {self.lowered_nodes - len(self.tail)} QAT nodes "
-                     f"({100 * share:.1f} %); float islands: {len(self.islands)} node(s)"
-                     + (f"; float after the outputs: {', '.join(self.tail)}" if self.tail else ""))
+        inner = self.lowered_nodes - len(self.tail) - len(self.head)
+        lines.append(f"integer: {self.integer_nodes} of the {inner} QAT nodes between the first quantizer and the last "
+                     f"({100 * self.integer_share:.1f} %); float islands: {len(self.islands)} node(s)")
+        for what, names in (("float before the first quantizer", self.head), ("float after the last quantizer",
+                                                                                self.tail)):
+            if names:
+                shown = names if verbose else names[:NAMES_SHOWN]
+                more = f", ... (+{len(names) - len(shown)})" if len(shown) < len(names) else ""
+                lines.append(f"  {what}: {', '.join(shown)}{more}")
         for (op, cause), names in self.island_groups().items():
             shown = names if verbose else names[:NAMES_SHOWN]
             more = f", ... (+{len(names) - len(shown)})" if len(shown) < len(names) else ""
@@ -98,7 +109,7 @@ class FuseResult:
         return {
             "format": self.format, "path": self.path, "size": self.size, "nodes": len(self.model.graph.node),
             "weight_params": self.weight_params, "weight_bits": self.weight_bits,
-            "qat_nodes": self.lowered_nodes, "integer_nodes": self.integer_nodes, "float_tail": self.tail,
+            "qat_nodes": self.lowered_nodes, "integer_nodes": self.integer_nodes, "float_tail": self.tail, "float_head": self.head,
             "float_islands": [{"node": i.node, "op_type": i.op_type, "cause": i.cause, "reason": i.reason}
                               for i in self.islands],
             "bias_snap": None if self.snap is None else {
@@ -183,7 +194,8 @@ def fuse(model, output=None, format: str = "int", rescale: str = "fixed-point", 
         save_model(low.model, path)
         report_path = path + ".json" if report else None
     res = FuseResult(low.model, path, low.model.ByteSize(), format, low.weight_params, low.weight_bits, low.outputs,
-                     agreement, low.islands, low.lowered_nodes, low.tail, report_path, snap, snap_agreement, reference)
+                     agreement, low.islands, low.lowered_nodes, low.tail, report_path, snap, snap_agreement, reference,
+                     low.head)
     if report_path:
         atomic_write_text(report_path, json.dumps(res.report(), indent=1, default=_jsonable))
     return res

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 from onnxqat.errors import FuseError
 from onnxqat.fusion.builder import GraphBuilder
 from onnxqat.fusion.graph import QatGraph, attrs
-from onnxqat.fusion.values import Acc, Codes, Float, OutputInfo, Plain, Pooled, Table
+from onnxqat.fusion.values import Acc, Codes, Float, Joined, OutputInfo, Plain, Pooled, Table
 from onnxqat.ops.schema import DOMAIN
 
 if TYPE_CHECKING:
@@ -68,6 +68,8 @@ def to_float(low: Lowerer, v) -> str:
         return v.name
     if isinstance(v, Codes):
         return dequantize(b, v)
+    if isinstance(v, Joined):
+        return b.op("Concat", [dequantize(b, c) for c in v.parts], f"{v.parts[0].name}_joined", axis=v.axis)
     if isinstance(v, Table):  # the float values the fake-quantized model has, by code
         idx = b.cast(v.codes.name, TensorProto.INT32, f"{v.codes.name}_idx")
         return b.op("Gather", [b.const(f"{v.codes.name}_values", v.values), idx], f"{v.codes.name}_f", axis=0)

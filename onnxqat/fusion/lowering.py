@@ -25,11 +25,7 @@ from onnxqat.fusion.graph import NoIntegerForm, QatGraph, codes_input, node_labe
 from onnxqat.fusion.ops import LOWERINGS
 from onnxqat.fusion.outputs import assemble_model, lower_output
 from onnxqat.fusion.values import Codes, Float, Lowered, Pending, Plain
-from onnxqat.ops.schema import DOMAIN
-
-# a classifier's tail after the last quantized layer: float like the logits it reads, not a float island
-_FLOAT_TAIL_OPS = ("Softmax", "LogSoftmax", "Sigmoid")
-
+from onnxqat.ops.schema import DOMAIN, is_quantizer
 
 @dataclass
 class Island:
@@ -75,7 +71,9 @@ class Lowerer:
         self.weight_params = 0
         self.weight_bits: dict[str, int] = {}
         self.islands: list[Island] = []
-        self.tail: list[str] = []  # float ops after the last quantized value (Softmax of the logits)
+        self.tail: list[str] = []  # float ops after the last quantizer (a classifier's Softmax, a detector's Concat)
+        self.head: list[str] = []  # float ops before the first quantizer (a float input's normalisation)
+        self._head_tensors: set[str] = set()
         self.lowered_nodes = 0
         self.layers: list = []  # the WeightedLayers written (snap_bias.py reads their grids)
         self.act_codes: dict[str, tuple] = {}
@@ -85,6 +83,7 @@ class Lowerer:
         g = self.g
         if not g.quantizers:
             raise FuseError("model has no quantizer node (com.onnxqat): run `onnxqat insert` and train it first")
+        self._feeds_quantizer = self._reaching_quantizers()
         graph_inputs = self._inputs()
         for idx, node in enumerate(g.model.graph.node):
             if idx not in self.done:
@@ -101,7 +100,7 @@ class Lowerer:
             model.metadata_props.add(key="onnxqat.input_scale", value=repr(self.input_scale))
         steps = {id(layer): self.fmt.bias_step(self, layer) for layer in self.layers}
         return Lowered(model, outputs, self.weight_params, self.weight_bits, self.islands, self.act_codes,
-                       self.lowered_nodes, self.tail, [(layer, steps[id(layer)]) for layer in self.layers])
+                       self.lowered_nodes, self.tail, [(layer, steps[id(layer)]) for layer in self.layers], self.head)
 
     # ------------------------------------------------------ state shared by the lowering modules
     def record(self, out: str, v):
@@ -143,6 +142,7 @@ class Lowerer:
                 if inp.type.tensor_type.HasField("shape") else None
             if name != image:
                 self.val[name] = Float(name) if elem == TensorProto.FLOAT else Plain(name)
+                self._head_tensors.add(name)
                 out.append(helper.make_tensor_value_info(name, elem, dims))
                 continue
             if self.input_type != "float":
@@ -186,13 +186,27 @@ class Lowerer:
             self._island(node, exc.cause, str(exc))
 
     def _island(self, node: onnx.NodeProto, cause: str, reason: str) -> None:
+        """The node in float. Before any quantized value (float input the model quantizes itself: its normalisation)
+        it is the float head, after the last quantizer (a detector's Transpose/Concat of its heads, a classifier's
+        Softmax) the float tail; in between a float island."""
         float_island(self, node)
         name = node.name or node.output[0]
-        if node.op_type in _FLOAT_TAIL_OPS and all(o in self.g.output_names and not self.g.consumers.get(o)
-                                                   for o in node.output if o):
-            self.tail.append(name)  # the classifier's Softmax after the logits: float by nature, not an island
-            return
-        self.islands.append(Island(name, node.op_type, cause, reason))
+        data = [i for i in node.input if i and i not in self.g.consts]
+        if data and all(i in self._head_tensors or isinstance(self.val.get(i), Plain) for i in data):
+            self.head.append(name)
+            self._head_tensors.update(o for o in node.output if o)
+        elif not any(o in self._feeds_quantizer for o in node.output if o):
+            self.tail.append(name)
+        else:
+            self.islands.append(Island(name, node.op_type, cause, reason))
+
+    def _reaching_quantizers(self) -> set[str]:
+        """Tensors from which an activation quantizer can be reached (the rest is after the last one)."""
+        g, reach = self.g, set()
+        for node in reversed(self.g.model.graph.node):
+            if (is_quantizer(node) and node.input[0] not in g.consts) or any(o in reach for o in node.output if o):
+                reach.update(i for i in node.input if i)
+        return reach
 
     def _copy_plain(self, node: onnx.NodeProto) -> None:
         """A node of shape arithmetic (all inputs Plain or constant): copied, outputs Plain."""

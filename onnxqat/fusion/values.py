@@ -87,6 +87,13 @@ class Table:
 
 
 @dataclass
+class Joined:
+    """A Concat of codes on different grids, not yet written: the quantizer after it requantizes each part."""
+    parts: list  # [Codes]
+    axis: int
+
+
+@dataclass
 class Plain:
     """A non-float tensor of the QAT graph (Shape, Gather of a shape, Concat of int64 dims ...), copied verbatim."""
     name: str
@@ -142,8 +149,9 @@ class Lowered:
     islands: list = field(default_factory=list)  # lowering.Island: nodes kept in float
     activation_codes: dict = field(default_factory=dict)  # quantizer output -> (fused codes tensor, scale, zp)
     lowered_nodes: int = 0  # QAT nodes the walk handled (not counting Constants and weight quantizers)
-    tail: list = field(default_factory=list)  # float ops after the logits (a classifier's Softmax)
+    tail: list = field(default_factory=list)  # float ops after the last quantizer
     layers: list = field(default_factory=list)  # (WeightedLayer, bias step of the format's kernel or None) written
+    head: list = field(default_factory=list)  # float ops before the first quantizer
 
 
 def as_vector(v) -> np.ndarray:

@@ -180,3 +180,61 @@ def features_per_sample(shape: tuple | None) -> int | None:
     if not shape or any(d is None or d <= 0 for d in shape[1:]):
         return None
     return int(np.prod(shape[1:])) if len(shape) > 1 else 1
+
+
+# elementwise functions fuse writes as lookup tables of their input codes (onnxqat/fusion/ops/unary.py)
+TABLE_OPS = frozenset({"Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Exp", "Log", "Sqrt", "Reciprocal", "Abs",
+                       "Neg", "LeakyRelu", "Softplus", "Softsign", "Elu", "Selu", "Celu", "Gelu", "Mish",
+                       "ThresholdedRelu", "PRelu", "Sin", "Cos"})
+BINARY_OPS = frozenset({"Add", "Mul", "Sum", "Concat"})
+
+
+def export_sources(index: GraphIndex, quantized: set[str]) -> list[Activation]:
+    """activations.integer_export: the tensors fuse needs as codes beyond the weighted layers' inputs, in graph order:
+    the input of every elementwise function (a table of its codes), and each activation input of an Add/Mul/Sum/
+    Concat of activations (a residual branch, a gate), unless it is f(x) beside x itself (x * Sigmoid(x): a table of
+    x's codes). `quantized`: tensors that get a quantizer anyway (their producer's output)."""
+    out: dict[str, Activation] = {}
+    types = _elem_types(index.model)
+
+    def want(t: str, reason: str) -> None:
+        if not t or t in quantized or t in out or t in index.graph_inputs or index.is_constant(t):
+            return
+        if types.get(t, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
+            return  # shape arithmetic (a Concat of int64 dims), masks
+        node = index.producer.get(t)
+        if node is None or node.domain not in ("", "ai.onnx"):
+            return
+        amax = activation_max(index, node)
+        if amax is not None:  # a Relu/Clip(0, m): quantized as an activation
+            out[t] = Activation(node, t, amax, ())
+        else:
+            out[t] = Activation(node, t, math.inf, (), linear=True, signed=not non_negative(index, t),
+                                reasons=(reason,), output_index=list(node.output).index(t))
+
+    for node in index.graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type in TABLE_OPS:
+            want(node.input[0], f"input of {node.op_type} node {node.name} (a lookup table of its codes)")
+        elif node.op_type in BINARY_OPS:
+            data = [i for i in node.input if i and not index.is_constant(i)]
+            if len(data) < 2:
+                continue
+            for t in data:
+                others = [o for o in data if o != t]
+                p = index.producer.get(t)
+                if p is not None and p.op_type in TABLE_OPS and p.input[0] in others:
+                    continue  # f(x) beside x: the product is a table of x's codes
+                want(t, f"input of {node.op_type} node {node.name}")
+    order = {n.name: k for k, n in enumerate(index.graph.node)}
+    return sorted(out.values(), key=lambda a: (order.get(a.node.name, 0), a.output_index))
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # best effort: an unknown type counts as float
+        return {}
+    g = inferred.graph
+    return {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input) + list(g.output)}

@@ -90,6 +90,8 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
     acts = act_pass.find_activations(index, layers, weighted)
     if recipe.activations.method != "lsq":  # Add/Sum/Concat outputs: only LSQ with activations.linear takes them
         acts = [a for a in acts if not a.combined]
+    if recipe.activations.integer_export:  # the codes fuse needs for tables, residual branches and gates
+        acts += act_pass.export_sources(index, {a.tensor for a in acts})
     act_names = {a.node.name for a in acts}
     for node_name in recipe.nodes:
         if node_name not in index.nodes_by_name:

@@ -10,7 +10,7 @@ import numpy as np
 from onnx import TensorProto
 
 from onnxqat.fusion.convert import acc_of_pooled, acc_to_float, dequantize, to_float
-from onnxqat.fusion.values import Acc, Codes, Float, Pooled, WeightedLayer
+from onnxqat.fusion.values import Acc, Codes, Float, Plain, Pooled, WeightedLayer
 
 if TYPE_CHECKING:
     from onnxqat.fusion.lowering import Lowerer
@@ -49,6 +49,9 @@ class Format:
         """An op that moves or selects codes (MaxPool, Reshape, Transpose ...) on the codes tensor inputs[0]."""
         return low.b.op(op, inputs, name, **attrs)
 
+    def moved_term(self, old: str, new: str) -> None:
+        """An accumulator term moved by a shape op (new holds old's numbers elsewhere)."""
+
     def acc_to_float(self, low: Lowerer, v: Acc, name: str) -> str:
         """The real value of an accumulator as a float tensor (a float island's input, a sum as a graph output)."""
         return acc_to_float(low.b, v, name)
@@ -73,7 +76,7 @@ class Format:
         """u = clip(round(v / s_out) + zp, 0, r) (and within a folded Relu/Clip of v)."""
         if isinstance(v, Pooled):
             v = acc_of_pooled(low.b, v, f"{name}_pool")
-        if isinstance(v, Float):
+        if isinstance(v, (Float, Plain)):  # (Plain: a tensor computed from constants, e.g. an expanded class token)
             return quantize_float(low, v, s_out, r, name, zp)
         return self.requantize_value(low, v, s_out, r, name, zp)
 

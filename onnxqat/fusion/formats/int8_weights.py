@@ -56,7 +56,7 @@ def reading_quantizer_step(low, layer: WeightedLayer) -> float | None:
 
 
 def out_axis(layer: WeightedLayer) -> int:
-    return 0 if layer.node.op_type == "Conv" and layer.pooled is None else 1
+    return 0 if layer.node.op_type == "Conv" else 1
 
 
 def accumulator_bound(layer: WeightedLayer) -> float:

@@ -66,13 +66,14 @@ def integer_accumulator(b: GraphBuilder, node: onnx.NodeProto, x: Codes, codes: 
         zp = (-codes.offset) // mult
         rem = codes.offset + mult * zp
     zp_w = b.const(f"{base}_w_zp", np.array(zp, np.uint8))
-    if pooled is not None:  # weights [K, N] -> a 1x1 convolution [N, K, 1, 1]
-        k1 = [1] * len(pooled.axes)
-        wt = b.op("Reshape", [b.op("Transpose", [wt], f"{base}_wT", perm=[1, 0]),
-                              b.const(f"{base}_w1x1", np.array([n_out, -1] + k1, np.int64))], f"{base}_w_1x1")
+    if pooled is not None:  # Gemm weights [K, N] -> a 1x1 convolution [N, K, 1, 1]; a 1x1 Conv's are one already
+        if op != "Conv":
+            k1 = [1] * len(pooled.axes)
+            wt = b.op("Reshape", [b.op("Transpose", [wt], f"{base}_wT", perm=[1, 0]),
+                                  b.const(f"{base}_w1x1", np.array([n_out, -1] + k1, np.int64))], f"{base}_w_1x1")
         acc = b.op("ConvInteger", [x.name, wt, zp_x, zp_w], f"{base}_acc_map")
         acc = b.op("ReduceSum", [acc, b.const(f"{base}_pool_axes", np.array(pooled.axes, np.int64))], f"{base}_acc",
-                   keepdims=0)
+                   keepdims=0 if pooled.flat else 1)
     elif op == "Conv":
         conv_attrs = {k: v for k, v in a.items() if k in ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")}
         acc = b.op("ConvInteger", [x.name, wt, zp_x, zp_w], f"{base}_acc", **conv_attrs)
@@ -84,10 +85,11 @@ def integer_accumulator(b: GraphBuilder, node: onnx.NodeProto, x: Codes, codes: 
         if pooled is not None:
             box = b.op("ReduceSum", [b.cast(x.name, TensorProto.INT32, f"{base}_x32"),
                                      b.const(f"{base}_box_axes", np.array([1] + pooled.axes, np.int64))],
-                       f"{base}_box", keepdims=0)
+                       f"{base}_box", keepdims=0 if pooled.flat else 1)
             if x.zp:
                 raise FuseError(f"{node_label(node)}: 8-bit DoReFa weights after a pooled input with a zero point")
-            box = b.op("Unsqueeze", [box, b.const(f"{base}_box_ax1", np.array([1], np.int64))], f"{base}_box2")
+            if pooled.flat:
+                box = b.op("Unsqueeze", [box, b.const(f"{base}_box_ax1", np.array([1], np.int64))], f"{base}_box2")
         elif op == "Conv":
             grp = int(a.get("group", 1))
             ones_shape = (1,) + w_shape[1:] if grp == 1 else w_shape
@@ -101,7 +103,7 @@ def integer_accumulator(b: GraphBuilder, node: onnx.NodeProto, x: Codes, codes: 
             box = b.op("ReduceSum", [x32, b.const(f"{base}_ax", np.array([-1], np.int64))], f"{base}_box", keepdims=1)
         box = b.op("Mul", [box, b.const(f"{base}_rem", np.array(rem, np.int32))], f"{base}_boxm")
         acc = b.op("Add", [acc, box], f"{base}_accw")
-    red = tuple(i for i in range(wk.ndim) if i != (0 if op == "Conv" else 1))
+    red = tuple(i for i in range(wk.ndim) if i != (0 if op == "Conv" else 1))  # (a pooled Conv's too)
     bound = float(np.max(np.sum(np.abs(wk), axis=red))) * x.bound * (pooled.count if pooled else 1)
     if bound > 2**31 - 1:
         raise FuseError(f"{node_label(node)}: its int32 accumulator could overflow (bound {bound:.3g})")

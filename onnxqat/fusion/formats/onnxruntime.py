@@ -86,8 +86,8 @@ class OrtFormat(IntegerFormat):
         bias = b.const(f"{base}_bias_acc", (layer.bias / mag).astype(np.float32))
         if layer.pooled is not None:
             xf = b.op("ReduceSum", [xf, b.const(f"{base}_pool_axes", np.array(layer.pooled.axes, np.int64))],
-                      f"{base}_xsum", keepdims=0)
-        if layer.node.op_type == "Conv" and layer.pooled is None:
+                      f"{base}_xsum", keepdims=0 if layer.pooled.flat else 1)
+        if layer.node.op_type == "Conv":
             acc = b.op("Conv", [xf, w, bias], f"{base}_acc_f", **_conv_attrs(layer))
         elif len(low.g.shape_of(layer.node.input[0]) or []) == 2 or layer.pooled is not None:
             acc = b.op("Gemm", [xf, w, bias], f"{base}_acc_f")
@@ -261,6 +261,10 @@ class OrtFormat(IntegerFormat):
         return b.cast(b.op("MaxPool", [xf] + inputs[1:], f"{name}_pool_f", **attrs), TensorProto.UINT8, name)
 
     # ------------------------------------------------------------------ float values
+    def moved_term(self, old: str, new: str) -> None:
+        if old in self.float_tensors:
+            self.float_tensors.add(new)
+
     def acc_to_float(self, low: Lowerer, v: Acc, name: str) -> str:
         return acc_to_float(low.b, v, name, self.float_tensors)
 

@@ -18,7 +18,7 @@ from onnx import TensorProto
 from onnxqat.fusion.convert import acc_of_pooled, to_float
 from onnxqat.fusion.graph import NoIntegerForm, node_label
 from onnxqat.fusion.ops.unary import apply_node, product_table, same_codes
-from onnxqat.fusion.values import Acc, Codes, Float, Pooled, Table, as_vector
+from onnxqat.fusion.values import Acc, Codes, Float, Plain, Pooled, Table, as_vector
 
 if TYPE_CHECKING:
     from onnxqat.fusion.lowering import Lowerer
@@ -122,11 +122,11 @@ def residual_add(low: Lowerer, node: onnx.NodeProto) -> None:
     vals = [low.get(i, node) for i in node.input]
     vals = [acc_of_pooled(low.b, v, f"{node.output[0]}_{k}") if isinstance(v, Pooled) else v
             for k, v in enumerate(vals)]
-    if low.fmt.float_arithmetic or any(isinstance(v, Float) for v in vals):
+    if low.fmt.float_arithmetic or any(isinstance(v, (Float, Plain, Table)) for v in vals):
         fl = [to_float(low, v) for v in vals]
         low.val[node.output[0]] = Float(low.b.op("Add", fl, node.output[0]))
         return
-    if not all(isinstance(v, (Acc, Codes)) for v in vals):
+    if not all(isinstance(v, (Acc, Codes)) for v in vals):  # a constant tensor, a table ...: float
         raise NoIntegerForm(f"{node_label(node)}: Add of these inputs", "Add of these inputs")
     terms, bias, cshape, axis = [], np.zeros(1), (1,), 1
     for v in vals:

@@ -36,13 +36,12 @@ def lower_global_pool(low: Lowerer, node: onnx.NodeProto) -> None:
     if not dims or axes is None or any(dims[i] is None for i in axes):
         raise NoIntegerForm(f"{node_label(node)}: spatial size of '{node.input[0]}' unknown (needs a static shape)",
                             "mean over a dynamic size")
-    if node.op_type == "ReduceMean" and not a.get("keepdims", 1):
-        raise NoIntegerForm(f"{node_label(node)}: ReduceMean with keepdims=0", "ReduceMean keepdims=0")
     count = int(np.prod([dims[i] for i in axes]))
     if sorted(ax % len(dims) for ax in axes) != list(range(2, len(dims))):
         raise NoIntegerForm(f"{node_label(node)}: a mean over other axes than all spatial ones",
                             "mean over other axes")
-    low.val[node.output[0]] = Pooled(v, list(range(2, len(dims))), count)
+    flat = node.op_type == "ReduceMean" and not a.get("keepdims", 1)  # [N, C]: what Flatten of the mean gives
+    low.val[node.output[0]] = Pooled(v, list(range(2, len(dims))), count, flat)
 
 
 HANDLERS = {"GlobalAveragePool": lower_global_pool, "ReduceMean": lower_global_pool}

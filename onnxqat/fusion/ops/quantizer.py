@@ -13,7 +13,8 @@ from onnx import TensorProto
 
 from onnxqat.errors import FuseError
 from onnxqat.fusion.graph import NoIntegerForm, check_range, node_label
-from onnxqat.fusion.values import Codes, Float, Table
+from onnxqat.fusion.ops.concat import requantized_concat
+from onnxqat.fusion.values import Codes, Float, Joined, Table
 from onnxqat.ops import reference as ref
 
 if TYPE_CHECKING:
@@ -79,6 +80,9 @@ def lower_activation_quantizer(low: Lowerer, node: onnx.NodeProto) -> None:
     v = low.get(node.input[0], node, raw=True)
     if isinstance(v, Table) and not low.fmt.float_arithmetic:
         low.val[out] = low.record(out, lookup(low, v.codes, q.codes(v.values).astype(np.uint8), out, q))
+        return
+    if isinstance(v, Joined):
+        low.val[out] = low.record(out, requantized_concat(low, v, q.s, q.r, out, q.zp))
         return
     out = low.fmt.quantize_node(low, node, v, q.s, q.r, q.zp)
     vals = q.values()

@@ -38,7 +38,8 @@ def lower_weighted(low: Lowerer, node: onnx.NodeProto) -> None:
     if isinstance(x, Float) and x.grid is not None:
         x = to_codes(low.b, x)
     pooled = None
-    if isinstance(x, Pooled) and x.flat and op in ("Gemm", "MatMul") and not low.fmt.float_arithmetic:
+    if isinstance(x, Pooled) and not low.fmt.float_arithmetic and (
+            (x.flat and op in ("Gemm", "MatMul")) or (not x.flat and _pointwise_conv(node))):
         pooled, x = x, x.codes  # a 1x1 ConvInteger on the codes, summed over the pooled axes afterwards
     if not isinstance(x, Codes):
         raise NoIntegerForm(f"{node_label(node)}: input '{node.input[0]}' is not quantized (no activation quantizer "
@@ -93,6 +94,15 @@ def lower_weighted(low: Lowerer, node: onnx.NodeProto) -> None:
     for n in folded:
         low.done.add(low.index(n))
     low.val[out] = value
+
+
+def _pointwise_conv(node: onnx.NodeProto) -> bool:
+    """A 1x1 Conv with no stride, padding, dilation or groups (squeeze-excitation's on the pooled mean): it commutes
+    with the spatial sum."""
+    a = attrs(node)
+    return (a.get("group", 1) == 1 and all(k == 1 for k in a.get("kernel_shape", [1])) and
+            all(p == 0 for p in a.get("pads", [0])) and all(s == 1 for s in a.get("strides", [1])) and
+            all(d == 1 for d in a.get("dilations", [1])) and a.get("auto_pad", "NOTSET") in ("NOTSET", "VALID"))
 
 
 HANDLERS = {"Conv": lower_weighted, "Gemm": lower_weighted, "MatMul": lower_weighted, "ConvTranspose": lower_weighted}
