@@ -181,7 +181,9 @@ def _read_unquantized(g: QatGraph, tensor: str) -> bool:
 
 
 def attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    """Attribute values by name; strings as str (onnx gives bytes)."""
+    return {a.name: (v.decode() if isinstance(v, bytes) else v)
+            for a in node.attribute for v in [onnx.helper.get_attribute_value(a)]}
 
 
 def check_range(node: onnx.NodeProto, r: float, *, max_r: int | None = None, what: str = "range") -> int:

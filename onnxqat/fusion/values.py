@@ -83,7 +83,13 @@ class Table:
     model computes for code u (f applied to the code's value by the same kernel). A quantizer after it is one Gather
     of a table of its codes; anything else reads the Gather of the float values."""
     codes: Codes
-    values: np.ndarray  # float32 [r + 1]
+    values: np.ndarray  # float32 [r + 1], or [C, r + 1]: one row per channel (a per-channel PRelu slope, mean, std)
+    axis: int = 1  # the channel axis of a per-channel table, in a tensor of rank `rank`
+    rank: int = 0
+
+    @property
+    def per_channel(self) -> bool:
+        return self.values.ndim == 2
 
 
 @dataclass

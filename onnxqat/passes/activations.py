@@ -28,7 +28,7 @@ from onnxqat.graph import GraphIndex
 # value-preserving (or quantization-grid preserving) ops the walk goes through; all non-constant inputs are followed
 # (Add/Sum only when they add activations: a residual, not a constant shift)
 TRANSPARENT_OPS = frozenset({
-    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool",
+    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "ReduceMean",
     "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Pad", "Resize", "Upsample", "Transpose",
     "Concat", "Add", "Sum", "Dropout", "Identity", "Split", "Slice", "DepthToSpace", "SpaceToDepth",
 })
@@ -187,6 +187,7 @@ TABLE_OPS = frozenset({"Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Ex
                        "Neg", "LeakyRelu", "Softplus", "Softsign", "Elu", "Selu", "Celu", "Gelu", "Mish",
                        "ThresholdedRelu", "PRelu", "Sin", "Cos"})
 BINARY_OPS = frozenset({"Add", "Mul", "Sum", "Concat"})
+_MOVING = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
 
 
 def export_sources(index: GraphIndex, quantized: set[str]) -> list[Activation]:
@@ -198,6 +199,10 @@ def export_sources(index: GraphIndex, quantized: set[str]) -> list[Activation]:
     types = _elem_types(index.model)
 
     def want(t: str, reason: str) -> None:
+        # a quantizer commutes with ops that only move values: put it where they start (a detector head's conv
+        # output before its Reshape/Transpose), so the moving runs on codes
+        while t in index.producer and index.producer[t].op_type in _MOVING and t not in quantized:
+            t = index.producer[t].input[0]
         if not t or t in quantized or t in out or t in index.graph_inputs or index.is_constant(t):
             return
         if types.get(t, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:

@@ -17,7 +17,7 @@ from onnx import TensorProto
 
 from onnxqat.fusion.convert import acc_of_pooled, to_float
 from onnxqat.fusion.graph import NoIntegerForm, node_label
-from onnxqat.fusion.ops.unary import apply_node, product_table, same_codes
+from onnxqat.fusion.ops.unary import applied, product_table, same_codes
 from onnxqat.fusion.values import Acc, Codes, Float, Plain, Pooled, Table, as_vector
 
 if TYPE_CHECKING:
@@ -61,12 +61,10 @@ def _scales_codes(low: Lowerer, node: onnx.NodeProto, v: Codes) -> bool:
 def table_of_constant_op(low: Lowerer, node: onnx.NodeProto, v) -> None:
     """x op c for a constant c that does not map codes to codes (a per-channel mean, an offset that is no whole code):
     f(x) of the codes as a table, where c is one value."""
-    c = low.g.consts[[i for i in node.input if i in low.g.consts][0]]
-    if c.size != 1:
-        raise NoIntegerForm(f"{node_label(node)}: per-channel {node.op_type} of codes", f"per-channel {node.op_type}")
-    x = v.values if isinstance(v, Table) else v.real_values()
-    codes = v.codes if isinstance(v, Table) else v
-    low.val[node.output[0]] = Table(codes, apply_node(low, node, x))
+    if node.input[0] in low.g.consts:
+        raise NoIntegerForm(f"{node_label(node)}: constant {node.op_type} codes", f"constant {node.op_type} codes")
+    t = v if isinstance(v, Table) else Table(v, v.real_values())
+    low.val[node.output[0]] = applied(low, node, t)
 
 
 def product(low: Lowerer, node: onnx.NodeProto) -> None:

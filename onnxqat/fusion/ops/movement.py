@@ -79,6 +79,7 @@ def lower_movement(low: Lowerer, node: onnx.NodeProto) -> None:
     elif isinstance(v, Table):
         if op == "Pad":
             raise NoIntegerForm(f"{node_label(node)}: Pad of a table", "Pad of a table")
+        moved_table(v, v.codes.name, node)  # refuses moves that change an element's channel
         for o, n in zip(outs, _emit(low, op, v.codes.name, extra, outs, a, codes=True)):
             low.val[o] = moved_table(v, n)
     elif isinstance(v, Float):

@@ -14,6 +14,7 @@ from onnx import TensorProto
 from onnxqat.errors import FuseError
 from onnxqat.fusion.graph import NoIntegerForm, check_range, node_label
 from onnxqat.fusion.ops.concat import requantized_concat
+from onnxqat.fusion.ops.unary import table_lookup
 from onnxqat.fusion.values import Codes, Float, Joined, Table
 from onnxqat.ops import reference as ref
 
@@ -79,7 +80,8 @@ def lower_activation_quantizer(low: Lowerer, node: onnx.NodeProto) -> None:
     out = node.output[0]
     v = low.get(node.input[0], node, raw=True)
     if isinstance(v, Table) and not low.fmt.float_arithmetic:
-        low.val[out] = low.record(out, lookup(low, v.codes, q.codes(v.values).astype(np.uint8), out, q))
+        y = table_lookup(low, v, q.codes(v.values).astype(np.uint8), out)
+        low.val[out] = low.record(out, Codes(y, q.s, q.r, TensorProto.UINT8, q.zp, values=q.values()))
         return
     if isinstance(v, Joined):
         low.val[out] = low.record(out, requantized_concat(low, v, q.s, q.r, out, q.zp))
@@ -90,17 +92,6 @@ def lower_activation_quantizer(low: Lowerer, node: onnx.NodeProto) -> None:
         c = low.val[out]
         low.val[out] = Float(c.name, replace(c.grid, values=vals), c.unit) if isinstance(c, Float) and c.grid \
             else replace(c, values=vals) if isinstance(c, Codes) else c
-
-
-def lookup(low: Lowerer, x: Codes, table: np.ndarray, name: str, q: Quantizer | None = None):
-    """table[u] for every code u of x: one Gather (indices int32: onnxruntime has no uint8 indices). With q the table
-    holds the codes of that quantizer; without, any values (float)."""
-    b = low.b
-    idx = b.cast(x.name, TensorProto.INT32, f"{name}_idx")
-    y = b.op("Gather", [b.const(f"{name}_table", table), idx], f"{name}_lut", axis=0)
-    if q is None:
-        return y
-    return Codes(y, q.s, q.r, TensorProto.UINT8, q.zp, values=q.values())
 
 
 HANDLERS = {"SatActQuant": lower_activation_quantizer, "LsqQuant": lower_activation_quantizer}

@@ -33,44 +33,71 @@ def lower_unary(low: Lowerer, node: onnx.NodeProto) -> None:
     if low.fmt.float_arithmetic:
         raise NoIntegerForm(f"{node_label(node)}: float op (QDQ)", "float op")
     if isinstance(v, Codes):
-        codes, x = v, v.real_values()
+        t = Table(v, v.real_values())
     elif isinstance(v, Table):
-        codes, x = v.codes, v.values
+        t = v
     else:
         raise NoIntegerForm(f"{node_label(node)}: {node.op_type} of an unquantized value (no quantizer before it)",
                             "input not quantized")
-    if codes.r > 255:
-        raise NoIntegerForm(f"{node_label(node)}: a table of {codes.r + 1} codes", "codes wider than 8 bits")
-    low.val[node.output[0]] = Table(codes, apply_node(low, node, x))
+    if t.codes.r > 255:
+        raise NoIntegerForm(f"{node_label(node)}: a table of {t.codes.r + 1} codes", "codes wider than 8 bits")
+    low.val[node.output[0]] = applied(low, node, t)
 
 
-def apply_node(low: Lowerer, node: onnx.NodeProto, x: np.ndarray) -> np.ndarray:
-    """The node on a float32 vector, by onnxruntime (its other inputs: constants of the QAT graph; a per-channel
-    PRelu slope has no single table and is refused)."""
+def applied(low: Lowerer, node: onnx.NodeProto, t: Table) -> Table:
+    """The table of node(t): the node evaluated by onnxruntime on the table's values, with its constant inputs; a
+    per-channel constant (a PRelu slope [C, 1, 1], a mean [1, C, 1, 1]) gives one row per channel."""
+    g = low.g
+    rank = len(g.shape_of(node.input[0]) or []) or t.rank
+    consts = {}
+    axis = t.axis if t.per_channel else None
+    for i in node.input[1:]:
+        if not i:
+            continue
+        if i not in g.consts:
+            raise NoIntegerForm(f"{node_label(node)}: input '{i}' is not a constant", "data-dependent side input")
+        c = np.asarray(g.consts[i])
+        if c.size > 1:
+            ch = [k for k, d in enumerate(c.shape) if d > 1]
+            if len(ch) != 1 or not rank:
+                raise NoIntegerForm(f"{node_label(node)}: parameter '{i}' of shape {list(c.shape)}",
+                                    "parameter not per channel")
+            a = rank - c.ndim + ch[0]
+            if axis is not None and a != axis:
+                raise NoIntegerForm(f"{node_label(node)}: parameters on two axes", "parameter not per channel")
+            axis = a
+            c = c.reshape(-1, 1)  # [C, 1] against the [C, codes] values
+        else:
+            c = c.reshape(())
+        consts[i] = c
+    x = t.values
+    if axis is not None and x.ndim == 1:
+        n_ch = max(c.shape[0] for c in consts.values() if c.ndim == 2)
+        x = np.broadcast_to(x, (n_ch, x.size))
+    y = run_node(node, x, consts)
+    return Table(t.codes, y.reshape(x.shape), axis if axis is not None else 1, rank)
+
+
+def run_node(node: onnx.NodeProto, x: np.ndarray, consts: dict) -> np.ndarray:
+    """The node on a float32 array by onnxruntime, its other inputs the given constants."""
     import onnxruntime as ort
 
-    g = low.g
-    extra = []
-    for i in node.input[1:]:
-        if i and i not in g.consts:
-            raise NoIntegerForm(f"{node_label(node)}: input '{i}' is not a constant", "data-dependent side input")
-        if i and g.consts[i].size != 1:
-            raise NoIntegerForm(f"{node_label(node)}: per-channel parameter '{i}'", "per-channel parameter")
-        extra.append(i)
-    inits = [onnx.numpy_helper.from_array(g.consts[i].reshape(()) if node.op_type != "PRelu"
-                                          else g.consts[i].reshape(1), i) for i in extra if i]
+    inits = [onnx.numpy_helper.from_array(np.asarray(v, np.float32 if v.dtype.kind == "f" else v.dtype), k)
+             for k, v in consts.items()]
     n = helper.make_node(node.op_type, ["x"] + list(node.input[1:]), ["y"], domain=node.domain,
                          **{a.name: helper.get_attribute_value(a) for a in node.attribute})
-    m = helper.make_model(helper.make_graph([n], "table", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None])],
+    m = helper.make_model(helper.make_graph([n], "table", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                         [None] * x.ndim)],
                                             [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits),
                           opset_imports=[helper.make_opsetid("", FUSED_OPSET)], ir_version=10)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     try:
         sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        return np.asarray(sess.run(None, {"x": np.asarray(x, np.float32)})[0], np.float32)
+        return np.asarray(sess.run(None, {"x": np.ascontiguousarray(x, np.float32)})[0], np.float32)
     except Exception as exc:
-        raise NoIntegerForm(f"{node_label(node)}: no table ({str(exc).splitlines()[0][:80]})", "no table") from None
+        raise NoIntegerForm(f"{node.op_type} '{node.name}': no table ({str(exc).splitlines()[0][:80]})",
+                            "no table") from None
 
 
 def same_codes(a, b) -> bool:
@@ -88,11 +115,30 @@ def product_table(a, b) -> Table:
     """a * b of two functions of the same codes (x * Sigmoid(x), x * HardSigmoid(x)): float32 products of the values,
     the multiplication the fake-quantized model does."""
     codes = a.codes if isinstance(a, Table) else a
-    return Table(codes, (table_of(a) * table_of(b)).astype(np.float32))
+    per = next((t for t in (a, b) if isinstance(t, Table) and t.per_channel), None)
+    values = (table_of(a) * table_of(b)).astype(np.float32)
+    return Table(codes, values, per.axis, per.rank) if per is not None else Table(codes, values)
 
 
-def moved_table(t: Table, name: str) -> Table:
-    return Table(replace(t.codes, name=name), t.values)
+def moved_table(t: Table, name: str, node: onnx.NodeProto | None = None) -> Table:
+    """The table on moved codes (a per-channel table only where no element changes channel)."""
+    if t.per_channel and node is not None and node.op_type not in ("Identity", "Dropout", "MaxPool", "Slice", "Pad",
+                                                                   "Resize", "Tile", "Expand"):
+        raise NoIntegerForm(f"{node_label(node)}: {node.op_type} of a per-channel table", "moves channels")
+    return Table(replace(t.codes, name=name), t.values, t.axis, t.rank)
+
+
+def table_lookup(low: Lowerer, t: Table, table: np.ndarray, name: str) -> str:
+    """table[u] (or table[c, u] of a per-channel table) for every code u of t's codes: one Gather of the flattened
+    table (indices int32; a per-channel table adds c * (r + 1) to each index first)."""
+    b = low.b
+    idx = b.cast(t.codes.name, TensorProto.INT32, f"{name}_idx")
+    if table.ndim == 2:
+        shape = [1] * t.rank
+        shape[t.axis] = table.shape[0]
+        rows = (np.arange(table.shape[0], dtype=np.int32) * table.shape[1]).reshape(shape)
+        idx = b.op("Add", [idx, b.const(f"{name}_rows", rows)], f"{name}_idx_c")
+    return b.op("Gather", [b.const(f"{name}_table", table.reshape(-1)), idx], f"{name}_lut", axis=0)
 
 
 HANDLERS = {op: lower_unary for op in ELEMENTWISE if op not in ("Relu", "Clip")}
