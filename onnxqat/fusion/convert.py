@@ -42,7 +42,7 @@ def float_island(low: Lowerer, node: onnx.NodeProto) -> None:
                                     **attrs(node)))
     for o_old, o_new in zip(node.output, outs):
         if o_old:
-            low.val[o_old] = Float(o_new)
+            low.val[o_old] = Float(o_new, island=True)
 
 
 def fake_quantized_weight(g: QatGraph, q: onnx.NodeProto) -> np.ndarray:

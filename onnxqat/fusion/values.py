@@ -64,6 +64,7 @@ class Float:
     name: str
     grid: Codes | None = None  # set when the float tensor is exactly grid.scale * codes
     unit: tuple | None = None  # (scale vector, axis): the integer step of a weighted layer's output (QDQ logits)
+    island: bool = False  # the output of a node kept in float
 
 
 @dataclass

@@ -18,7 +18,7 @@ from onnx import TensorProto
 
 from onnxqat.fusion.builder import GraphBuilder
 from onnxqat.fusion.convert import dequantize, to_float
-from onnxqat.fusion.formats.base import Format, code_bounds, dequantized
+from onnxqat.fusion.formats.base import Format, code_bounds, dequantized, quantize_float
 from onnxqat.fusion.formats.int8_weights import int8_weights, reading_quantizer_step
 from onnxqat.fusion.graph import attrs
 from onnxqat.fusion.values import Acc, Codes, Float, Pooled, WeightedLayer
@@ -47,6 +47,11 @@ class QdqFormat(Format):
         b = low.b
         if isinstance(v, Pooled):
             raise AssertionError("QDQ pools in float")
+        if isinstance(v, Float) and v.island:
+            # a node kept in float: onnxruntime's QDQ rewrites would run it on uint8 codes (a linear Resize between
+            # DequantizeLinear and QuantizeLinear becomes a uint8 Resize that rounds differently); a float Clip in
+            # front of the QuantizeLinear keeps it float
+            return dequantized(low, quantize_float(low, v, s_out, r, name, zp))
         lo_u, hi_u = code_bounds(v.clip if isinstance(v, Acc) else (-np.inf, np.inf), s_out, r, zp)
         q = b.op("QuantizeLinear", [to_float(low, v), b.const(f"{name}_scale", np.array(s_out, np.float32)),
                                     b.const(f"{name}_zp", np.array(zp, np.uint8))], f"{name}_q")

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 import onnx
 
 from onnxqat.fusion.graph import NoIntegerForm, attrs, node_label
-from onnxqat.fusion.values import Codes, Joined
+from onnxqat.fusion.convert import to_float
+from onnxqat.fusion.values import Codes, Float, Joined
 
 if TYPE_CHECKING:
     from onnxqat.fusion.lowering import Lowerer
@@ -26,6 +27,10 @@ def lower_concat(low: Lowerer, node: onnx.NodeProto) -> None:
         return
     if all(isinstance(v, Codes) for v in vals) and not low.fmt.float_arithmetic:
         low.val[node.output[0]] = Joined(vals, int(attrs(node).get("axis", 0)))
+        return
+    if low.fmt.float_arithmetic and all(isinstance(v, (Float, Codes)) for v in vals):  # QDQ: the float op
+        ins = [v.name if isinstance(v, Float) else to_float(low, v) for v in vals]
+        low.val[node.output[0]] = Float(low.b.op("Concat", ins, node.output[0], **attrs(node)))
         return
     raise NoIntegerForm(f"{node_label(node)}: Concat of these inputs", "Concat of these inputs")
 

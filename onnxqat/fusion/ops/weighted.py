@@ -9,6 +9,7 @@ bias_o <- f (bias_o - mean) + beta (f < 0 needs no special case: the multiplier 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,8 +29,6 @@ if TYPE_CHECKING:
 def lower_weighted(low: Lowerer, node: onnx.NodeProto) -> None:
     g = low.g
     op = node.op_type
-    if op == "ConvTranspose":
-        raise NoIntegerForm(f"{node_label(node)}: ConvTranspose has no integer lowering yet", "no integer lowering")
     wname = node.input[1]
     q = g.producer.get(wname)
     if q is None or q.domain != DOMAIN or q.op_type not in ("SatWeightQuant", "LsqQuant"):
@@ -44,11 +43,18 @@ def lower_weighted(low: Lowerer, node: onnx.NodeProto) -> None:
     if not isinstance(x, Codes):
         raise NoIntegerForm(f"{node_label(node)}: input '{node.input[0]}' is not quantized (no activation quantizer "
                             "before this layer)", "input not quantized")
-    a = attrs(node)
     w = g.const(q.input[0], q, "weight")
+    transposed = None
+    if op == "ConvTranspose":  # the equivalent Conv on the zero-inserted codes (its weights transformed below)
+        node, x, transposed = as_conv(low, node, x, w)
+        op = "Conv"
+    a = attrs(node)
     alpha = beta_g = 1.0
     trans_b = False
-    if op == "Conv":
+    if transposed is not None:  # ConvTranspose weights [C_in, C_out, kH, kW]: output channels on axis 1
+        n_out, cshape, ch_axis = w.shape[1], (1, w.shape[1]) + (1,) * (w.ndim - 2), 1
+        out_axis = 1
+    elif op == "Conv":
         n_out, cshape, ch_axis = w.shape[0], (1, w.shape[0]) + (1,) * (w.ndim - 2), 1
         out_axis = 0
     elif op == "Gemm":
@@ -63,6 +69,11 @@ def lower_weighted(low: Lowerer, node: onnx.NodeProto) -> None:
             raise NoIntegerForm(f"{node_label(node)}: MatMul with a {w.ndim}-D weight", "MatMul weight rank")
         out_axis, n_out, cshape, ch_axis = 1, w.shape[1], (w.shape[1],), -1
     codes = weight_codes(g, q, out_axis, n_out)
+    if transposed is not None:  # Conv weights [C_out, C_in, kH, kW], the kernel flipped
+        flip = (slice(None), slice(None)) + (slice(None, None, -1),) * (w.ndim - 2)
+        codes = replace(codes, w_int=np.ascontiguousarray(codes.w_int.swapaxes(0, 1)[flip]),
+                        u=np.ascontiguousarray(codes.u.swapaxes(0, 1)[flip]))
+        w = w.swapaxes(0, 1)
     bias = np.zeros(n_out)
     if len(node.input) > 2 and node.input[2]:
         bias = bias + beta_g * np.broadcast_to(as_vector(g.const(node.input[2], node, "bias")), (n_out,))
@@ -94,6 +105,52 @@ def lower_weighted(low: Lowerer, node: onnx.NodeProto) -> None:
     for n in folded:
         low.done.add(low.index(n))
     low.val[out] = value
+
+
+def as_conv(low: Lowerer, node: onnx.NodeProto, x: Codes, w: np.ndarray) -> tuple[onnx.NodeProto, Codes, bool]:
+    """ConvTranspose (stride s, pads p, output_padding o, kernel k) = Conv (stride 1, the kernel flipped, in/out
+    channels swapped) of the input with s - 1 zeros inserted between pixels, padded by k - 1 - p at the start and
+    k - 1 - p + o at the end. The zeros are the code of 0 (zp), inserted by a Pad of [N, C, H, 1, W, 1] to
+    [N, C, H, s, W, s] and a Reshape (uint8 Pad runs everywhere; onnxruntime 1.19.2 has no uint8 DepthToSpace): each
+    pixel lands at (i*s, j*s), with s - 1 zero rows/columns after the last one too, which the end padding takes back
+    (or a Slice, where it is shorter). Exact: the same integer sums."""
+    a = attrs(node)
+    k = list(a.get("kernel_shape", w.shape[2:]))
+    s = list(a.get("strides", [1] * len(k)))
+    p = list(a.get("pads", [0] * 2 * len(k)))
+    op = list(a.get("output_padding", [0] * len(k)))
+    if (len(k) != 2 or int(a.get("group", 1)) != 1 or any(d != 1 for d in a.get("dilations", [1]))
+            or a.get("auto_pad", "NOTSET") != "NOTSET" or "output_shape" in a or s[0] != s[1]):
+        raise NoIntegerForm(f"{node_label(node)}: ConvTranspose with groups, dilations, auto_pad, output_shape or "
+                            "unequal strides", "ConvTranspose form")
+    b, st = low.b, s[0]
+    base = node.name or node.output[0]
+    xu = x.name
+    if st > 1:
+        dims = low.g.shape_of(node.input[0])
+        if not dims or len(dims) != 4 or any(d is None for d in dims[1:]):
+            raise NoIntegerForm(f"{node_label(node)}: input shape unknown (zero insertion needs it)",
+                                "ConvTranspose of a dynamic shape")
+        _, c, h, wd = dims
+        x6 = b.op("Reshape", [x.name, b.const(f"{base}_x6", np.array([0, c, h, 1, wd, 1], np.int64))], f"{base}_x6")
+        pads6 = np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, st - 1, 0, st - 1], np.int64)
+        x6 = b.op("Pad", [x6, b.const(f"{base}_zpads", pads6), b.const(f"{base}_zp_fill", np.array(x.zp, np.uint8))],
+                  f"{base}_x6z")
+        xu = b.op("Reshape", [x6, b.const(f"{base}_xup_shape", np.array([0, c, h * st, wd * st], np.int64))],
+                  f"{base}_xup")
+    begin = [kk - 1 - pp for kk, pp in zip(k, p[:2])]
+    end = [kk - 1 - pp + oo - (st - 1) for kk, pp, oo in zip(k, p[2:], op)]
+    if min(begin) < 0:
+        raise NoIntegerForm(f"{node_label(node)}: ConvTranspose pads larger than its kernel", "ConvTranspose form")
+    if min(end) < 0:  # crop the extra zero rows/columns the padding cannot take back
+        xu = b.op("Slice", [xu, b.const(f"{base}_crop0", np.array([0, 0], np.int64)),
+                            b.const(f"{base}_crop1", np.array([e if e < 0 else np.iinfo(np.int64).max for e in end],
+                                                              np.int64)),
+                            b.const(f"{base}_crop_axes", np.array([2, 3], np.int64))], f"{base}_xcrop")
+        end = [max(e, 0) for e in end]
+    conv = onnx.helper.make_node("Conv", [xu, node.input[1]] + list(node.input[2:]), list(node.output),
+                                 name=node.name, kernel_shape=k, pads=begin + end, strides=[1, 1])
+    return conv, replace(x, name=xu), True
 
 
 def _pointwise_conv(node: onnx.NodeProto) -> bool:
