@@ -39,8 +39,8 @@ def fuse_command(
         "--integer-only", help="Fail instead of keeping any node in float (hardware targets, N2D2's IntegerOnly).",
     )] = False,
     min_agreement: Annotated[float, typer.Option(
-        "--min-agreement", help="Fail when the self-check agrees on fewer output codes or top-1 than this fraction "
-        "(0 writes the model anyway).")] = 0.9,
+        "--min-agreement", help="Fail when, layer by layer (each layer of the fake-quantized model fed the fused "
+        "model's codes), fewer codes of a quantizer or of the outputs agree than this fraction (0 writes the model anyway).")] = 0.9,
     verbose: Annotated[bool, typer.Option(
         "--verbose", "-v", help="List every node kept in float (the JSON report beside the output has them too).",
     )] = False,

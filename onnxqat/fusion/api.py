@@ -119,7 +119,8 @@ class FuseResult:
             "verify": None if a is None else {
                 "samples": a.samples, "max_code_diff": a.max_code_diff, "code_agreement": a.code_agreement,
                 "top1_agreement": a.top1_agreement, "fused_engine": a.fused_engine,
-                "fake_quant_engine": a.fake_quant_engine, "activations": a.activations},
+                "fake_quant_engine": a.fake_quant_engine, "activations": a.activations,
+                "layer_by_layer": {"output_code_agreement": a.local_code_agreement, "activations": a.local_activations}},
         }
 
 
@@ -136,7 +137,8 @@ def fuse(model, output=None, format: str = "int", rescale: str = "fixed-point", 
     rescale: "fixed-point" (int multiplier + rounding right shift) or "float" (float multiply, N2D2's default).
     verify_data: NPZ path or array of inputs (uint8 codes or float in the input range); else random codes.
     strict: raise FuseError when any output code or top-1 differs between the fake-quantized and fused models.
-    min_agreement: raise FuseError when the self-check's output-code or top-1 agreement is below it (0 disables).
+    min_agreement: raise FuseError when the self-check's layer-by-layer agreement (any quantizer's codes, the outputs)
+      is below it (0 disables); the end-to-end figures are reported.
     keep_float: names of nodes to run in float between Dequantize/Quantize (besides those with no integer form).
     integer_only: raise FuseError instead of keeping any node in float (hardware targets, N2D2's IntegerOnly).
     check: run the self-check (fake-quantized vs fused model); strict implies it.
@@ -182,12 +184,11 @@ def fuse(model, output=None, format: str = "int", rescale: str = "fixed-point", 
         if strict and not agreement.identical:
             raise FuseError(f"--strict: fused and fake-quantized outputs differ (max code difference "
                             f"{agreement.max_code_diff:g}, top-1 agreement {100 * agreement.top1_agreement:.2f}%)")
-        worst = min(agreement.code_agreement, agreement.top1_agreement)
-        if worst < min_agreement:
-            raise FuseError(f"self-check failed: the fused model agrees with the fake-quantized one on "
-                            f"{100 * agreement.code_agreement:.2f}% of output codes and {100 * agreement.top1_agreement:.2f}"
-                            f"% of top-1 (minimum {100 * min_agreement:g}%; min_agreement=0 / --min-agreement 0 "
-                            "writes it anyway)")
+        if agreement.local_agreement < min_agreement:
+            raise FuseError(f"self-check failed: layer by layer, the fused model agrees with the fake-quantized one on "
+                            f"{100 * agreement.local_agreement:.2f}% of codes (end to end: {100 * agreement.code_agreement:.2f}"
+                            f"% of output codes, {100 * agreement.top1_agreement:.2f}% of top-1; minimum "
+                            f"{100 * min_agreement:g}%; min_agreement=0 / --min-agreement 0 writes it anyway)")
     path = report_path = None
     if output is not None:
         path = os.fspath(output)

@@ -145,7 +145,7 @@ def acc_output(b: GraphBuilder, v: Acc, name: str, out_name: str, dequantize: bo
     if not dequantize:
         b.nodes.append(helper.make_node("Add", [y, b.const(f"{name}_bias", badd.reshape(cshape))], [out_name],
                                         name=b.fresh(f"{name}_codes")))
-        return OutputInfo(out_name, mag, v.axis, TensorProto.INT32)
+        return OutputInfo(out_name, mag, v.axis, TensorProto.INT32, accumulator=True)
     y = b.op("Add", [y, b.const(f"{name}_bias", badd.reshape(cshape))], f"{name}_codes")
     if n > 1 and not np.all(out_scale == out_scale[0]):
         s = b.const(f"{name}_scale", out_scale.astype(np.float32))
@@ -157,7 +157,7 @@ def acc_output(b: GraphBuilder, v: Acc, name: str, out_name: str, dequantize: bo
         dq_attrs = {}
     b.nodes.append(helper.make_node("DequantizeLinear", [y, s, zp], [out_name], name=b.fresh(f"{name}_dequantize"),
                                     **dq_attrs))
-    return OutputInfo(out_name, mag, v.axis, TensorProto.FLOAT)
+    return OutputInfo(out_name, mag, v.axis, TensorProto.FLOAT, accumulator=True)
 
 
 def _cshape(v: Acc, per_channel: np.ndarray) -> tuple:

@@ -47,7 +47,7 @@ def lower_output(low: Lowerer, name: str) -> OutputInfo:
     if isinstance(v, Float):
         rename(b, v.name, name)
         unit, axis = v.unit if v.unit is not None else (np.array([0.0]), 1)
-        return OutputInfo(name, np.abs(unit), axis, TensorProto.FLOAT)
+        return OutputInfo(name, np.abs(unit), axis, TensorProto.FLOAT, accumulator=True)
     if isinstance(v, Codes):
         if low.dequantize_output:
             s = b.const(f"{name}_scale", np.array(v.scale, np.float32))
@@ -65,7 +65,7 @@ def lower_output(low: Lowerer, name: str) -> OutputInfo:
     if y is not None:
         rename(b, y, name)
         unit = np.abs(np.broadcast_to(v.terms[0][1], (max(t[1].size for t in v.terms),)))
-        return OutputInfo(name, unit, v.axis, TensorProto.FLOAT)
+        return OutputInfo(name, unit, v.axis, TensorProto.FLOAT, accumulator=True)
     return acc_output(b, v, name, name, low.dequantize_output)
 
 

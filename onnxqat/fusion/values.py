@@ -145,6 +145,9 @@ class OutputInfo:
     scale: np.ndarray  # real value of one output code, per channel
     axis: int
     dtype: int
+    # scale is an accumulator's step (input step x weight step), finer than the float32 the fake-quantized model
+    # computes in: compared within that model's float32 rounding, not code for code
+    accumulator: bool = False
 
 
 @dataclass
