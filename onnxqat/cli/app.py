@@ -24,11 +24,17 @@ def one_line_errors() -> Iterator[None]:
     Each command uses it (not only main()) because typer's CliRunner and other embedders call `app` directly,
     where main()'s handler does not run. SystemExit rather than typer.Exit: it keeps its code in standalone_mode=False.
     """
+    from onnxqat.training.distributed import abort_job, rank_prefix
+
     try:
         yield
     except OnnxqatError as exc:
-        typer.echo(f"onnxqat: error: {exc}", err=True)
+        typer.echo(f"onnxqat: error: {rank_prefix()}{exc}", err=True)
+        abort_job(1)  # under mpiexec: end the other ranks too
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        abort_job(130)
+        raise
 
 
 # One module per command group; each registers its commands on `app` when imported.
@@ -54,3 +60,8 @@ def main() -> None:
     except KeyboardInterrupt:
         print("onnxqat: interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception:
+        from onnxqat.training.distributed import abort_job
+
+        abort_job(1)  # an unexpected error on one rank must not leave the others waiting
+        raise

@@ -85,6 +85,10 @@ def train_command(
                     scale=scale, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
                     init_quantizers=not no_data_init, settings_source="command line",
                     progress=not no_progress, log=lambda m: typer.echo(m, err=True))
+    from onnxqat.training.distributed import world
+
+    if not world().is_root:  # under mpiexec: rank 0 reports
+        return
     if res.test_top1 is not None:
         typer.echo(f"{res.model_path} (test top-1 {res.test_top1:.2f}%)")
     else:

@@ -330,12 +330,15 @@ class Batches:
         for b, x, y, _ in self.epoch_extras(epoch, start_batch):
             yield b, x, y
 
-    def epoch_extras(self, epoch: int, start_batch: int = 0):
-        """As epoch(), with the batch's per-sample arrays of the other model inputs (a dict) as a fourth item."""
+    def epoch_extras(self, epoch: int, start_batch: int = 0, keep=None):
+        """As epoch(), with the batch's per-sample arrays of the other model inputs (a dict) as a fourth item.
+        keep: batch index -> bool, the batches this process reads (a rank's share; the others are not loaded)."""
         rng = np.random.default_rng([self.seed, epoch, 1])
         order = rng.permutation(len(self.ds)) if self.train else np.arange(len(self.ds))
         # one generator per batch, derived from (seed, epoch, batch): a batch looks the same whatever came before
         for b in range(start_batch, len(self)):
+            if keep is not None and not keep(b):
+                continue
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.ds.images[idx]
             y = None if self.ds.labels is None else self.ds.labels[idx]

@@ -19,6 +19,7 @@ from onnxqat.files import atomic_write_bytes, atomic_write_text
 from onnxqat.training import artifacts as art
 from onnxqat.training.checkpoint import load_checkpoint, save_checkpoint
 from onnxqat.training.data import Batches
+from onnxqat.training.distributed import Single, world
 from onnxqat.training.feeds import Feeder
 from onnxqat.training.objective import IOPlan
 from onnxqat.training.solver import LRSchedule, Solver, quantizer_floor
@@ -165,16 +166,41 @@ class Engine:
         return int((np.argmax(logits.reshape(logits.shape[0], -1), axis=1) == y).sum())
 
 
-def evaluate(engine: Engine, batches: Batches, feeder: Feeder) -> tuple[float, float | None]:
-    """(mean loss, top-1 % or None) over a data set."""
-    tot_loss, correct, n = 0.0, 0, 0
-    for _, x, y, extras in batches.epoch_extras(0):
+def evaluate(engine: Engine, batches: Batches, feeder: Feeder, comm: Single | None = None) -> tuple[float, float | None]:
+    """(mean loss, top-1 % or None) over a data set; under MPI each rank evaluates every N-th batch and the sums
+    are reduced, so every rank returns the whole set's figures."""
+    comm = comm or Single()
+    tot_loss, correct, n, has_top1 = 0.0, 0, 0, 1.0
+    keep = None if comm.size == 1 else (lambda b: b % comm.size == comm.rank)
+    for _, x, y, extras in batches.epoch_extras(0, keep=keep):
         loss, outs = engine.eval_step(feeder(x, y, extras))
         tot_loss += loss * len(x)
         c = engine.correct(outs, y)
-        correct = None if c is None or correct is None else correct + c
+        if c is None:
+            has_top1 = 0.0
+        else:
+            correct += c
         n += len(x)
-    return tot_loss / max(n, 1), (None if correct is None else 100.0 * correct / max(n, 1))
+    if comm.size > 1:
+        tot_loss, correct, n, ranks_top1 = comm.sum([tot_loss, correct, n, has_top1])
+        has_top1 = float(ranks_top1 == comm.size)
+    top1 = 100.0 * correct / max(n, 1) if has_top1 else None
+    return float(tot_loss / max(n, 1)), top1
+
+
+def _average_running_stats(engine: Engine, comm: Single) -> None:
+    """BatchNormalization running means and variances averaged over the ranks (each saw its own batches)."""
+    if comm.size == 1 or not engine.plan.frozen:
+        return
+    p = engine.state.parameters
+    names = [n for n in engine.plan.frozen if n in engine.all_params]
+    flat = np.concatenate([p[n].data.reshape(-1) for n in names]).astype(np.float32)
+    comm.average_(flat)
+    off = 0
+    for n in names:
+        k = p[n].data.size
+        p[n].data = flat[off:off + k].reshape(p[n].data.shape).copy()
+        off += k
 
 
 def model_digest(model: onnx.ModelProto) -> str:
@@ -215,13 +241,20 @@ def _save_model(path: Path, model: onnx.ModelProto, params: dict) -> None:
 def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_batches: Batches | None,
         test_batches: Batches | None, out: str | Path, resume: bool = False, progress: bool = True,
         stop_after_batches: int | None = None, log=print, io: IOPlan | None = None, constants: dict | None = None,
-        teacher_model: onnx.ModelProto | None = None) -> FitResult:
+        teacher_model: onnx.ModelProto | None = None, comm: Single | None = None) -> FitResult:
     """Trains `model` and writes checkpoints, metrics and the trained model into `out`.
 
     io: inputs and loss terms (objective.resolve; default cross-entropy on the one output); constants: values of
     other model inputs; teacher_model: the float model distillation matches (default: `model` without quantizers).
     stop_after_batches: (tests) raise KeyboardInterrupt after that many physical batches, like a kill mid-epoch.
+    comm: the MPI job (distributed.world() by default): with N ranks, cfg.batch_size is each rank's batch; an update
+    reads N x iteration_size consecutive batches of the shuffled epoch (rank r the r-th iteration_size of them), so
+    N ranks compute what one process computes with iteration size N x iteration_size. Rank 0 writes every file.
     """
+    comm = comm or world()
+    root = comm.is_root
+    if not root:
+        log, progress = (lambda *_a, **_k: None), False
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -247,11 +280,22 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
     for msg in plan.io.messages:
         log(msg)
     log("loss: " + " + ".join(t.describe() for t in plan.io.terms))
-    engine = Engine(model, out / "artifacts", cfg.threads, plan)
+    workdir = out / "artifacts"
+    if not root:  # each rank generates its own training artifacts (the same files; no two writers of one path)
+        import tempfile
+
+        workdir = Path(tempfile.mkdtemp(prefix=f"onnxqat-rank{comm.rank}-"))
+    engine = Engine(model, workdir, cfg.threads, plan)
     for msg in plan.messages:
         log(msg)
 
-    updates_per_epoch = -(-n_batches // cfg.iteration_size)
+    group = cfg.iteration_size * comm.size  # batches of one update
+    updates_per_epoch = -(-n_batches // group)
+    if comm.size > 1:
+        log(f"data parallel: {comm.size} ranks x batch {cfg.batch_size}"
+            + (f" x iteration size {cfg.iteration_size}" if cfg.iteration_size > 1 else "")
+            + f" = global batch {cfg.batch_size * group}; {updates_per_epoch} updates per epoch; "
+            + f"{cfg.threads or 'default'} onnxruntime thread(s) per rank")
     total = updates_per_epoch * cfg.epochs
     if cfg.max_iterations:
         total = min(total, cfg.max_iterations) if cfg.epochs >= 1 else cfg.max_iterations
@@ -270,8 +314,18 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
     last_ckpt, best_ckpt = out / "checkpoint_last.npz", out / "checkpoint_best.npz"
     history: list[dict] = []
     start_epoch, step, best, initial = 0, 0, None, None
-    if resume and last_ckpt.is_file():
-        params, sstate, meta = load_checkpoint(last_ckpt)
+    # rank 0 reads the checkpoint and sends it (the other ranks may run on machines without that folder)
+    loaded = None
+    if root and resume and last_ckpt.is_file():
+        try:
+            loaded = load_checkpoint(last_ckpt)
+        except TrainingError as exc:
+            loaded = exc
+    loaded = comm.broadcast_object(loaded)
+    if isinstance(loaded, Exception):
+        raise loaded
+    if loaded is not None:
+        params, sstate, meta = loaded
         if meta.get("signature") != signature:
             raise TrainingError(f"{last_ckpt}: written by a run with another model, data size or configuration; "
                                 "resume needs the same ones (or start without --resume / use another --out)")
@@ -279,21 +333,31 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
         solver.load_state_dict(sstate)
         start_epoch, step, best, history = meta["epoch"], meta["step"], meta.get("best"), meta["history"]
         initial = meta.get("initial")
+        ranks = meta.get("ranks", 1)
+        if ranks != comm.size:  # another global batch: the schedule restarts from this epoch's first update
+            step = start_epoch * updates_per_epoch
+            log(f"the checkpoint was written by {ranks} rank(s), this run has {comm.size}: the global batch "
+                f"changes, the learning-rate schedule continues at update {step}")
         log(f"resuming after epoch {start_epoch} (update {step}) from {last_ckpt}")
     elif resume:
         log(f"no checkpoint in {out}: starting from the beginning")
+    if comm.size > 1:  # one model: rank 0's parameters, running statistics and solver state everywhere
+        engine.load_params(comm.broadcast_object(engine.params() if root else None))
+        solver.load_state_dict(comm.broadcast_object(solver.state_dict() if root else None))
     # the set that shows what an epoch did: validation, else test, else the training set in order
     monitor_name, monitor = next(((n, b) for n, b in (("val", val_batches), ("test", test_batches)) if b is not None),
                                  ("train", Batches(train_batches.ds, train_batches.batch_size,
                                                    train_batches.transforms, train=False, seed=train_batches.seed)))
     if start_epoch == 0 and step == 0:
-        loss0, top0 = evaluate(engine, monitor, feeder)
+        loss0, top0 = evaluate(engine, monitor, feeder, comm)
         initial = {"set": monitor_name, "loss": loss0, "top1": top0}
         log(f"before training: {monitor_name} loss {loss0:.4f}" + (f" top-1 {top0:.2f}%" if top0 is not None else "")
             + " (the model as inserted: the cost of quantization before any update)")
 
     w = engine.get_flat()
+    comm.check_same(w, "start")
     seen_batches = 0
+    gbuf = np.zeros(engine.size + 1, np.float32)  # the gradient sum and, last, its batch count: one allreduce
     for epoch in range(start_epoch, epochs):
         if step >= total:
             break
@@ -301,31 +365,56 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
         tot_loss, correct, n_seen = 0.0, 0, 0
         accum = 0
         bar = None
+        mine = (lambda b: (b % group) // cfg.iteration_size == comm.rank) if comm.size > 1 else None
+        n_mine = sum(1 for b in range(n_batches) if mine is None or mine(b))
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
+            bar = tqdm(total=n_mine, desc=f"epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True)
         lr = qlr = None
-        for b, x, y, extras in train_batches.epoch_extras(epoch):
+        done_update = -1  # the last update this rank took part in this epoch
+
+        def update(u: int) -> None:
+            """One solver step from this rank's accumulated batches (none: a zero gradient and count 0)."""
+            nonlocal accum, step, lr, qlr, done_update
+            if accum:
+                gbuf[:-1] = engine.grad_flat()
+            else:
+                gbuf[:-1] = 0.0
+            gbuf[-1] = accum
+            if comm.size > 1:
+                comm.average_(gbuf)  # mean over ranks of sums and counts: their ratio is the global mean
+            g = gbuf[:-1] / gbuf[-1] if gbuf[-1] != 1 else gbuf[:-1]
+            if not np.all(np.isfinite(g)):
+                raise TrainingError(f"gradient is not finite at epoch {epoch + 1}, update {u + 1}: training stopped; "
+                                    f"last good checkpoint: {last_ckpt if last_ckpt.is_file() else 'none'}")
+            lr, qlr = sched(step), qsched(step)
+            solver.step(w, g, lr, qlr)  # the solver's update
+            engine.set_flat(w)
+            step += 1
+            accum = 0
+            done_update = u
+            if comm.size > 1 and step % CHECKSUM_EVERY == 0:
+                comm.check_same(w, f"update {step}")
+
+        for b, x, y, extras in train_batches.epoch_extras(epoch, keep=mine):
+            u = b // group
+            if accum and u != done_update + 1:
+                update(done_update + 1)
+            while comm.size > 1 and done_update + 1 < u and step < total:  # updates with no batch of this rank
+                update(done_update + 1)
+            if step >= total:
+                break
             if accum == 0:
                 engine.module.lazy_reset_grad()
-            loss, outs = engine.train_step(feeder(x, y, extras), np.random.default_rng([cfg.seed, epoch, 3, b]))
+            mask_key = [cfg.seed, epoch, 3, b] if comm.size == 1 else [cfg.seed, epoch, 3, b, comm.rank]
+            loss, outs = engine.train_step(feeder(x, y, extras), np.random.default_rng(mask_key))
             if not math.isfinite(loss):
                 raise TrainingError(f"loss is {loss} at epoch {epoch + 1}, step {b + 1}: training stopped; last good "
                                     f"checkpoint: {last_ckpt if last_ckpt.is_file() else 'none (first epoch)'}")
             accum += 1
-            if accum == cfg.iteration_size or b == n_batches - 1:
-                g = engine.grad_flat()  # the gradient vector of this update
-                if accum > 1:
-                    g = g / np.float32(accum)
-                if not np.all(np.isfinite(g)):
-                    raise TrainingError(f"gradient is not finite at epoch {epoch + 1}, step {b + 1}: training stopped; "
-                                        f"last good checkpoint: {last_ckpt if last_ckpt.is_file() else 'none'}")
-                lr, qlr = sched(step), qsched(step)
-                solver.step(w, g, lr, qlr)  # the solver's update
-                engine.set_flat(w)
-                step += 1
-                accum = 0
+            if comm.size == 1 and (accum == cfg.iteration_size or b == n_batches - 1):
+                update(u)
             tot_loss += loss * len(x)
             c = engine.correct(outs, y)
             correct = None if c is None or correct is None else correct + c
@@ -333,7 +422,7 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
             seen_batches += 1
             if bar is not None:
                 el = time.perf_counter() - t0
-                post = {"loss": f"{tot_loss / n_seen:.4f}", "img_s": f"{n_seen / max(el, 1e-9):.0f}"}
+                post = {"loss": f"{tot_loss / n_seen:.4f}", "img_s": f"{comm.size * n_seen / max(el, 1e-9):.0f}"}
                 if correct is not None:
                     post["acc"] = f"{100.0 * correct / n_seen:.2f}"
                 bar.set_postfix(**post, refresh=False)
@@ -344,6 +433,14 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
                 raise KeyboardInterrupt
             if step >= total:
                 break
+        if comm.size > 1:  # the updates left: this rank's last batches, then those where it had none
+            while done_update + 1 < updates_per_epoch and step < total:
+                update(done_update + 1)
+        if comm.size > 1:
+            has_top1 = float(correct is not None)
+            tot_loss, c_sum, n_seen, ranks_top1 = comm.sum([tot_loss, correct or 0, n_seen, has_top1])
+            correct = c_sum if ranks_top1 == comm.size else None
+            _average_running_stats(engine, comm)
         if bar is not None:
             bar.close()
         train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -353,13 +450,13 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
                "images_per_s": n_seen / max(train_s, 1e-9), "epoch_seconds": train_s,
                "cpu_seconds": train_cpu}
         if val_batches is not None:
-            row["val_loss"], row["val_top1"] = evaluate(engine, val_batches, feeder)
+            row["val_loss"], row["val_top1"] = evaluate(engine, val_batches, feeder, comm)
         last = epoch == epochs - 1 or step >= total
         if test_batches is not None and (cfg.eval_test or last or (epoch == 0 and monitor_name == "test")):
-            row["test_loss"], row["test_top1"] = evaluate(engine, test_batches, feeder)
+            row["test_loss"], row["test_top1"] = evaluate(engine, test_batches, feeder, comm)
         if epoch == 0 and initial is not None:
             if monitor_name == "train":
-                row["monitor_loss"], row["monitor_top1"] = evaluate(engine, monitor, feeder)
+                row["monitor_loss"], row["monitor_top1"] = evaluate(engine, monitor, feeder, comm)
             else:
                 row["monitor_loss"], row["monitor_top1"] = row[f"{monitor_name}_loss"], row[f"{monitor_name}_top1"]
             warning = first_epoch_warning(initial, row["monitor_loss"], row["monitor_top1"], cfg.lr)
@@ -374,24 +471,33 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
         if improved:
             best = metric
         meta = {"epoch": epoch + 1, "step": step, "best": best, "history": history, "signature": signature,
-                "initial": initial}
-        if improved:
-            save_checkpoint(best_ckpt, params, solver_state, meta)
-            _save_model(out / "model_best.onnx", model, params)
-        save_checkpoint(last_ckpt, params, solver_state, meta)
-        _write_metrics(out, history)
+                "initial": initial, "ranks": comm.size}
+        comm.check_same(w, f"epoch {epoch + 1}")
+        if root:
+            if improved:
+                save_checkpoint(best_ckpt, params, solver_state, meta)
+                _save_model(out / "model_best.onnx", model, params)
+            save_checkpoint(last_ckpt, params, solver_state, meta)
+            _write_metrics(out, history)
         top = f" top-1 {row['train_top1']:.2f}%" if row["train_top1"] is not None else ""
         msg = (f"epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f}{top}"
                + (f" | val {_score(row, 'val')}" if "val_loss" in row else "")
                + (f" | test {_score(row, 'test')}" if "test_loss" in row else "")
                + f" | lr {lr:.4g} | {row['images_per_s']:.0f} img/s")
         log(msg)
+    _average_running_stats(engine, comm)
     params = engine.params()
-    _save_model(out / "model.onnx", model, params)
+    if root:
+        _save_model(out / "model.onnx", model, params)
     final = history[-1] if history else {}
     test_loss, test_top1 = final.get("test_loss"), final.get("test_top1")
     if test_batches is not None and test_loss is None:
-        test_loss, test_top1 = evaluate(engine, test_batches, feeder)
+        test_loss, test_top1 = evaluate(engine, test_batches, feeder, comm)
+    comm.barrier()  # the files exist when any rank returns
+    if not root:
+        import shutil
+
+        shutil.rmtree(workdir, ignore_errors=True)
     return FitResult(out, out / "model.onnx", out / "model_best.onnx" if (out / "model_best.onnx").is_file() else None,
                      history, best, test_top1, test_loss, params, initial)
 
@@ -400,6 +506,8 @@ def _score(row: dict, split: str) -> str:
     top = row.get(f"{split}_top1")
     return f"{top:.2f}%" if top is not None else f"loss {row[f'{split}_loss']:.4f}"
 
+
+CHECKSUM_EVERY = 100  # updates between two comparisons of the ranks' parameters (and at every epoch's end)
 
 # after epoch 1, a loss this many times the loss before training, or a top-1 this many points lower, is a warning
 WARN_LOSS_RATIO = 1.5

@@ -36,6 +36,7 @@ from onnxqat.ops.schema import is_quantizer
 from onnxqat.training import artifacts as art
 from onnxqat.training import settings as st
 from onnxqat.training.data import Batches, check_labels, resolve_data, validation_split
+from onnxqat.training.distributed import default_threads, fail_fast, world
 from onnxqat.training.feeds import Feeder, image_size, input_layout
 from onnxqat.training.loop import FitResult, fit
 from onnxqat.training.objective import Objective, resolve
@@ -53,6 +54,7 @@ class TrainResult:
     best_metric: float | None = None
     stages: list["TrainResult"] = field(default_factory=list)
     initial: dict | None = None  # evaluation before the first update: {"set", "loss", "top1"}
+    trained: onnx.ModelProto | None = field(default=None, repr=False)  # the trained model, in memory
 
     def __repr__(self) -> str:
         return (f"TrainResult(model_path={str(self.model_path)!r}, test_top1={self.test_top1}, "
@@ -135,6 +137,7 @@ def _adapt_to_input(tf: Compose, ds, dims: tuple) -> tuple[Compose, str | None]:
     return Compose(tf.transforms + extra), ", ".join(said)
 
 
+@fail_fast
 def train(model, data="fashion-mnist", *, epochs: int | None = None, out: str | os.PathLike = "runs/train",
           recipe=None, batch_size: int | None = None, lr: float | None = None, momentum: float | None = None,
           decay: float | None = None, lr_policy: str | None = None, warmup: float | None = None,
@@ -153,6 +156,11 @@ def train(model, data="fashion-mnist", *, epochs: int | None = None, out: str | 
     quantizers): targets from the float model; data_input: the input that takes the data; inputs: {name: value}
     for the other inputs; scale, mean, std: the input normalisation (x / scale - mean) / std; init_quantizers:
     initialise uncalibrated activation quantizers from the first batches."""
+    comm = world()
+    if not comm.is_root:  # rank 0 speaks for the job
+        log, progress = (lambda *_a, **_k: None), False
+    if comm.size > 1 and not threads:
+        threads = default_threads(comm)
     base = _load_model(model)
     rec = _load_recipe(recipe)
     out = Path(out)
@@ -214,14 +222,19 @@ def train(model, data="fashion-mnist", *, epochs: int | None = None, out: str | 
         if init_quantizers:
             m = _init_quantizers(m, io, tb, inputs, log)
         res: FitResult = fit(m, cfg, tb, vb, eb, stage_out, resume=resume, progress=progress, log=log, io=io,
-                             constants=inputs, teacher_model=teacher_model)
-        if histograms:
-            from onnxqat.report.histograms import write_weight_histograms
+                             constants=inputs, teacher_model=teacher_model, comm=comm)
+        if comm.is_root:
+            if histograms:
+                from onnxqat.report.histograms import write_weight_histograms
 
-            write_weight_histograms(res.model_path, stage_out / "histograms")
-        atomic_write_text(stage_out / "done.json", json.dumps({"epochs": len(res.metrics), "test_top1": res.test_top1}))
-        return TrainResult(res.model_path, res.best_model_path, stage_out, res.metrics, res.test_top1, res.test_loss,
-                           res.best_metric, initial=res.initial)
+                write_weight_histograms(res.model_path, stage_out / "histograms")
+            atomic_write_text(stage_out / "done.json", json.dumps({"epochs": len(res.metrics),
+                                                                   "test_top1": res.test_top1}))
+        comm.barrier()
+        result = TrainResult(res.model_path, res.best_model_path, stage_out, res.metrics, res.test_top1,
+                             res.test_loss, res.best_metric, initial=res.initial)
+        result.trained = art.write_back(m, res.params)  # the next stage's start, on every rank without a file read
+        return result
 
     init_model = _load_model(init_from) if init_from is not None else None
     stages: list[TrainResult] = []
@@ -248,7 +261,7 @@ def train(model, data="fashion-mnist", *, epochs: int | None = None, out: str | 
             else:
                 log(f"stage 1: recipe {getattr(prev_rec, 'name', prev)}")
                 s1 = run_stage(_insert(float_model, prev_rec), prev_rec, s1_out)
-                s1_model = onnx.load(str(s1.model_path))
+                s1_model = s1.trained
             stages.append(s1)
             float_model, c = art.copy_initializers(float_model, s1_model)
             log(f"stage 2: recipe {getattr(rec, 'name', recipe)} from stage 1's weights ({len(c)} tensors)")
