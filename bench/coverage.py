@@ -359,7 +359,8 @@ def col_agreement(case: Case) -> str:
     if r is None or r.agreement is None:
         return "-"
     a = r.agreement
-    return f"codes {100 * a.code_agreement:.2f}%, top-1 {100 * a.top1_agreement:.0f}%"
+    return (f"layer by layer {100 * a.local_agreement:.2f}%; end to end codes {100 * a.code_agreement:.2f}%, "
+            f"top-1 {100 * a.top1_agreement:.0f}%")
 
 
 @column("size")

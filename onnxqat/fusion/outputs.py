@@ -17,7 +17,7 @@ from onnxqat.errors import FuseError
 from onnxqat.fusion.builder import GraphBuilder
 from onnxqat.fusion.graph import FUSED_OPSET
 from onnxqat.fusion.convert import acc_of_pooled, acc_output, to_float
-from onnxqat.fusion.values import Codes, Float, OutputInfo, Pending, Plain, Pooled, Table
+from onnxqat.fusion.values import Codes, Float, Joined, OutputInfo, Pending, Plain, Pooled, Table
 
 if TYPE_CHECKING:
     from onnxqat.fusion.lowering import Lowerer
@@ -33,7 +33,7 @@ def lower_output(low: Lowerer, name: str) -> OutputInfo:
         raise FuseError(f"graph output '{name}' has no integer form")
     if isinstance(v, Pending):
         v = low.fmt.materialize(low, v)
-    if isinstance(v, Table):  # a function of codes as a graph output: its float values
+    if isinstance(v, (Table, Joined)):  # a function of codes / parts on several grids as a graph output: floats
         v = Float(to_float(low, v))
     if isinstance(v, Pooled):
         v = acc_of_pooled(b, v, f"{name}_pool")

@@ -214,7 +214,7 @@ def lsq_backward(dy, v, step, r, signed, grad_scale, axis=0):
     s = _broadcast_step(step_arr, v, ax)
     vs = (v.astype(F32) / s).astype(F32)
     dy = dy.astype(F32)
-    inside = (vs >= qn) & (vs <= qp)
+    inside = (vs > qn) & (vs < qp)  # strictly: at a bound the step moves, not v (LSQ paper Eq. 3, N2D2)
     dv = np.where(inside, dy, F32(0)).astype(F32)
     local = np.where(vs <= qn, F32(qn), np.where(vs >= qp, F32(qp), np.round(vs) - vs)).astype(F32)
     prod = dy.astype(np.float64) * local.astype(np.float64)

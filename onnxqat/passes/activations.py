@@ -186,7 +186,7 @@ def features_per_sample(shape: tuple | None) -> int | None:
 TABLE_OPS = frozenset({"Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Erf", "Exp", "Log", "Sqrt", "Reciprocal", "Abs",
                        "Neg", "LeakyRelu", "Softplus", "Softsign", "Elu", "Selu", "Celu", "Gelu", "Mish",
                        "ThresholdedRelu", "PRelu", "Sin", "Cos"})
-BINARY_OPS = frozenset({"Add", "Mul", "Sum", "Concat"})
+BINARY_OPS = frozenset({"Add", "Mul", "Sum", "Concat", "MatMul"})  # MatMul: of two activations (attention)
 _MOVING = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
 
 

@@ -73,8 +73,11 @@ def _weighted_layer(index: GraphIndex, node: onnx.NodeProto, warnings: list[str]
         elif c0 and not c1:
             port, data_port = 0, 1
         else:
-            what = "both inputs are constant" if c0 else "no input is constant"
-            warnings.append(f"MatMul node {node.name}: {what}, not quantized")
+            if c0:
+                warnings.append(f"MatMul node {node.name}: both inputs are constant, not quantized")
+            else:  # attention's Q K^T: quantizers on its inputs are activation quantizers (integer_export)
+                warnings.append(f"MatMul node {node.name}: of two activations, no weight to quantize (recipe key "
+                                "activations.integer_export quantizes its inputs)")
             return None
     else:
         port, data_port = 1, 0

@@ -67,3 +67,58 @@ def test_product_of_two_quantized_tensors():
     for fmt in ("int", "ort"):
         res = fuse(qat, format=fmt, verify_samples=64, strict=True, integer_only=fmt == "int")
         assert res.agreement.activations["scaled_q"] == 1.0
+
+
+def _attention_scores(signed_k: bool = True, r: int = 15):
+    """conv -> BN -> two LSQ quantized branches q (signed) and k; scores = MatMul(q as [N, 36, 6], k^T as [N, 6, 36])
+    -> LSQ -> Flatten -> Gemm: attention's Q K^T on codes."""
+    b = qm.QatBuilder(5)
+    x = b.bn("bn1", b.conv("conv1", "input", 3, 6), 6)
+    y = b.bn("bn2", b.conv("conv2", "input", 3, 6), 6)
+    b._lsq("q_aquant", x, "q", np.array([0.17], np.float32), r, 1)
+    b._lsq("k_aquant", y, "k", np.array([0.21], np.float32), r, int(signed_k))
+    shape = b.init("tokens", np.array([0, 6, 36], np.int64))
+    qt = b.op("Transpose", [b.op("Reshape", ["q", shape], "q3")], "qt", perm=[0, 2, 1])  # [N, 36, 6]
+    k3 = b.op("Reshape", ["k", shape], "k3")  # [N, 6, 36]
+    s = b.op("MatMul", [qt, k3], "scores")  # [N, 36, 36]
+    b._lsq("s_aquant", s, "sq", np.array([0.9], np.float32), r, 1)
+    return b.model(["N", 3, 6, 6], b.gemm("fc", b.op("Flatten", ["sq"], "flat", axis=1), 36 * 36, 4), ["N", 4])
+
+
+@pytest.mark.parametrize("fmt", ["int", "ort"])
+@pytest.mark.parametrize("signed_k", [False, True])
+def test_matmul_of_two_activations_is_integer_and_exact(fmt, signed_k):
+    """MatMul of two quantized activations: MatMulInteger of the codes with their zero points (int32, exact),
+    requantized by the quantizer after it; every score code equals the fake-quantized model's."""
+    qat = _attention_scores(signed_k)
+    res = fuse(qat, format=fmt, verify_samples=64, strict=True, integer_only=fmt == "int")
+    assert res.islands == []
+    mm = [n for n in res.model.graph.node if n.op_type == "MatMulInteger"]
+    assert any(n.input[0] != n.input[1] and "scores" in n.output[0] for n in mm), [n.output for n in mm]
+    assert res.agreement.activations["sq"] == 1.0 and res.agreement.local_activations["sq"] == 1.0
+
+
+def test_matmul_of_an_unquantized_activation_is_a_float_island():
+    b = qm.QatBuilder(6)
+    x = b.bn("bn1", b.conv("conv1", "input", 3, 6), 6)
+    b._lsq("q_aquant", x, "q", np.array([0.17], np.float32), 15, 1)
+    y = b.bn("bn2", b.conv("conv2", "input", 3, 6), 6)  # no quantizer on this side
+    shape = b.init("tokens", np.array([0, 6, 36], np.int64))
+    qt = b.op("Transpose", [b.op("Reshape", ["q", shape], "q3")], "qt", perm=[0, 2, 1])
+    s = b.op("MatMul", [qt, b.op("Reshape", [y, shape], "k3")], "scores")
+    b._lsq("s_aquant", s, "sq", np.array([0.9], np.float32), 15, 1)
+    qat = b.model(["N", 3, 6, 6], b.gemm("fc", b.op("Flatten", ["sq"], "flat", axis=1), 36 * 36, 4), ["N", 4])
+    res = fuse(qat, format="int", verify_samples=16)
+    assert [(i.op_type, i.cause) for i in res.islands if i.op_type == "MatMul"] == [
+        ("MatMul", "MatMul of unquantized activations")]
+
+
+def test_concat_of_two_grids_as_a_graph_output():
+    """A detector head's Concat of branches with their own quantizers, read by nothing but the graph output: the
+    dequantized parts concatenated (float output), equal to the fake-quantized values."""
+    b = qm.QatBuilder(8)
+    b._lsq("a_aquant", b.bn("bn1", b.conv("conv1", "input", 3, 4), 4), "qa", np.array([0.11], np.float32), 15, 1)
+    b._lsq("b_aquant", b.bn("bn2", b.conv("conv2", "input", 3, 2), 2), "qb", np.array([0.37], np.float32), 15, 1)
+    y = b.op("Concat", ["qa", "qb"], "heads", axis=1)
+    res = fuse(b.model(["N", 3, 5, 5], y, ["N", 6, 5, 5]), format="int", verify_samples=32, integer_only=True)
+    assert res.agreement.max_code_diff == 0 and res.islands == []

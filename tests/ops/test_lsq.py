@@ -104,9 +104,28 @@ def test_far_outside_and_edges():
     v = np.array([-3e38, -1e30, -100.0, -4.0, -0.0, 0.0, 3.5, 3.75, 100.0, 1e30, 3e38, np.inf, -np.inf], F32)
     y, dv, ds = check(v, np.array(0.5, F32), 15, 1, 0.1, 0, rng)
     assert y[0] == -4.0 and y[-3] == 3.5 and y[-1] == -4.0  # clipped to Qn*s = -4, Qp*s = 3.5
-    # STE: dv passes for Qn <= v/s <= Qp (bounds included)
-    np.testing.assert_array_equal(dv == 0, [True, True, True, False, False, False, False, True, True, True, True,
+    # STE: dv passes strictly inside (Qn, Qp); at v/s = Qn (-4.0) and Qp (3.5) it is 0 (LSQ paper Eq. 3, N2D2)
+    np.testing.assert_array_equal(dv == 0, [True, True, True, True, False, False, True, True, True, True, True,
                                             True, True])
+
+
+@pytest.mark.parametrize("signed", [0, 1])
+def test_bounds_partition_dv_and_dstep(signed):
+    """At and beyond a bound the step takes the gradient (local factor Qn or Qp) and v none; inside, v takes dy
+    and the step round(v/s) - v/s: each element feeds exactly one of them (the LSQ paper's Eq. 3 and 5)."""
+    qn, qp = (-8.0, 7.0) if signed else (0.0, 15.0)
+    s = np.float32(0.25)
+    vs = np.array([qn - 1, qn, qn + 0.5, 0.25, qp - 0.5, qp, qp + 1], F32)
+    v = (vs * s).astype(F32)
+    dy = np.ones_like(v)
+    dv, ds = ref.lsq_backward(dy, v, s, 15, signed, 1.0)
+    inside = (vs > qn) & (vs < qp)
+    np.testing.assert_array_equal(dv, inside.astype(F32))
+    local = np.where(vs <= qn, qn, np.where(vs >= qp, qp, np.round(vs) - vs))
+    assert ds == pytest.approx(float(local.sum()), abs=1e-6)
+    got = run_op("LsqQuantGrad", [dy] + _args(v, np.array(s), 15, signed, 1.0, 0), n_out=2)
+    np.testing.assert_array_equal(got[0], dv)
+    np.testing.assert_allclose(got[1], ds, rtol=1e-6)
 
 
 def test_one_element():

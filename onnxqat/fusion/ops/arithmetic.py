@@ -88,6 +88,23 @@ def product(low: Lowerer, node: onnx.NodeProto) -> None:
     low.val[node.output[0]] = Acc([(p, np.array([a.scale * b_.scale]), a.bound * b_.bound)], np.zeros(1), (), 1)
 
 
+def activation_matmul(low: Lowerer, node: onnx.NodeProto) -> None:
+    """MatMul of two quantized activations (attention's Q K^T and P V): MatMulInteger of the codes with their zero
+    points, the exact int32 sum of (u1 - z1)(u2 - z2) with scale s1 s2, requantized by the quantizer after it."""
+    a, b_ = (low.get(i, node) for i in node.input)
+    if not (isinstance(a, Codes) and isinstance(b_, Codes)):
+        raise NoIntegerForm(f"{node_label(node)}: MatMul of activations needs a quantizer on both inputs "
+                            "(recipe key activations.integer_export)", "MatMul of unquantized activations")
+    b = low.b
+    base = node.output[0]
+    zps = [b.const(f"{base}_zp{k}", np.array(c.zp, onnx.helper.tensor_dtype_to_np_dtype(c.dtype)))
+           for k, c in enumerate((a, b_))]
+    acc = b.op("MatMulInteger", [a.name, b_.name, zps[0], zps[1]], f"{base}_acc")
+    shape = low.g.shape_of(node.input[0]) or [None]
+    k = shape[-1] if shape and shape[-1] else 1 << 16  # the summed dimension (unknown: a generous bound)
+    low.val[node.output[0]] = Acc([(acc, np.array([a.scale * b_.scale]), k * a.bound * b_.bound)], np.zeros(1), (), -1)
+
+
 def constant_on_codes(low: Lowerer, node: onnx.NodeProto, v: Codes) -> None:
     """A scalar Mul/Div/Add/Sub of codes: a new scale and zero point, no op."""
     g, op = low.g, node.op_type

@@ -1,6 +1,6 @@
 """Ops that move, select or repeat values without changing them: MaxPool, Flatten, Reshape, Squeeze, Unsqueeze,
 Transpose, Identity, Dropout (inference), Slice, Split, Gather, Tile, Expand, DepthToSpace, SpaceToDepth, Resize in
-nearest mode, and Pad with zeros. On codes the same op on the codes (the grid is kept: max pooling is monotone, Pad
+nearest mode (linear: resize.py), and Pad with zeros. On codes the same op on the codes (the grid is kept: max pooling is monotone, Pad
 writes the code of 0, the rest only move elements), on a table the op on its codes; on float the op itself; on an
 accumulator whose scale and bias are one number (or a Transpose, which moves its channel axis) the op on each term.
 Side inputs are constants or Plain int64 tensors (shape arithmetic), copied as they are."""
@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from onnxqat.fusion.graph import NoIntegerForm, attrs, node_label
+from onnxqat.fusion.ops.resize import lower_linear_resize
 from onnxqat.fusion.ops.unary import moved_table
 from onnxqat.fusion.values import Acc, Codes, Float, Plain, Pooled, Table
 
@@ -62,6 +63,9 @@ def _check(low: Lowerer, node: onnx.NodeProto, v) -> None:
 def lower_movement(low: Lowerer, node: onnx.NodeProto) -> None:
     v = low.get(node.input[0], node)
     op = node.op_type
+    if (op == "Resize" and attrs(node).get("mode", "nearest") == "linear" and isinstance(v, Codes)
+            and not low.fmt.float_arithmetic):
+        return lower_linear_resize(low, node, v)
     _check(low, node, v)
     if isinstance(v, Pooled) and not v.flat and op == "Flatten" and attrs(node).get("axis", 1) == 1:
         low.val[node.output[0]] = Pooled(v.codes, v.axes, v.count, True)

@@ -17,6 +17,7 @@ import onnx
 
 from onnxqat.fusion.convert import to_codes
 from onnxqat.fusion.graph import NoIntegerForm, attrs, node_label
+from onnxqat.fusion.ops.arithmetic import activation_matmul
 from onnxqat.fusion.ops.batchnorm import batchnorm_factors
 from onnxqat.fusion.values import Codes, Float, Pooled, WeightedLayer, as_vector
 from onnxqat.fusion.weights import weight_codes
@@ -31,6 +32,9 @@ def lower_weighted(low: Lowerer, node: onnx.NodeProto) -> None:
     op = node.op_type
     wname = node.input[1]
     q = g.producer.get(wname)
+    if op == "MatMul" and wname not in g.consts and (q is None or q.domain != DOMAIN or q.op_type == "LsqQuant"
+                                                     and q.input[0] not in g.consts):
+        return activation_matmul(low, node)
     if q is None or q.domain != DOMAIN or q.op_type not in ("SatWeightQuant", "LsqQuant"):
         raise NoIntegerForm(f"{node_label(node)}: weight '{wname}' has no weight quantizer", "weight not quantized")
     x = low.get(node.input[0], node)
