@@ -61,6 +61,10 @@ class ActivationSettings:
     # LSQ, for integer export (fuse): also quantize the inputs of elementwise functions (Sigmoid, HardSwish ...: lookup
     # tables) and of Add/Mul/Concat of activations (residual branches, gates), as TFLite places its quantizers
     integer_export: bool = False
+    # LSQ gradient scale g = 1/sqrt(N Qp): "paper" N = features of one sample (LSQ paper, Sec. 2.2), "n2d2" N = the
+    # whole batch tensor (N2D2's LSQQuantizerActivation: batch x features, a factor sqrt(batch) smaller)
+    grad_scale: str = "paper"
+    grad_scale_batch: int = 0  # "n2d2": the batch size it assumes (0: the recipe's [train] batch_size, else 128)
 
 
 def _positive(v) -> bool:
@@ -92,6 +96,8 @@ ACTIVATION_KEYS = {
     "percentile": ((int, float), lambda v: 0 < v <= 100, "in (0, 100]"),
     "linear": ((bool,), None, ""),
     "integer_export": ((bool,), None, ""),
+    "grad_scale": ((str,), lambda v: v in ("paper", "n2d2"), "one of paper, n2d2"),
+    "grad_scale_batch": ((int,), lambda v: v >= 0, ">= 0"),
 }
 NODE_KEYS = {**WEIGHT_KEYS, **ACTIVATION_KEYS}
 TOP_KEYS = (

@@ -49,8 +49,10 @@ OQ_HD float round_half_even(float x) {
 // (so max|tanh W| = tanh(max|W|)). Branch-free (both halves computed, one selected): gcc vectorises it.
 //   |x| < 0.55: x + x^3 P(x^2), P a degree-4 minimax fit (Estrin: short dependency chains);
 //   else 1 - 2 / (e^{2|x|} + 1), e^y = 2^k e^r with k = round(y / ln 2), r by a two-constant (Cody-Waite) reduction,
-//   e^r = 1 + r + r^2 Q(r) (degree-6 minimax); |x| is clamped to 10, where tanh is 1.0f. NaN stays NaN.
+//   e^r = 1 + r + r^2 Q(r) (degree-6 minimax); |x| is clamped to 44 (tanh is 1.0f from |x| ~ 9; the clamp keeps
+//   e^{2|x|} finite for sech2_f32). NaN stays NaN.
 constexpr float kTanhSwitch = 0x1.19999ap-1f;  // 0.55: below, the polynomial; from it on, the exp form
+constexpr float kTanhClamp = 44.0f;  // e^88 < FLT_MAX; sech^2(44) ~ 3e-38, the smallest normal float32 is 1.2e-38
 
 // tanh's polynomial half on ax = |x| < kTanhSwitch: ax + ax^3 P(ax^2), P a degree-4 minimax fit (Estrin).
 OQ_HD float tanh_poly(float ax) {
@@ -63,13 +65,11 @@ OQ_HD float tanh_poly(float ax) {
 // tanh_f32 for |x| < kTanhSwitch (the same bits as tanh_f32 there, at a third of the cost).
 OQ_HD float tanh_f32_small(float x) { return std::copysign(tanh_poly(std::fabs(x)), x); }
 
-OQ_HD float tanh_f32(float x) {
-  const float ax = std::fabs(x);
-  const float small = tanh_poly(ax);
-  const float y = 2.0f * (ax < 10.0f ? ax : 10.0f);
+// e^y for y = 2|x| in [0, 88]: 2^k e^r, k = round(y / ln 2), r by a two-constant (Cody-Waite) reduction.
+OQ_HD float exp_f32(float y) {
   const float shifter = 12582912.0f;  // 1.5 * 2^23: (v + shifter) - shifter rounds v to an integer
   const float kf = (y * 0x1.715476p+0f + shifter) - shifter;
-  const float r = (y - kf * 0x1.62e400p-1f) - kf * 0x1.7f7d1cp-20f;  // ln 2 = hi + lo, k * hi exact for k <= 29
+  const float r = (y - kf * 0x1.62e400p-1f) - kf * 0x1.7f7d1cp-20f;  // ln 2 = hi + lo, k * hi exact for k <= 127
   const float r2 = r * r;
   const float r4 = r2 * r2;
   const float q = ((1.0f + r) + r2 * (0x1.fffffap-2f + 0x1.5553f0p-3f * r)) +
@@ -81,10 +81,53 @@ OQ_HD float tanh_f32(float x) {
   float two_k;
   std::memcpy(&two_k, &ebits, sizeof two_k);
 #endif
-  const float large = 1.0f - 2.0f / (q * two_k + 1.0f);
+  return q * two_k;
+}
+
+// 1 - tanh on the exp half: 2 / (e^{2|x|} + 1), exact to a few ulp where 1 - tanh_f32 would cancel.
+OQ_HD float tanh_complement(float ax) {
+  const float e = exp_f32(2.0f * (ax < kTanhClamp ? ax : kTanhClamp));
+  return 2.0f / (e + 1.0f);
+}
+
+OQ_HD float tanh_f32(float x) {
+  const float ax = std::fabs(x);
+  const float small = tanh_poly(ax);
+  const float large = 1.0f - tanh_complement(ax);
   const float t = ax < kTanhSwitch ? small : large;
   const float res = std::copysign(t, x);
   return x != x ? x : res;
+}
+
+// tanh'(x) = 1 - tanh(x)^2 = sech^2(x): 1 - t^2 on the polynomial half (t <= 0.5: no cancellation); on the exp half
+// u (2 - u) with u = 1 - tanh, which keeps its precision where 1 - t^2 cancels (6 % off at |x| = 8, 0 from |x| ~ 9;
+// N2D2 uses 1 / cosh^2); 0 beyond the clamp (below float32's normal range). Same operations on host and device.
+OQ_HD float sech2_f32(float x) {
+  const float ax = std::fabs(x);
+  const float t = tanh_poly(ax);
+  const float near = 1.0f - t * t;
+  const float u = tanh_complement(ax);
+  const float far = ax < kTanhClamp ? u * (2.0f - u) : 0.0f;
+  const float res = ax < kTanhSwitch ? near : far;
+  return x != x ? x : res;
+}
+
+// tanh_f32(x), and sech2_f32(x) into *s2, from one exponential: the same bits as the two functions.
+OQ_HD float tanh_sech2(float x, float* s2) {
+  const float ax = std::fabs(x);
+  const float p = tanh_poly(ax);
+  const float u = tanh_complement(ax);
+  const float far = ax < kTanhClamp ? u * (2.0f - u) : 0.0f;
+  const bool small = ax < kTanhSwitch;
+  const float res = std::copysign(small ? p : 1.0f - u, x);
+  *s2 = x != x ? x : (small ? 1.0f - p * p : far);
+  return x != x ? x : res;
+}
+
+// sech2_f32 for |x| < kTanhSwitch (the same bits there, without the exp half).
+OQ_HD float sech2_f32_small(float x) {
+  const float t = tanh_poly(std::fabs(x));
+  return 1.0f - t * t;
 }
 
 // ---- SAT weights: tn = tanh(W) / max|tanh(W)| -> unscaled quantized weight.
@@ -108,12 +151,12 @@ OQ_HD float sat_weight_level(float tn, const SatWeightParams& p) {
   return tn;  // clamp
 }
 
-// The derivative factor dWq/dW = (1 - t^2) / (M * S), ms = M * S (float32 product): SatWeightQuant's optional second
-// output, which SatWeightQuantGrad multiplies by dWq.
-OQ_HD float sat_weight_grad_factor(float t, float ms) { return (1.0f - t * t) / ms; }
+// The derivative factor dWq/dW = sech^2(W) / (M * S), ms = M * S (float32 product), from the weight w: SatWeightQuant's
+// optional second output, which SatWeightQuantGrad multiplies by dWq.
+OQ_HD float sat_weight_grad_factor(float w, float ms) { return sech2_f32(w) / ms; }
 
-// dW = dWq * ((1 - t^2) / (M * S)).
-OQ_HD float sat_weight_grad(float dy, float t, float ms) { return dy * sat_weight_grad_factor(t, ms); }
+// dW = dWq * (sech^2(W) / (M * S)).
+OQ_HD float sat_weight_grad(float dy, float w, float ms) { return dy * sat_weight_grad_factor(w, ms); }
 
 // ---- SAT activations (CG-PACT), a = |alpha| > 0.
 OQ_HD float sat_act_forward(float x, float a, float r) {
@@ -155,10 +198,12 @@ OQ_HD float lsq_forward(float v, float s, LsqBounds b) {
   return round_half_even(q) * s;
 }
 
+// dv = dy strictly inside (Qn, Qp), 0 at and beyond the bounds: the LSQ paper's Eq. 3 and N2D2 (CPU and CUDA), and
+// the same partition as lsq_dstep_local (a value at a bound moves the step, not itself)
 OQ_HD float lsq_dv(float dy, float v, float s, LsqBounds b) {
   float vs = v / s;
-  float t = vs >= b.qn ? dy : 0.0f;  // two selects (no && and no bool arithmetic): gcc vectorises them
-  return vs <= b.qp ? t : 0.0f;
+  float t = vs > b.qn ? dy : 0.0f;  // two selects (no && and no bool arithmetic): gcc vectorises them
+  return vs < b.qp ? t : 0.0f;
 }
 
 // Per-element factor of dstep: Qn if v/s <= Qn; Qp if v/s >= Qp; round(v/s) - v/s otherwise.

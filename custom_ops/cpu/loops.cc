@@ -65,14 +65,37 @@ __attribute__((always_inline)) inline void tanh_block(const float* OQ_R w, float
   }
 }
 
+// t = tanh_f32(w) and s = sech2_f32(w) / ms over one block from one exponential per element (ms = 1: sech^2 itself);
+// blocks below kTanhSwitch (trained weights) take the polynomial half alone.
+__attribute__((always_inline)) inline void tanh_factor_block(const float* OQ_R w, float* OQ_R t, float* OQ_R s,
+                                                             size_t len, float ms) {
+  if (max_abs(w, len) < kTanhSwitch) {
+    for (size_t i = 0; i < len; ++i) {
+      t[i] = tanh_f32_small(w[i]);
+      s[i] = (1.0f - t[i] * t[i]) / ms;
+    }
+  } else {
+    for (size_t i = 0; i < len; ++i) {
+      float s2;
+      t[i] = tanh_sech2(w[i], &s2);
+      s[i] = s2 / ms;
+    }
+  }
+}
+
 template <int64_t MODE, bool INDEX_SUMS>
-__attribute__((always_inline)) inline void tanh_sums(const float* OQ_R w, float* OQ_R t, size_t n, float m, float r,
-                                                     float half, double shift, LevelSums* acc) {
+__attribute__((always_inline)) inline void tanh_sums(const float* OQ_R w, float* OQ_R t, float* OQ_R s2, size_t n,
+                                                     float m, float r, float half, double shift, LevelSums* acc) {
   float vb[kBlock];
+  float local[kBlock];
   for (size_t k0 = 0; k0 < n; k0 += kBlock) {
     const size_t len = std::min(kBlock, n - k0);
-    float* OQ_R tb = t + k0;
-    tanh_block(w + k0, tb, len);
+    float* OQ_R tb = t != nullptr ? t + k0 : local;
+    if (s2 != nullptr) {
+      tanh_factor_block(w + k0, tb, s2 + k0, len, 1.0f);
+    } else {
+      tanh_block(w + k0, tb, len);
+    }
     for (size_t i = 0; i < len; ++i) {
       if constexpr (INDEX_SUMS) {
         vb[i] = index<MODE>(tb[i] / m, r, half);
@@ -94,25 +117,24 @@ __attribute__((always_inline)) inline void forward(const float* OQ_R w, float* O
   float tb[kBlock];
   for (size_t k0 = 0; k0 < n; k0 += kBlock) {
     const size_t len = std::min(kBlock, n - k0);
-    tanh_block(w + k0, tb, len);
+    if constexpr (FACTOR) {
+      tanh_factor_block(w + k0, tb, d + k0, len, ms);
+    } else {
+      tanh_block(w + k0, tb, len);
+    }
     float* OQ_R yb = y + k0;
     for (size_t i = 0; i < len; ++i) yb[i] = level<MODE>(tb[i] / m, r, half);
-    if constexpr (FACTOR) {
-      float* OQ_R db = d + k0;
-      for (size_t i = 0; i < len; ++i) db[i] = sat_weight_grad_factor(tb[i], ms);
-    }
   }
 }
 
-// t held in d (FACTOR) or in y.
+// t held in y; sech^2 in d (FACTOR), which becomes sech^2 / ms.
 template <int64_t MODE, bool FACTOR>
 __attribute__((always_inline)) inline void output(float* OQ_R y, float* OQ_R d, size_t n, float m, float s, float ms,
                                                   float r, float half) {
   if constexpr (FACTOR) {
     for (size_t i = 0; i < n; ++i) {
-      const float t = d[i];
-      y[i] = level<MODE>(t / m, r, half) / s;
-      d[i] = sat_weight_grad_factor(t, ms);
+      y[i] = level<MODE>(y[i] / m, r, half) / s;
+      d[i] = d[i] / ms;
     }
   } else {
     (void)ms;
@@ -135,9 +157,9 @@ __attribute__((always_inline)) inline void output(float* OQ_R y, float* OQ_R d, 
     return f<kSatModeClamp, false>(__VA_ARGS__);                                           \
   } while (0)
 
-OQ_CLONES void sat_weight_tanh_sums(int64_t mode, const float* w, float* t, size_t n, float m, float r, float half,
-                                    double shift, LevelSums* acc) {
-  OQ_MODE_FLAG(mode, sat_weight_index_sums(mode, r), tanh_sums, w, t, n, m, r, half, shift, acc);
+OQ_CLONES void sat_weight_tanh_sums(int64_t mode, const float* w, float* t, float* s2, size_t n, float m, float r,
+                                    float half, double shift, LevelSums* acc) {
+  OQ_MODE_FLAG(mode, sat_weight_index_sums(mode, r), tanh_sums, w, t, s2, n, m, r, half, shift, acc);
 }
 
 OQ_CLONES void sat_weight_forward_loop(int64_t mode, const float* w, float* y, float* d, size_t n, float m, float ms,
@@ -154,17 +176,18 @@ OQ_CLONES void sat_weight_output_loop(int64_t mode, float* y, float* d, size_t n
 
 OQ_CLONES void sat_weight_grad_loop(const float* OQ_R g, const float* OQ_R w, float* OQ_R dw, size_t n, float ms) {
   float tb[kBlock];
+  float fb[kBlock];
   for (size_t k0 = 0; k0 < n; k0 += kBlock) {
     const size_t len = std::min(kBlock, n - k0);
-    tanh_block(w + k0, tb, len);
+    tanh_factor_block(w + k0, tb, fb, len, ms);
     const float* OQ_R gb = g + k0;
     float* OQ_R db = dw + k0;
-    for (size_t i = 0; i < len; ++i) db[i] = sat_weight_grad(gb[i], tb[i], ms);
+    for (size_t i = 0; i < len; ++i) db[i] = gb[i] * fb[i];
   }
 }
 
-OQ_CLONES void sat_weight_grad_from_t_loop(const float* OQ_R g, float* OQ_R dw, size_t n, float ms) {
-  for (size_t i = 0; i < n; ++i) dw[i] = sat_weight_grad(g[i], dw[i], ms);
+OQ_CLONES void sat_weight_grad_from_sech2_loop(const float* OQ_R g, float* OQ_R dw, size_t n, float ms) {
+  for (size_t i = 0; i < n; ++i) dw[i] = g[i] * (dw[i] / ms);
 }
 
 OQ_CLONES void mul_loop(const float* OQ_R a, const float* OQ_R b, float* OQ_R out, size_t n) {

@@ -17,20 +17,22 @@ struct LevelSums {
   double d1 = 0;   // sum of (level - shift)
   double d2 = 0;   // sum of (level - shift)^2
 };
-// t = tanh(w); *acc += the level sums of t / m.
-void sat_weight_tanh_sums(int64_t mode, const float* w, float* t, size_t n, float m, float r, float half,
+// t = tanh(w) (t may be null: not kept), s2 = sech^2(w) when s2 is not null; *acc += the level sums of t / m.
+void sat_weight_tanh_sums(int64_t mode, const float* w, float* t, float* s2, size_t n, float m, float r, float half,
                           double shift, LevelSums* acc);
-// Without scaling (S = 1): y = level(tanh(w) / m); d (when not null) = (1 - t^2) / ms.
+// Without scaling (S = 1): y = level(tanh(w) / m); d (when not null) = sech^2(w) / ms.
 void sat_weight_forward_loop(int64_t mode, const float* w, float* y, float* d, size_t n, float m, float ms, float r,
                              float half);
-// With scaling, from t = tanh(w) held in d (when d is not null, which becomes (1 - t^2) / ms) or else in y:
+// With scaling, from t = tanh(w) held in y and sech^2(w) in d (when not null, which becomes sech^2 / ms):
 // y = level(t / m) / s.
 void sat_weight_output_loop(int64_t mode, float* y, float* d, size_t n, float m, float s, float ms, float r,
                             float half);
-// dw = g * ((1 - tanh(w)^2) / ms)
+// dw = g * (sech^2 / ms) from sech^2(w) held in dw.
+void sat_weight_grad_from_sech2_loop(const float* g, float* dw, size_t n, float ms);
+// dw = g * (sech^2(w) / ms)
 void sat_weight_grad_loop(const float* g, const float* w, float* dw, size_t n, float ms);
 // dw = g * ((1 - t^2) / ms), dw holding t on entry
-void sat_weight_grad_from_t_loop(const float* g, float* dw, size_t n, float ms);
+
 // out = a * b
 void mul_loop(const float* a, const float* b, float* out, size_t n);
 

@@ -73,8 +73,9 @@ float scale_from(const std::vector<LevelSums>& part, size_t n, float max_abs, co
   return s > 0.0f ? s : 1.0f;
 }
 
-// ApplyScaling: t = tanh(W) into `t` with the level sums (one tanh per element; the output pass reads t back), then S.
-float tanh_and_scale(Ort::KernelContext& ctx, const float* w, float* t, size_t n, float m, float max_abs,
+// ApplyScaling: t = tanh(W) into `t` (when not null) and sech^2(W) into `s2` (when not null) with the level sums (one
+// exponential per element; the output pass reads them back), then S.
+float tanh_and_scale(Ort::KernelContext& ctx, const float* w, float* t, float* s2, size_t n, float m, float max_abs,
                      const SatParams& p) {
   // shifted sums (clamp, large R): any level near the mean keeps the one-pass variance accurate
   const double shift = sat_weight_level(tanh_f32(w[0]) / m, SatWeightParams{p.r, p.half, p.mode});
@@ -83,12 +84,13 @@ float tanh_and_scale(Ort::KernelContext& ctx, const float* w, float* t, size_t n
   std::vector<LevelSums> part(tasks);
   parallel_for(ctx, tasks, [&](size_t c) {
     const size_t b = c * len, e = std::min(n, b + len);
-    sat_weight_tanh_sums(p.mode, w + b, t + b, e - b, m, p.r, p.half, shift, &part[c]);
+    sat_weight_tanh_sums(p.mode, w + b, t ? t + b : nullptr, s2 ? s2 + b : nullptr, e - b, m, p.r, p.half, shift,
+                         &part[c]);
   });
   return scale_from(part, n, max_abs, p);
 }
 
-// Outputs: Wq, and optionally the derivative factor dWq/dW = (1 - tanh(W)^2) / (M * S) (schema.py), which the
+// Outputs: Wq, and optionally the derivative factor dWq/dW = sech^2(W) / (M * S) (schema.py), which the
 // gradient definition hands to SatWeightQuantGrad so that the backward pass evaluates no tanh.
 struct SatWeightKernel : StatusKernel<SatWeightKernel> {
   static constexpr const char* kName = "SatWeightQuant";
@@ -121,7 +123,7 @@ struct SatWeightKernel : StatusKernel<SatWeightKernel> {
       });
       return;
     }
-    const float s = tanh_and_scale(ctx, w.data, d ? d : y, n, m, mx, p);
+    const float s = tanh_and_scale(ctx, w.data, y, d, n, m, mx, p);
     const float ms = m * s;
     parallel_for(ctx, num_chunks(n), [&](size_t c) {
       const size_t b = c * len, e = std::min(n, b + len);
@@ -179,10 +181,10 @@ struct SatWeightGradKernel : StatusKernel<SatWeightGradKernel> {
       });
       return;
     }
-    const float ms = m * tanh_and_scale(ctx, w.data, dw, n, m, mx, p);  // dw holds t until the last pass
+    const float ms = m * tanh_and_scale(ctx, w.data, nullptr, dw, n, m, mx, p);  // dw holds sech^2 until the last pass
     parallel_for(ctx, tasks, [&](size_t c) {
       const size_t b = c * len, e = std::min(n, b + len);
-      sat_weight_grad_from_t_loop(g + b, dw + b, e - b, ms);
+      sat_weight_grad_from_sech2_loop(g + b, dw + b, e - b, ms);
     });
   }
 };

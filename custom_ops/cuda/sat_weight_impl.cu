@@ -158,7 +158,7 @@ __global__ void sat_weight_forward_kernel(const float* __restrict__ w, float* __
 __global__ void sat_weight_factor_kernel(const float* __restrict__ w, float* __restrict__ d, int64_t n, bool vec,
                                          const float* __restrict__ consts) {
   const float ms = consts[3];
-  map1(w, d, n, vec, [&](int64_t, float v) { return sat_weight_grad_factor(tanh_f32(v), ms); });
+  map1(w, d, n, vec, [&](int64_t, float v) { return sat_weight_grad_factor(v, ms); });
 }
 
 __global__ void mul_kernel(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ y, int64_t n,
@@ -170,7 +170,7 @@ __global__ void sat_weight_backward_kernel(const float* __restrict__ dwq, const 
                                            float* __restrict__ dw, int64_t n, bool vec,
                                            const float* __restrict__ consts) {
   const float ms = consts[3];
-  map2(dwq, w, dw, n, vec, [&](int64_t, float g, float v) { return sat_weight_grad(g, tanh_f32(v), ms); });
+  map2(dwq, w, dw, n, vec, [&](int64_t, float g, float v) { return sat_weight_grad(g, v, ms); });
 }
 
 // Passes (1) and (2): consts filled on the device.

@@ -39,35 +39,55 @@ _TANH_EXP = (_c("0x1.fffffap-2"), _c("0x1.5553f0p-3"), _c("0x1.5558e0p-5"), _c("
              _c("0x1.6aab3cp-10"))  # e^r = 1 + r + r^2 P(r) on |r| <= ln2/2: minimax, relative error 2e-9
 _TANH_SWITCH = _c("0x1.19999ap-1")  # 0.55
 _LOG2E = _c("0x1.715476p+0")
-_LN2_HI = _c("0x1.62e400p-1")  # 15 significant bits: k * LN2_HI is exact for the k here (k <= 29)
+_LN2_HI = _c("0x1.62e400p-1")  # 15 significant bits: k * LN2_HI is exact for the k here (k <= 127)
+_TANH_CLAMP = F32(44.0)  # e^88 < FLT_MAX; tanh is 1.0 from |x| ~ 9.01, the clamp matters for sech2_f32 only
 _LN2_LO = _c("0x1.7f7d1cp-20")
 _SHIFTER = F32(12582912.0)
 SAT_EXACT_VARIANCE_MAX_RANGE = 65535.0  # quant_math.h kSatExactVarianceMaxRange  # 1.5 * 2^23: (v + shifter) - shifter rounds v to an integer
 
 
+def _tanh_poly(ax: np.ndarray) -> np.ndarray:
+    z = ax * ax
+    z2 = z * z
+    s0, s1, s2, s3, s4 = _TANH_SMALL
+    p = (s0 + s1 * z) + z2 * ((s2 + s3 * z) + z2 * s4)
+    return ax + (ax * z) * p
+
+
+def _tanh_complement(ax: np.ndarray) -> np.ndarray:
+    """1 - tanh on the exp half: 2 / (e^{2|x|} + 1), e^y = 2^k e^r (Cody-Waite), |x| clamped to 44."""
+    y = F32(2) * np.where(ax < _TANH_CLAMP, ax, _TANH_CLAMP)
+    kf = (y * _LOG2E + _SHIFTER) - _SHIFTER
+    r = (y - kf * _LN2_HI) - kf * _LN2_LO
+    r2 = r * r
+    r4 = r2 * r2
+    e2, e3, e4, e5, e6 = _TANH_EXP
+    q = ((F32(1) + r) + r2 * (e2 + e3 * r)) + r4 * ((e4 + e5 * r) + r2 * e6)
+    two_k = ((kf.astype(np.int32) + 127) << 23).view(F32)  # 2^k (NaN and inf were clamped)
+    return F32(2) / (q * two_k + F32(1))
+
+
 def tanh_f32(w: np.ndarray) -> np.ndarray:
     """onnxqat's float32 tanh (see above): |x| < 0.55: x + x^3 P(x^2) (Estrin); else 1 - 2 / (e^{2|x|} + 1) with
-    e^y = 2^k e^r (Cody-Waite reduction, |x| clamped to 10); sign copied from x; NaN stays NaN."""
+    e^y = 2^k e^r (Cody-Waite reduction, |x| clamped to 44); sign copied from x; NaN stays NaN."""
     x = np.asarray(w, dtype=F32)
     with np.errstate(over="ignore", invalid="ignore"):
         ax = np.abs(x)
-        z = ax * ax
-        z2 = z * z
-        s0, s1, s2, s3, s4 = _TANH_SMALL
-        p = (s0 + s1 * z) + z2 * ((s2 + s3 * z) + z2 * s4)
-        small = ax + (ax * z) * p
-        y = F32(2) * np.where(ax < F32(10), ax, F32(10))
-        kf = (y * _LOG2E + _SHIFTER) - _SHIFTER
-        r = (y - kf * _LN2_HI) - kf * _LN2_LO
-        r2 = r * r
-        r4 = r2 * r2
-        e2, e3, e4, e5, e6 = _TANH_EXP
-        q = ((F32(1) + r) + r2 * (e2 + e3 * r)) + r4 * ((e4 + e5 * r) + r2 * e6)
-        two_k = ((kf.astype(np.int32) + 127) << 23).view(F32)  # 2^k (NaN and inf were clamped to 10)
-        e = q * two_k
-        large = F32(1) - F32(2) / (e + F32(1))
-        t = np.where(ax < _TANH_SWITCH, small, large)
+        t = np.where(ax < _TANH_SWITCH, _tanh_poly(ax), F32(1) - _tanh_complement(ax))
         return np.where(np.isnan(x), x, np.copysign(t, x)).astype(F32)
+
+
+def sech2_f32(w: np.ndarray) -> np.ndarray:
+    """tanh' = 1 - tanh^2 = sech^2 (quant_math.h `sech2_f32`): 1 - t^2 on the polynomial half; u (2 - u) with
+    u = 1 - tanh on the exp half, which keeps its precision where 1 - t^2 cancels; 0 from |x| = 44 on."""
+    x = np.asarray(w, dtype=F32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        ax = np.abs(x)
+        t = _tanh_poly(ax)
+        u = _tanh_complement(ax)
+        far = np.where(ax < _TANH_CLAMP, u * (F32(2) - u), F32(0))
+        res = np.where(ax < _TANH_SWITCH, F32(1) - t * t, far)
+        return np.where(np.isnan(x), x, res).astype(F32)
 
 
 def sat_weight_max_tanh(w: np.ndarray) -> np.float32:
@@ -140,16 +160,15 @@ def sat_weight_forward(w, r, mode, fan_out) -> np.ndarray:
 
 
 def sat_weight_grad_factor(w, r, mode, fan_out) -> np.ndarray:
-    """The derivative factor dWq/dW = (1 - tanh(W)^2) / (M * S) (float32: 1 - t*t, M*S, then one division); M and S
+    """The derivative factor dWq/dW = sech^2(W) / (M * S) (float32: sech2_f32, M*S, then one division); M and S
     constants, rounding STE. SatWeightQuant's optional second output."""
-    t = tanh_f32(w)
     m = sat_weight_max_tanh(w)
     s = sat_weight_scale(w, _scalar(r), int(_scalar(mode)), int(_scalar(fan_out)))
-    return ((F32(1) - t * t) / (m * s)).astype(F32)
+    return (sech2_f32(w) / (m * s)).astype(F32)
 
 
 def sat_weight_backward(dwq, w, r, mode, fan_out, factor=None) -> np.ndarray:
-    """dW = dWq * ((1 - tanh(W)^2) / (M * S)): dWq times the derivative factor (SatWeightQuantGrad's optional
+    """dW = dWq * (sech^2(W) / (M * S)): dWq times the derivative factor (SatWeightQuantGrad's optional
     input 5, else computed from W)."""
     f = sat_weight_grad_factor(w, r, mode, fan_out) if factor is None else np.asarray(factor, F32)
     return (np.asarray(dwq, F32) * f).astype(F32)

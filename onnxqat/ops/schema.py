@@ -45,7 +45,7 @@ SAT_WEIGHT = OpSignature(
     # W: float32 any shape; range: float32 scalar R >= 1;
     # mode: int64 scalar (SAT_MODE_*); scale_fan_out: int64 scalar, 0 = no
     # ApplyScaling, n > 0 = ApplyScaling with fan-out n.
-    # Outputs: Wq; optional dWq_dW = (1 - tanh(W)^2) / (M * S) (float32, shaped
+    # Outputs: Wq; optional dWq_dW = sech^2(W) / (M * S) (float32, sech2_f32; shaped
     # like W), the derivative factor, so that the gradient op evaluates no tanh.
     # Gradient op SatWeightQuantGrad(dWq, W, range, mode, scale_fan_out,
     # [dWq_dW]) -> dW = dWq * dWq_dW; without its optional input 5 it computes
@@ -75,6 +75,11 @@ LSQ = OpSignature(
     # range: float32 scalar R >= 1; signed: int64 scalar (1: Qn=-(R+1)/2,
     # Qp=(R-1)/2, weights; 0: Qn=0, Qp=R, activations); grad_scale: float32
     # scalar g; axis: int64 scalar channel axis (ignored per tensor).
+    # y = round(clip(v/s, Qn, Qp)) * s, rounding half to even (as N2D2's CUDA kernels; N2D2's CPU kernels round
+    # half away from zero: the two differ on exact ties only). dv = dy strictly inside (Qn, Qp), 0 at and beyond
+    # the bounds (LSQ paper Eq. 3, N2D2); ds = g * sum dy * {Qn | Qp at and beyond the bounds, round(v/s) - v/s
+    # inside}. g = 1/sqrt(N Qp) is set by insert: N = weights of the tensor, or features per sample (LSQ paper;
+    # recipe activations.grad_scale = "n2d2": batch x features, as N2D2).
     inputs=("v", "step", "range", "signed", "grad_scale", "axis"),
     outputs=("y",),
     grad_name="LsqQuantGrad",

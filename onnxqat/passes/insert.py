@@ -71,6 +71,9 @@ def _first_and_last(index: GraphIndex, weighted: set[str]) -> tuple[set[str], se
     return first, last
 
 
+DEFAULT_N2D2_BATCH = 128  # TrainConfig's default batch size: activations.grad_scale = "n2d2" without a batch size
+
+
 def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
     index = GraphIndex(m)
     warns: list[str] = []
@@ -198,6 +201,10 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
                     f"{a.node.op_type} node {a.node.name}: shape of {a.tensor} unknown (dynamic), LSQ grad_scale "
                     "uses N=1; give calibration data to take N from it"
                 )
+            if s.grad_scale == "n2d2":  # N2D2: the whole batch tensor, batch x features
+                batch = s.grad_scale_batch or int(recipe.train.get("batch_size", DEFAULT_N2D2_BATCH))
+                n *= batch
+                notes.append(f"grad scale over batch {batch} x features (n2d2)")
             entry = PlanEntry(
                 op_type="LsqQuant", step=(float(np.float32(step)),), signed=a.signed,
                 grad_scale=float(np.float32(1.0 / math.sqrt(n * qp))), consumers=consumers, notes=tuple(notes),

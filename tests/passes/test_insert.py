@@ -722,3 +722,22 @@ def test_sum_concat_and_nested_add_outputs_quantized_unsigned_when_non_negative(
     assert list(nodes["Concat_6"].input) == ["r0_q", "r1_q"] and list(nodes["Add_11"].input) == ["a1_q", "r0_q"]
     assert nodes["Conv_12"].input[0] == "a2_q"
     assert len(quantizers(q)) == 5 + 8
+
+
+def test_lsq_activation_grad_scale_n2d2_takes_the_batch():
+    """activations.grad_scale = "n2d2": N = batch x features (N2D2), the paper's g divided by sqrt(batch)."""
+    from onnxqat.recipes import parse_recipe
+
+    base = '[weights]\nmethod = "lsq"\nrange = 15\n[activations]\nmethod = "lsq"\nrange = 15\n'
+    paper = plan(resblock(), parse_recipe(base, source="paper.toml"))
+    n2d2 = plan(resblock(), parse_recipe(base + 'grad_scale = "n2d2"\ngrad_scale_batch = 64\n', source="n2d2.toml"))
+    a = {e.name: e.grad_scale for e in paper.activations}
+    b = {e.name: e.grad_scale for e in n2d2.activations}
+    assert a and set(a) == set(b)
+    for k in a:
+        assert b[k] == pytest.approx(a[k] / 8.0, rel=1e-6)  # sqrt(64)
+    from_train = plan(resblock(), parse_recipe(base + 'grad_scale = "n2d2"\n[train]\nbatch_size = 16\n', source="t.toml"))
+    for e in from_train.activations:
+        assert e.grad_scale == pytest.approx(a[e.name] / 4.0, rel=1e-6)
+    with pytest.raises(RecipeError, match="grad_scale"):
+        parse_recipe(base + 'grad_scale = "batch"\n', source="bad.toml")
