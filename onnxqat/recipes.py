@@ -67,8 +67,11 @@ class ActivationSettings:
     grad_scale_batch: int = 0  # "n2d2": the batch size it assumes (0: the recipe's [train] batch_size, else 128)
 
 
+MAX_PARAMETER = 1e30  # alpha / step above this overflow float32 once multiplied by a range (up to 65535) or squared
+
+
 def _positive(v) -> bool:
-    return v > 0
+    return 0 < v <= MAX_PARAMETER  # False for NaN and inf
 
 
 def _in_range(v) -> bool:
@@ -86,13 +89,13 @@ WEIGHT_KEYS = {
     "mode": ((str,), lambda v: v in SAT_MODES, f"one of {', '.join(SAT_MODES)}"),
     "apply_scaling": ((bool,), None, ""),
     "per_channel": ((bool,), None, ""),
-    "step": ((int, float), _positive, "> 0"),
+    "step": ((int, float), _positive, "finite, > 0 and <= 1e30"),
     "step_init": ((str,), lambda v: v in ("paper", "max", "mse"), "one of paper, max, mse"),
 }
 ACTIVATION_KEYS = {
     **_COMMON_KEYS,
-    "alpha": ((int, float), _positive, "> 0"),
-    "step": ((int, float), _positive, "> 0"),
+    "alpha": ((int, float), _positive, "finite, > 0 and <= 1e30"),
+    "step": ((int, float), _positive, "finite, > 0 and <= 1e30"),
     "percentile": ((int, float), lambda v: 0 < v <= 100, "in (0, 100]"),
     "linear": ((bool,), None, ""),
     "integer_export": ((bool,), None, ""),

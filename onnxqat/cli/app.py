@@ -50,18 +50,49 @@ _register_commands()
 
 
 def main() -> None:
-    # Standalone mode: typer itself handles --help, usage errors and exit codes. Domain errors that a
-    # command did not turn into a message itself still end as one line and exit code 1, never a traceback.
+    # Typer (click) runs non-standalone so that its own errors (an unknown option, a missing argument, a bad value)
+    # end as one `onnxqat: error:` line with exit code 2 like click's, not a five-line box, and Ctrl-C as one line
+    # with exit code 130. Domain errors a command did not turn into a message itself end as one line and exit 1.
+    cx, abort_types, exit_types = _click_exceptions()
     try:
-        app()
+        rc = app(standalone_mode=False)
+    except cx.NoArgsIsHelpError as exc:  # `onnxqat` alone: the help, as asked
+        typer.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+        sys.exit(0)
+    except cx.UsageError as exc:
+        where = f" (see `{exc.ctx.command_path if exc.ctx else 'onnxqat'} --help`)"
+        print(f"onnxqat: error: {exc.format_message()}{where}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except exit_types as exc:
+        sys.exit(getattr(exc, "exit_code", 0))
+    except (*abort_types, KeyboardInterrupt):
+        print("onnxqat: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except cx.ClickException as exc:
+        print(f"onnxqat: error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     except OnnxqatError as exc:
         print(f"onnxqat: error: {exc}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
-        print("onnxqat: interrupted", file=sys.stderr)
-        sys.exit(130)
     except Exception:
         from onnxqat.training.distributed import abort_job
 
         abort_job(1)  # an unexpected error on one rank must not leave the others waiting
         raise
+    if rc == 130:  # typer turns Ctrl-C into Exit(130), returned in non-standalone mode
+        print("onnxqat: interrupted", file=sys.stderr)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _click_exceptions():
+    """(the exceptions module, Abort types, Exit types) of the click typer runs on: typer >= 0.2x vendors it as
+    typer._click (Abort and Exit in typer.exceptions), older typer uses click itself."""
+    import typer.exceptions as tx
+
+    try:
+        from typer._click import exceptions as cx
+    except ImportError:  # typer on click
+        from click import exceptions as cx
+    abort = tuple({t for t in (getattr(cx, "Abort", None), getattr(tx, "Abort", None)) if t is not None})
+    exit_ = tuple({t for t in (getattr(cx, "Exit", None), getattr(tx, "Exit", None)) if t is not None})
+    return cx, abort, exit_

@@ -50,6 +50,7 @@ def fuse_command(
     verify_engine: Annotated[str, typer.Option(
         "--verify-engine", help="Runs the fake-quantized model: onnxruntime (with the op library) or reference "
         "(onnx.reference + the numpy quantizers, the spec; slow).")] = "onnxruntime",
+    force: Annotated[bool, typer.Option("--force", help="Allow the output to replace the input model.")] = False,
     dequantize_output: Annotated[bool, typer.Option(
         "--dequantize-output/--integer-output", help="Float logits (last DequantizeLinear) or int32 codes.")] = True,
 ) -> None:
@@ -61,6 +62,9 @@ def fuse_command(
     if output is None:
         output = model.with_name(model.stem + (".qdq.onnx" if format == "qdq" else ".int.onnx"))
     with one_line_errors():
+        from onnxqat.files import check_not_input
+
+        check_not_input(output, model, verify_data, force=force)
         result = fuse(model, output, format=format, rescale=rescale, verify_data=verify_data, strict=strict,
                       input_scale=input_scale, input_type=input_type, keep_float=keep_float or (),
                       verify_samples=samples, check=not no_verify or strict, verify_engine=verify_engine,

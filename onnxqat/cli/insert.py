@@ -32,6 +32,7 @@ def insert_command(
         Optional[Path], typer.Option("--output", "-o", help="Output QAT model (required unless --dry-run).")
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Allow the output to replace the input model.")] = False,
     calibration_data: Annotated[
         Optional[Path],
         typer.Option(
@@ -46,6 +47,10 @@ def insert_command(
     with one_line_errors():
         if output is None and not dry_run:
             raise OnnxqatError("missing --output/-o (or use --dry-run)")
+        if not dry_run:
+            from onnxqat.files import check_not_input
+
+            check_not_input(output, model, calibration_data, force=force)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if dry_run:

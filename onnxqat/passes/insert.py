@@ -71,6 +71,19 @@ def _first_and_last(index: GraphIndex, weighted: set[str]) -> tuple[set[str], se
     return first, last
 
 
+def _check_weight(index, node, tensor: str, ws, recipe: Recipe) -> None:
+    """A weight the quantizer ops would refuse or turn into inf/NaN: refused here, naming the tensor or the key."""
+    if ws.method == "sat" and ws.mode == "symmetric" and ws.range < 2:
+        raise RecipeError(f"{recipe.source}: weights of {node.op_type} node {node.name}: range {ws.range} with "
+                          "mode \"symmetric\" has no level besides 0 (range >= 2)")
+    cv = index.constant_value(tensor)
+    w = np.asarray([cv.fill]) if cv.fill is not None else cv.array()
+    if not np.all(np.isfinite(w)):
+        bad = int(np.size(w) - np.count_nonzero(np.isfinite(w)))
+        raise ModelError(f"weight {tensor} of {node.op_type} node {node.name} has {bad} inf/NaN value(s): "
+                         "fix the model (the quantizer of an inf weight is NaN)")
+
+
 DEFAULT_N2D2_BATCH = 128  # TrainConfig's default batch size: activations.grad_scale = "n2d2" without a batch size
 
 
@@ -129,6 +142,7 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
                 )
             continue
         settings_of[tensor] = (ws, layer.axis, layer.fan_out)
+        _check_weight(index, node, tensor, ws, recipe)
         common = dict(
             kind="weight", name=f"{node.name}_wquant", node=node.name, node_op=node.op_type, tensor=tensor,
             port=layer.port, method=ws.method, range=ws.range, consumers=(node.name,), axis=layer.axis, notes=notes,

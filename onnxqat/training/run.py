@@ -22,6 +22,7 @@ Activation quantizers insert left uncalibrated are initialised from the first tr
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -137,8 +138,7 @@ def _adapt_to_input(tf: Compose, ds, dims: tuple) -> tuple[Compose, str | None]:
     return Compose(tf.transforms + extra), ", ".join(said)
 
 
-@fail_fast
-def train(model, data="fashion-mnist", *, epochs: int | None = None, out: str | os.PathLike = "runs/train",
+def _train(model, data="fashion-mnist", *, epochs: int | None = None, out: str | os.PathLike = "runs/train",
           recipe=None, batch_size: int | None = None, lr: float | None = None, momentum: float | None = None,
           decay: float | None = None, lr_policy: str | None = None, warmup: float | None = None,
           iteration_size: int | None = None, quantizer_lr: float | None = None, quantizer_decay: float | None = None,
@@ -159,6 +159,13 @@ def train(model, data="fashion-mnist", *, epochs: int | None = None, out: str | 
     comm = world()
     if not comm.is_root:  # rank 0 speaks for the job
         log, progress = (lambda *_a, **_k: None), False
+    import math
+
+    if not (isinstance(validation, (int, float)) and math.isfinite(validation) and 0 <= validation < 1):
+        raise DataError(f"validation must be a fraction in [0, 1), got {validation!r}")
+    for key, v in (("limit_train", limit_train), ("limit_test", limit_test)):
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            raise DataError(f"{key} must be a number of samples >= 1, got {v!r}")
     if comm.size > 1 and not threads:
         threads = default_threads(comm)
     base = _load_model(model)
@@ -184,6 +191,9 @@ def train(model, data="fashion-mnist", *, epochs: int | None = None, out: str | 
                                      size=(h_want, w_want) if image_input else None, channels=c_want)
     train_ds, test_ds = train_ds.limit(limit_train), test_ds.limit(limit_test)
     train_ds, val_ds = validation_split(train_ds, validation, seed)
+    if val_ds is None:
+        log("warning: no validation set (--validation 0): model_best.onnx is chosen on the test set, so its test "
+            "accuracy is optimistic; hold out a fraction with --validation to choose on data the figure does not use")
     has_labels = train_ds.labels is not None
     io = resolve(base, objective, has_labels)
     num_classes = art.plan_training(base, io).num_classes
@@ -247,6 +257,12 @@ def train(model, data="fashion-mnist", *, epochs: int | None = None, out: str | 
     else:
         prev = getattr(rec, "previous_stage", None)
         float_model = _strip(base)
+        if prev is not None and init_model is not None:
+            log(f"--init-from given: recipe {getattr(rec, 'name', recipe)}'s first stage ({prev}) is skipped; "
+                "training starts from that model's weights")
+        elif prev is not None:
+            log(f"recipe {getattr(rec, 'name', recipe)} trains in two stages ({prev}, then "
+                f"{getattr(rec, 'name', recipe)}): the epochs setting applies to each stage")
         if init_model is not None:
             # weights first, so that insert's data-dependent initialisation (LSQ steps) sees the trained ones
             float_model, c = art.copy_initializers(float_model, init_model)
@@ -282,6 +298,24 @@ def train(model, data="fashion-mnist", *, epochs: int | None = None, out: str | 
     final = run_stage(m, rec, out)
     final.stages = stages
     return final
+
+
+@fail_fast
+@functools.wraps(_train)
+def train(model, data="fashion-mnist", **kwargs) -> TrainResult:
+    # the output folder belongs to this run while it lasts (a second training into it would mix checkpoints);
+    # under MPI rank 0 holds it for the job
+    from contextlib import nullcontext
+
+    from onnxqat.files import FolderLock
+
+    out = kwargs.get("out", "runs/train")
+    lock = FolderLock(out, "another training") if world().is_root else nullcontext()
+    with lock:
+        if getattr(lock, "stale", None):
+            kwargs.get("log", print)(f"{out}: took over the lock of a run that ended without releasing it "
+                                     f"({lock.stale}); its temporary files were removed")
+        return _train(model, data, **kwargs)
 
 
 def _describe_normalisation(tf: Compose) -> str:

@@ -9,6 +9,7 @@ insert recorded in the model's metadata (onnxqat.passes.insert.TRAIN_KEY), then 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import fields
 
 import onnx
@@ -58,6 +59,48 @@ def model_layer(model: onnx.ModelProto) -> tuple[str, dict] | None:
     return f"recipe {name} [train], recorded by insert", train_table(table, f"model metadata {TRAIN_KEY}")
 
 
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# setting -> (check, what it must be): every value, from any source, before a run starts
+CHECKS = {
+    "epochs": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "max_iterations": (lambda v: v is None or (_int(v) and v >= 1), "an integer >= 1"),
+    "batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "iteration_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
+    "solver": (lambda v: isinstance(v, str), "a string (sgd, adamw)"),
+    "lr": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "momentum": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "quantizer_lr": (lambda v: v is None or (_finite(v) and v >= 0), "a finite number >= 0"),
+    "quantizer_decay": (lambda v: v is None or (_finite(v) and v >= 0), "a finite number >= 0"),
+    "lr_policy": (lambda v: isinstance(v, str), "a string (none, cosine, step)"),
+    "warmup": (lambda v: _finite(v) and v >= 0, "a finite number of epochs >= 0"),
+    "step_size": (lambda v: v is None or (_finite(v) and v > 0), "a finite number of epochs > 0"),
+    "gamma": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "seed": (lambda v: _int(v) and v >= 0, "an integer >= 0"),
+    "threads": (lambda v: _int(v) and v >= 0, "an integer >= 0 (0: onnxruntime's default)"),
+    "eval_test": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def check_settings(values: dict, sources: dict) -> None:
+    """RecipeError naming the setting, its value and where it came from, for a value out of its range or type."""
+    for k, v in values.items():
+        check = CHECKS.get(k)
+        if check is not None and not check[0](v):
+            raise RecipeError(f"train setting {k} = {v!r} ({sources.get(k, 'default')}): must be {check[1]}")
+    t = values.get("transforms")
+    if t is not None and not (isinstance(t, list) and all(isinstance(x, str) for x in t)):
+        raise RecipeError(f"train setting transforms = {t!r} ({sources.get('transforms')}): must be a list of "
+                          "strings")
+
+
 def resolve(explicit: dict, explicit_source: str, layers: list) -> tuple[TrainConfig, object, dict[str, str]]:
     """(TrainConfig, transforms spec or None, {setting: source}) from explicit values (None = not given) and the
     (label, table) layers in order of precedence."""
@@ -72,6 +115,7 @@ def resolve(explicit: dict, explicit_source: str, layers: list) -> tuple[TrainCo
         for k, v in table.items():
             if k not in values:
                 values[k], sources[k] = v, label
+    check_settings(values, sources)
     tspec = values.pop("transforms", None)
     try:
         cfg = TrainConfig(**values)

@@ -1,0 +1,165 @@
+"""Bad input through the real command line (`python -m onnxqat`, main()'s handlers): exit code, exactly one
+`onnxqat: error:` line on stderr, no output file or folder left, input files unchanged."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import onnx
+import pytest
+
+from tests.training.train_helpers import small_cnn, synthetic_npz
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(*args, timeout=120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "onnxqat", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
+
+
+def one_error_line(r: subprocess.CompletedProcess, code: int, pattern: str) -> None:
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("onnxqat: error:")]
+    assert r.returncode == code, (r.returncode, r.stderr[-1500:])
+    assert len(errors) == 1 and pattern in errors[0], r.stderr[-1500:]
+    assert "Traceback" not in r.stderr and "╭" not in r.stderr
+
+
+def digest(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("robust")
+    import onnxqat
+
+    qat = onnxqat.insert(small_cnn(0, bn=True), "lsq4")
+    onnx.save(qat, str(d / "m.qat.onnx"))
+    synthetic_npz(d / "d.npz", 64)
+    return d
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (["train"], "Missing argument 'model'"),
+    (["fuse", "x.onnx", "--bogus"], "No such option: --bogus"),
+    (["train", "m.qat.onnx", "-o", "out", "--epochs", "abc"], "Invalid value for '--epochs'"),
+    (["insert", "m.qat.onnx", "-r", "lsq4", "-o", "o.onnx", "--calibration-data"], "requires an argument"),
+])
+def test_usage_errors_are_one_line_exit_2(files, args, pattern):
+    r = cli(*[str(files / a) if a.endswith(".onnx") and a != "x.onnx" else a for a in args])
+    one_error_line(r, 2, pattern)
+    assert f"--help" in r.stderr
+
+
+@pytest.mark.parametrize("cmd", ["insert", "fuse"])
+def test_output_equal_to_input_is_refused(files, cmd, tmp_path):
+    src = tmp_path / "model.onnx"
+    src.write_bytes((files / "m.qat.onnx").read_bytes())
+    before = digest(src)
+    extra = ["-r", "lsq4"] if cmd == "insert" else []
+    r = cli(cmd, src, *extra, "-o", tmp_path / "." / "model.onnx")
+    one_error_line(r, 1, "is the input model")
+    assert digest(src) == before and sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+@pytest.mark.parametrize("option,value,pattern", [
+    ("--max-iterations", "-2", "max_iterations = -2 (command line): must be an integer >= 1"),
+    ("--validation", "-0.5", "validation must be a fraction in [0, 1)"),
+    ("--threads", "-4", "threads = -4 (command line): must be an integer >= 0"),
+    ("--limit-train", "-5", "limit_train must be a number of samples >= 1"),
+    ("--warmup", "-3", "warmup = -3.0 (command line): must be a finite number of epochs >= 0"),
+    ("--lr", "nan", "lr = nan (command line): must be a finite number > 0"),
+    ("--momentum", "1.5", "momentum = 1.5 (command line): must be a number in [0, 1)"),
+])
+def test_out_of_range_train_options(files, option, value, pattern, tmp_path):
+    out = tmp_path / "run"
+    r = cli("train", files / "m.qat.onnx", "-d", files / "d.npz", "-o", out, option, value, "--no-progress")
+    one_error_line(r, 1, pattern)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("table,pattern", [
+    ('lr = "fast"', "lr = 'fast' (recipe bad [train]): must be a finite number > 0"),
+    ('epochs = "three"', "epochs = 'three' (recipe bad [train]): must be an integer >= 0"),
+    ('transforms = "notalist"', "transforms = 'notalist' (recipe bad [train]): must be a list of strings"),
+    ("lr = nan", "lr = nan (recipe bad [train]): must be a finite number > 0"),
+    ("batch_size = 0", "batch_size = 0 (recipe bad [train]): must be an integer >= 1"),
+])
+def test_recipe_train_values_are_checked(files, table, pattern, tmp_path):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(f'name = "bad"\n[weights]\nmethod = "lsq"\n[activations]\nmethod = "lsq"\n[train]\n{table}\n')
+    out = tmp_path / "run"
+    from tests.training.train_helpers import small_cnn as model
+
+    onnx.save(model(0, bn=True), str(tmp_path / "f.onnx"))
+    r = cli("train", tmp_path / "f.onnx", "-r", recipe, "-d", files / "d.npz", "-o", out, "--no-progress")
+    one_error_line(r, 1, pattern)
+    assert not out.exists()
+
+
+def test_ctrl_c_is_one_line_exit_130(files, tmp_path):
+    p = subprocess.Popen([sys.executable, "-m", "onnxqat", "train", str(files / "m.qat.onnx"), "-d",
+                          str(files / "d.npz"), "-o", str(tmp_path / "run"), "-e", "100000", "-b", "16", "--no-progress",
+                          "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "run" / "metrics.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)  # the first epoch ended: training is running
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.rstrip().endswith("onnxqat: interrupted"), err[-800:]
+    assert "Traceback" not in err
+
+
+def test_insert_refuses_parameters_the_ops_would_turn_into_nan(tmp_path):
+    """An inf weight, alpha = inf or 1e308, symmetric range 1: refused at insert, naming the tensor or key."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    import onnxqat
+    from onnxqat.errors import ModelError, RecipeError
+
+    m = small_cnn(0, bn=True)
+    w = next(t for t in m.graph.initializer if t.name == "conv.weight")
+    arr = numpy_helper.to_array(w).copy()
+    arr[0, 0, 0, 0] = np.inf
+    w.CopyFrom(numpy_helper.from_array(arr, "conv.weight"))
+    with pytest.raises(ModelError, match="weight conv.weight of Conv node conv has 1 inf/NaN"):
+        onnxqat.insert(m, "sat4")
+    for body, key in (('[activations]\nalpha = inf\n', "alpha"), ('[activations]\nalpha = 1e308\n', "alpha"),
+                      ('[weights]\nmode = "symmetric"\nrange = 1\n', "range 1")):
+        recipe = tmp_path / "r.toml"
+        recipe.write_text(f'name = "r"\n{body}')
+        with pytest.raises(RecipeError, match=key):
+            onnxqat.insert(small_cnn(0, bn=True), str(recipe))
+    r = cli("insert", tmp_path / "none.onnx", "-r", "sat4", "-o", tmp_path / "o.onnx")
+    one_error_line(r, 1, "none.onnx")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_a_second_training_into_the_same_folder_is_refused(files, tmp_path):
+    """The folder lock: refused while the owner lives (here: this test process, as another host-local pid);
+    a lock whose process is gone is taken over and its leftover temporary files are removed."""
+    import os
+    import socket
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / ".onnxqat.lock"
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}")
+    r = cli("train", files / "m.qat.onnx", "-d", files / "d.npz", "-o", out, "-b", "16", "-e", "1", "--no-progress")
+    one_error_line(r, 1, "is in use by another training")
+    assert sorted(p.name for p in out.iterdir()) == [".onnxqat.lock"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(f"{socket.gethostname()} {int(dead.stdout)}")
+    (out / ".metrics.json.abc123.tmp").write_text("half")
+    r = cli("train", files / "m.qat.onnx", "-d", files / "d.npz", "-o", out, "-b", "16", "-e", "1", "--no-progress")
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "took over the lock of a run that ended without releasing it" in r.stderr
+    assert not lock.exists() and not list(out.glob(".*.tmp")) and (out / "model.onnx").exists()
