@@ -76,7 +76,7 @@ def test_resolution_order_op_type_then_first_last_then_node():
         ('[weights]\nmethod = "dorefa"\n', "key 'weights.method' must be one of sat, lsq"),
         ('[weights]\nmode = "round"\n', "key 'weights.mode' must be one of clamp, quantize, symmetric"),
         ("[weights]\napply_scaling = 1\n", "key 'weights.apply_scaling' must be bool, got int"),
-        ("[activations]\nalpha = -1.0\n", "key 'activations.alpha' must be > 0"),
+        ("[activations]\nalpha = -1.0\n", "key 'activations.alpha' must be finite, > 0 and <= 1e30"),
         ("[activations]\nmode = 'clamp'\n", "key 'activations.mode' is unknown"),
         ("[activations]\npercentile = 101\n", "key 'activations.percentile' must be in (0, 100]"),
         ("[op_types.Relu]\nrange = 3\n", "key 'op_types.Relu' is unknown"),

@@ -74,7 +74,7 @@ CHECKS = {
     "batch_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "iteration_size": (lambda v: _int(v) and v >= 1, "an integer >= 1"),
     "solver": (lambda v: isinstance(v, str), "a string (sgd, adamw)"),
-    "lr": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "lr": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
     "momentum": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
     "decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
     "quantizer_lr": (lambda v: v is None or (_finite(v) and v >= 0), "a finite number >= 0"),

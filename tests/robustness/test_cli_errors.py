@@ -75,7 +75,7 @@ def test_output_equal_to_input_is_refused(files, cmd, tmp_path):
     ("--threads", "-4", "threads = -4 (command line): must be an integer >= 0"),
     ("--limit-train", "-5", "limit_train must be a number of samples >= 1"),
     ("--warmup", "-3", "warmup = -3.0 (command line): must be a finite number of epochs >= 0"),
-    ("--lr", "nan", "lr = nan (command line): must be a finite number > 0"),
+    ("--lr", "nan", "lr = nan (command line): must be a finite number >= 0"),
     ("--momentum", "1.5", "momentum = 1.5 (command line): must be a number in [0, 1)"),
 ])
 def test_out_of_range_train_options(files, option, value, pattern, tmp_path):
@@ -86,10 +86,10 @@ def test_out_of_range_train_options(files, option, value, pattern, tmp_path):
 
 
 @pytest.mark.parametrize("table,pattern", [
-    ('lr = "fast"', "lr = 'fast' (recipe bad [train]): must be a finite number > 0"),
+    ('lr = "fast"', "lr = 'fast' (recipe bad [train]): must be a finite number >= 0"),
     ('epochs = "three"', "epochs = 'three' (recipe bad [train]): must be an integer >= 0"),
     ('transforms = "notalist"', "transforms = 'notalist' (recipe bad [train]): must be a list of strings"),
-    ("lr = nan", "lr = nan (recipe bad [train]): must be a finite number > 0"),
+    ("lr = nan", "lr = nan (recipe bad [train]): must be a finite number >= 0"),
     ("batch_size = 0", "batch_size = 0 (recipe bad [train]): must be an integer >= 1"),
 ])
 def test_recipe_train_values_are_checked(files, table, pattern, tmp_path):
