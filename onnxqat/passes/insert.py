@@ -71,17 +71,6 @@ def _first_and_last(index: GraphIndex, weighted: set[str]) -> tuple[set[str], se
     return first, last
 
 
-def _batchnorm_follows(index, node) -> bool:
-    """Whether the layer's output feeds a BatchNormalization (directly, or through its bias Add)."""
-    for consumer, _ in index.consumers.get(node.output[0], []):
-        if consumer.op_type == "BatchNormalization":
-            return True
-        if consumer.op_type == "Add" and any(c.op_type == "BatchNormalization"
-                                             for c, _ in index.consumers.get(consumer.output[0], [])):
-            return True
-    return False
-
-
 def _check_weight(index, node, tensor: str, ws, recipe: Recipe) -> None:
     """A weight the quantizer ops would refuse or turn into inf/NaN: refused here, naming the tensor or the key."""
     if ws.method == "sat" and ws.mode == "symmetric" and ws.range < 2:
@@ -159,15 +148,8 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
             port=layer.port, method=ws.method, range=ws.range, consumers=(node.name,), axis=layer.axis, notes=notes,
         )
         if ws.method == "sat":
-            scale = ws.apply_scaling
-            if not scale and ws.mode != "clamp" and not _batchnorm_follows(index, node):
-                # N2D2 scales where no BatchNormalization follows (its Fc layers): a layer whose BN was folded
-                # into it by the exporter would otherwise get weights of magnitude ~1 in place of its own scale
-                # (measured: MobileNetV3/EfficientNet exports, loss 3e19 before training, NaN after 3 steps)
-                scale = True
-                common["notes"] = notes + ("ApplyScaling: no BatchNormalization follows",)
             entry = PlanEntry(
-                op_type="SatWeightQuant", mode=ws.mode, fan_out=layer.fan_out if scale else 0, **common
+                op_type="SatWeightQuant", mode=ws.mode, fan_out=layer.fan_out if ws.apply_scaling else 0, **common
             )
         else:
             entry = PlanEntry(
