@@ -32,6 +32,8 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         out = onnx.ModelProto()
         out.CopyFrom(model)
         return out
+    if not isinstance(model, (str, os.PathLike)):
+        raise ModelError(f"model must be a path or an onnx.ModelProto, got {type(model).__name__}")
     path = Path(model)
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxqat.errors import FuseError
+from onnxqat.errors import DataError, FuseError
 from onnxqat.files import atomic_write_text
 from onnxqat.fusion.lowering import Island, Lowerer
 from onnxqat.fusion.snap_bias import SnapReport, snap_biases
@@ -150,6 +150,8 @@ def fuse(model, output=None, format: str = "int", rescale: str = "fixed-point", 
     """
     if verify_engine not in ("reference", "onnxruntime"):
         raise FuseError(f"unknown verify engine '{verify_engine}' (reference or onnxruntime)")
+    if not (isinstance(verify_samples, int) and not isinstance(verify_samples, bool) and verify_samples >= 1):
+        raise FuseError(f"verify_samples (--samples) must be an integer >= 1, got {verify_samples!r}")
     if not 0 <= min_agreement <= 1:
         raise FuseError(f"min_agreement must be in [0, 1], got {min_agreement}")
     qat = load_model(model)
@@ -174,6 +176,10 @@ def fuse(model, output=None, format: str = "int", rescale: str = "fixed-point", 
         data = verify_data
         if isinstance(data, (str, os.PathLike)):
             data = load_verify_data(os.fspath(data), verify_samples)
+        sizes = [len(np.asarray(v)) if np.ndim(v) else 0 for v in (data.values() if isinstance(data, dict) else
+                                                                  ([] if data is None else [data]))]
+        if any(n == 0 for n in sizes):
+            raise DataError("verify data: no sample (an empty array)")
         if snap is not None and snap.layers:
             snap_agreement = fake_quant_agreement(qat, reference, low.outputs, input_scale=input_scale,
                                                   data=None if data is None else data, samples=verify_samples,

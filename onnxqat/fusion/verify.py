@@ -171,13 +171,19 @@ def _sample(vi: onnx.ValueInfoProto, n: int, rng: np.random.Generator, image: bo
 def load_verify_data(path: str, samples: int | None = None):
     """The arrays of an NPZ: one array (the image input; keys x/images/input/data or the only one) or a dict with one
     array per input name."""
+    import zipfile
+
     try:
-        with np.load(path) as z:
-            if not z.files:
-                raise DataError(f"{path}: no array in the file")
-            arrays = {k: np.asarray(z[k]) for k in z.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: cannot read verify data ({exc})") from exc
+        z = np.load(path)
+        if isinstance(z, np.ndarray):  # a .npy: the image input's array
+            arrays = {"x": z}
+        else:
+            with z:
+                if not z.files:
+                    raise DataError(f"{path}: no array in the file")
+                arrays = {k: np.asarray(z[k]) for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: cannot read verify data ({type(exc).__name__}: {exc})") from None
     if len(arrays) > 1 and not any(k in arrays for k in ("x", "images", "input", "data")):
         return {k: v[:samples] if samples else v for k, v in arrays.items()}
     key = next((k for k in ("x", "images", "input", "data") if k in arrays), next(iter(arrays)))

@@ -260,6 +260,10 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise TrainingError(f"cannot write {out}: {exc.strerror or exc}") from None
+    for name in ("checkpoint_last.npz", "checkpoint_best.npz", "model.onnx", "model_best.onnx", "metrics.json",
+                 "metrics.csv"):
+        if (out / name).exists() and not (out / name).is_file():
+            raise TrainingError(f"{out / name} is not a file (a folder?): remove it or choose another output folder")
     if cfg.iteration_size < 1:
         raise TrainingError(f"iteration size must be >= 1, got {cfg.iteration_size}")
     if cfg.epochs < 1 and not cfg.max_iterations:

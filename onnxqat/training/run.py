@@ -65,6 +65,8 @@ class TrainResult:
 def _load_model(model) -> onnx.ModelProto:
     if isinstance(model, onnx.ModelProto):
         return model
+    if not isinstance(model, (str, os.PathLike)):
+        raise ModelError(f"model must be a path or an onnx.ModelProto, got {type(model).__name__}")
     p = Path(model)
     if not p.is_file():
         raise ModelError(f"model not found: {p}")

@@ -163,3 +163,47 @@ def test_a_second_training_into_the_same_folder_is_refused(files, tmp_path):
     assert r.returncode == 0, r.stderr[-1500:]
     assert "took over the lock of a run that ended without releasing it" in r.stderr
     assert not lock.exists() and not list(out.glob(".*.tmp")) and (out / "model.onnx").exists()
+
+
+@pytest.mark.parametrize("call", ["insert", "fuse", "train"])
+@pytest.mark.parametrize("bad", [None, b"model.onnx", 3])
+def test_api_model_of_the_wrong_type(call, bad, tmp_path):
+    import onnxqat
+    from onnxqat.errors import ModelError
+
+    kwargs = {"insert": {"recipe": "sat4"}, "fuse": {}, "train": {"out": tmp_path / "run"}}[call]
+    with pytest.raises(ModelError, match=f"model must be a path or an onnx.ModelProto, got {type(bad).__name__}"):
+        getattr(onnxqat, call)(bad, **kwargs)
+    assert not (tmp_path / "run").exists()
+
+
+def test_fuse_verify_data_edge_cases(files, tmp_path):
+    import numpy as np
+
+    import onnxqat
+    from onnxqat.errors import DataError, FuseError
+
+    model = files / "m.qat.onnx"
+    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 not a zip")
+    with pytest.raises(DataError, match="cannot read verify data \\(BadZipFile"):
+        onnxqat.fuse(model, tmp_path / "a.onnx", verify_data=tmp_path / "bad.npz")
+    with pytest.raises(DataError, match="no sample"):
+        onnxqat.fuse(model, tmp_path / "b.onnx", verify_data=np.zeros((0, 1, 6, 6), np.float32))
+    for n in (0, -1):
+        r = cli("fuse", model, "-o", tmp_path / "c.onnx", "--samples", n)
+        one_error_line(r, 1, "must be an integer >= 1")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).random((8, 1, 6, 6)).astype(np.float32))
+    res = onnxqat.fuse(model, tmp_path / "d.onnx", verify_data=tmp_path / "x.npy")  # a .npy is the image input
+    assert res.agreement.samples == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz", "d.onnx", "d.onnx.json", "x.npy"]
+
+
+def test_resume_with_a_corrupt_checkpoint_or_a_folder_in_its_place(files, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", files / "m.qat.onnx", "-d", files / "d.npz", "-o", out, "-b", "16", "-e", "1", "--no-progress"]
+    assert cli(*args).returncode == 0
+    (out / "checkpoint_last.npz").write_text("garbage")
+    one_error_line(cli(*args, "--resume"), 1, "checkpoint_last.npz: unreadable checkpoint")
+    (out / "checkpoint_last.npz").unlink()
+    (out / "checkpoint_last.npz").mkdir()
+    one_error_line(cli(*args, "--resume"), 1, "checkpoint_last.npz is not a file")
