@@ -35,8 +35,22 @@ class QuantizationWarning(UserWarning):
 def prepare(model) -> onnx.ModelProto:
     """A copy of the model with every node named (names are how plans, overrides and quantizers refer to nodes)."""
     m = load_model(model)
+    _check_input(m)
     name_unnamed_nodes(m.graph)
     return m
+
+
+def _check_input(m: onnx.ModelProto) -> None:
+    """The ONNX checker on the model as given (node specs, single assignment, initializers): an invalid model is a
+    ModelError here, not an output that fails the checker later. Models over protobuf's 2 GB are not checked."""
+    if m.ByteSize() > 2**31 - 1:
+        return
+    try:
+        onnx.checker.check_model(m)
+    except onnx.checker.ValidationError as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        node = next((ln.split("Name:")[1].strip() for ln in str(exc).splitlines() if "Name:" in ln), None)
+        raise ModelError(f"the model is not valid ONNX: {first}" + (f" (node {node})" if node else "")) from None
 
 
 def _first_and_last(index: GraphIndex, weighted: set[str]) -> tuple[set[str], set[str]]:

@@ -207,3 +207,24 @@ def test_resume_with_a_corrupt_checkpoint_or_a_folder_in_its_place(files, tmp_pa
     (out / "checkpoint_last.npz").unlink()
     (out / "checkpoint_last.npz").mkdir()
     one_error_line(cli(*args, "--resume"), 1, "checkpoint_last.npz is not a file")
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("unknown op", "No Op registered for FooBar"),
+    ("defined twice", "single static assignment"),
+])
+def test_insert_refuses_an_invalid_model(case, pattern, tmp_path):
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    extra = {"unknown op": [helper.make_node("FooBar", ["r"], ["y"], name="foo")],
+             "defined twice": [helper.make_node("Relu", ["c"], ["r"], name="relu2"),
+                               helper.make_node("Identity", ["r"], ["y"], name="id")]}[case]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Relu", ["c"], ["r"], name="relu")]
+    g = helper.make_graph(nodes + extra, "g", [helper.make_tensor_value_info("x", 1, [1, 1, 5, 5])],
+                          [helper.make_tensor_value_info("y", 1, [1, 2, 3, 3])],
+                          [numpy_helper.from_array(np.ones((2, 1, 3, 3), np.float32), "w")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "bad.onnx"))
+    r = cli("insert", tmp_path / "bad.onnx", "-r", "sat4", "-o", tmp_path / "out.onnx")
+    one_error_line(r, 1, pattern)
+    assert not (tmp_path / "out.onnx").exists()
