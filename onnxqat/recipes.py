@@ -42,6 +42,9 @@ class WeightSettings:
     range: int = 15  # R = 2^bits - 1
     mode: str = "quantize"  # SAT: clamp | quantize | symmetric
     apply_scaling: bool = False  # SAT ApplyScaling (fan-out from the layer)
+    # SAT without ApplyScaling where no BatchNormalization follows (a BN-folded export, LeNet): the quantized weights
+    # times a constant per output channel (least squares on the float weights), so that the layer keeps its scale
+    restore_scale: bool = True
     per_channel: bool = False  # LSQ: one step per output channel
     step: float | None = None  # LSQ initial step; None = from the weights, as step_init says
     step_init: str = "paper"  # LSQ step from the weights: paper 2*mean|W|/sqrt(Qp), max max|W|/Qp, mse least error
@@ -88,6 +91,7 @@ WEIGHT_KEYS = {
     **_COMMON_KEYS,
     "mode": ((str,), lambda v: v in SAT_MODES, f"one of {', '.join(SAT_MODES)}"),
     "apply_scaling": ((bool,), None, ""),
+    "restore_scale": ((bool,), None, ""),
     "per_channel": ((bool,), None, ""),
     "step": ((int, float), _positive, "finite, > 0 and <= 1e30"),
     "step_init": ((str,), lambda v: v in ("paper", "max", "mse"), "one of paper, max, mse"),

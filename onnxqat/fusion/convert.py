@@ -35,6 +35,9 @@ def float_island(low: Lowerer, node: onnx.NodeProto) -> None:
             ins.append(b.const(i, g.consts[i]))
         elif q is not None and q.domain == DOMAIN and q.input[0] in g.consts:  # fake-quantized weight, as a constant
             ins.append(b.const(i, fake_quantized_weight(g, q)))
+        elif i in g.weight_restore:
+            wq, c = g.weight_restore[i]
+            ins.append(b.const(i, (fake_quantized_weight(g, wq) * c).astype(np.float32)))
         else:
             ins.append(to_float(low, low.get(i, node)))
     outs = [b.fresh(o) if o else "" for o in node.output]

@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from onnxqat.errors import FuseError
 from onnxqat.graph import quantizers_as_identity
-from onnxqat.ops.schema import is_quantizer
+from onnxqat.ops.schema import is_quantizer, is_scale_restore
 
 
 def node_label(node: onnx.NodeProto) -> str:
@@ -70,6 +70,12 @@ class QatGraph:
         self.inputs = [i for i in g.input if i.name not in init_names]
         self.output_names = [o.name for o in g.output]
         self.quantizers = [n for n in g.node if is_quantizer(n)]
+        # Mul(weight quantizer, constant) output -> (the quantizer, the constant): folded into the layer's scale
+        self.weight_restore: dict[str, tuple[onnx.NodeProto, np.ndarray]] = {}
+        for n in g.node:
+            q = self.producer.get(n.input[0]) if is_scale_restore(n) else None
+            if q is not None and is_quantizer(q) and q.input[0] in self.consts and n.input[1] in self.consts:
+                self.weight_restore[n.output[0]] = (q, self.consts[n.input[1]])
         self._types: dict[str, tuple[int, list]] | None = None
 
     def _fold_constants(self) -> None:

@@ -159,8 +159,8 @@ class Lowerer:
         g = self.g
         if all(o in self.g.consts for o in node.output if o) and node.domain in ("", "ai.onnx"):
             return  # a constant (folded by QatGraph): its readers take the value
-        if node.domain == DOMAIN and node.input[0] in g.consts:
-            return  # weight quantizer: read by its consumer
+        if node.domain == DOMAIN and node.input[0] in g.consts or node.output[0] in g.weight_restore:
+            return  # weight quantizer (and its scale restore): read by its consumer
         self.lowered_nodes += 1
         if node.name in self.keep_float or any(o in self.keep_float for o in node.output):
             return self._island(node, "kept by keep_float", f"{node_label(node)} kept in float (keep_float)")

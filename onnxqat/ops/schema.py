@@ -100,3 +100,12 @@ def signature(op_type: str) -> OpSignature:
         if op.name == op_type:
             return op
     raise KeyError(op_type)
+
+
+# A stock Mul(Wq, c) after a SAT weight quantizer (recipe key weights.restore_scale): a constant per output channel that
+# training leaves as it is, fuse folds into the layer's scale and strip_quantizers removes with the quantizer.
+SCALE_RESTORE_DOC = "onnxqat.weight_scale_restore"
+
+
+def is_scale_restore(node) -> bool:
+    return node.op_type == "Mul" and node.domain in ("", "ai.onnx") and node.doc_string == SCALE_RESTORE_DOC

@@ -1,6 +1,7 @@
 """The one applier: turns a Plan into graph edits.
 
 - weight quantizer `<layer>_wquant`: input = the weight (name unchanged), output `<weight>_q` on the layer(s);
+  with SAT's weights.restore_scale, Mul(`<weight>_q`, `<layer>_wquant.restore_scale`) -> `<weight>_qs` on the layer(s);
 - SatActQuant `<act>_aquant` replaces the Relu/Clip it was planned on (same input, same output name);
 - LsqQuant `<act>_aquant` goes after the activation, output `<tensor>_q`, the activation's consumers rewired;
 - per-quantizer constants are initializers `<quantizer>.<input>` (CONVENTIONS.md);
@@ -17,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxqat.graph import GraphIndex, ensure_opset, infer_shapes, register_quantizer_schemas
-from onnxqat.ops.schema import DOMAIN
+from onnxqat.ops.schema import DOMAIN, SCALE_RESTORE_DOC
 from onnxqat.passes.plan import Plan, PlanEntry
 from onnxqat.passes.strip import encode_replaced
 from onnxqat.passes.weights import SAT_MODE_VALUES
@@ -55,6 +56,22 @@ def quantizer_node(e: PlanEntry, input_name: str, output_name: str) -> tuple[onn
         ]
     node = helper.make_node(e.op_type, [input_name] + [t.name for t in inits], [output_name], name=q, domain=DOMAIN)
     return node, inits
+
+
+def restore_scale_node(e: PlanEntry, weight_shape) -> tuple[onnx.NodeProto, TensorProto]:
+    """Mul(<weight>_q, <quantizer>.restore_scale) -> <weight>_qs, the constant shaped to broadcast along the output-channel
+    axis (one value: a scalar)."""
+    c = np.asarray(e.restore_scale, dtype=np.float32)
+    if c.size > 1:
+        shape = [1] * len(weight_shape)
+        shape[e.axis] = c.size
+        c = c.reshape(shape)
+    else:
+        c = c.reshape(())
+    init = numpy_helper.from_array(c, f"{e.name}.restore_scale")
+    node = helper.make_node("Mul", [e.output, init.name], [e.layer_input], name=f"{e.name}_restore",
+                            doc_string=SCALE_RESTORE_DOC)
+    return node, init
 
 
 def _constants_to_initializers(m: onnx.ModelProto, tensors: set[str]) -> None:
@@ -98,17 +115,21 @@ def apply_plan(m: onnx.ModelProto, plan: Plan, recipe: Recipe) -> onnx.ModelProt
     value_infos: list[tuple[str, str]] = []  # (output, like input)
 
     for e in plan.weights:
-        out = e.output
-        node, inits = quantizer_node(e, e.tensor, out)
+        node, inits = quantizer_node(e, e.tensor, e.output)
         new_inits += inits
         consumers = [index.nodes_by_name[c] for c in e.consumers]
         for c in consumers:
             for k, i in enumerate(c.input):
                 if i == e.tensor:
-                    c.input[k] = out
+                    c.input[k] = e.layer_input
         first = min(position[id(c)] for c in consumers)
         before.setdefault(first, []).append(node)
-        value_infos.append((out, e.tensor))
+        value_infos.append((e.output, e.tensor))
+        if e.restore_scale is not None:
+            restore, init = restore_scale_node(e, index.constant_value(e.tensor).shape)
+            new_inits.append(init)
+            before[first].append(restore)
+            value_infos.append((e.layer_input, e.tensor))
 
     for e in plan.activations:
         act = index.nodes_by_name[e.node]

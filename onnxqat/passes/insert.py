@@ -85,6 +85,17 @@ def _first_and_last(index: GraphIndex, weighted: set[str]) -> tuple[set[str], se
     return first, last
 
 
+def _batchnorm_follows(index: GraphIndex, node: onnx.NodeProto) -> bool:
+    """Whether the layer's output feeds a BatchNormalization (directly, or through its bias Add)."""
+    for consumer, _ in index.consumers.get(node.output[0], []):
+        if consumer.op_type == "BatchNormalization":
+            return True
+        if consumer.op_type == "Add" and any(c.op_type == "BatchNormalization"
+                                             for c, _ in index.consumers.get(consumer.output[0], [])):
+            return True
+    return False
+
+
 def _check_weight(index, node, tensor: str, ws, recipe: Recipe) -> None:
     """A weight the quantizer ops would refuse or turn into inf/NaN: refused here, naming the tensor or the key."""
     if ws.method == "sat" and ws.mode == "symmetric" and ws.range < 2:
@@ -162,8 +173,13 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
             port=layer.port, method=ws.method, range=ws.range, consumers=(node.name,), axis=layer.axis, notes=notes,
         )
         if ws.method == "sat":
+            restore = None
+            if ws.restore_scale and not ws.apply_scaling and not _batchnorm_follows(index, node):
+                restore = w_pass.sat_restore_scale(index, layer, ws)
+                common["notes"] = notes + ("scale restored: no BatchNormalization follows",)
             entry = PlanEntry(
-                op_type="SatWeightQuant", mode=ws.mode, fan_out=layer.fan_out if ws.apply_scaling else 0, **common
+                op_type="SatWeightQuant", mode=ws.mode, fan_out=layer.fan_out if ws.apply_scaling else 0,
+                restore_scale=restore, **common
             )
         else:
             entry = PlanEntry(

@@ -13,7 +13,7 @@ import numpy as np
 from onnx import numpy_helper
 
 from onnxqat.graph import GraphIndex, load_model
-from onnxqat.ops.schema import is_quantizer, signature
+from onnxqat.ops.schema import is_quantizer, is_scale_restore, signature
 from onnxqat.recipes import WEIGHTED_OP_TYPES
 
 _METHOD = {"SatWeightQuant": "sat", "SatActQuant": "sat", "LsqQuant": "lsq"}
@@ -112,6 +112,11 @@ def inspect(model) -> InspectReport:
         elif node.op_type == "SatWeightQuant":
             mode = _SAT_MODES.get(int(scalar("mode")), "?")
             params = f"mode={mode} fan_out={int(scalar('scale_fan_out'))}"
+            restore = next((c for c, _ in index.consumers.get(node.output[0], []) if is_scale_restore(c)), None)
+            if restore is not None:
+                c = np.asarray(_value(index, restore.input[1])).reshape(-1)
+                params += f" restore_scale={c[0]:.6g}" if c.size == 1 else \
+                    f" restore_scale=[{c.size}: {c.min():.6g}..{c.max():.6g}]"
             kind = "weight"
         else:
             step = np.asarray(vals["step"]).reshape(-1)
@@ -133,6 +138,8 @@ def inspect(model) -> InspectReport:
             continue
         for t in node.input:
             q = index.producer.get(t)
+            if q is not None and is_scale_restore(q):  # folded into the layer's scale by fuse: no parameter
+                t, q = q.input[0], index.producer.get(q.input[0])
             if q is not None and is_quantizer(q):
                 t = q.input[0]
             if t and t not in params and index.is_constant(t):

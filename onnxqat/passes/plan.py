@@ -14,6 +14,11 @@ def _fmt(x: float) -> str:
     return f"{x:.6g}"
 
 
+def _span(values: tuple[float, ...]) -> str:
+    """One value, or [count: min..max]."""
+    return _fmt(values[0]) if len(values) == 1 else f"[{len(values)}: {_fmt(min(values))}..{_fmt(max(values))}]"
+
+
 @dataclass(frozen=True)
 class PlanEntry:
     kind: str  # "weight" | "activation"
@@ -29,6 +34,7 @@ class PlanEntry:
     # SAT weights
     mode: str | None = None
     fan_out: int = 0
+    restore_scale: tuple[float, ...] | None = None  # constant per output channel after the quantizer (weights.restore_scale)
     # SAT activations
     alpha: float | None = None
     # LSQ
@@ -46,17 +52,19 @@ class PlanEntry:
             return self.tensor  # it replaces the activation node, keeps its output name
         return f"{self.tensor}_q"
 
+    @property
+    def layer_input(self) -> str:
+        """What the consumers read: the quantizer's output, or that times the restore_scale constant."""
+        return f"{self.tensor}_qs" if self.restore_scale is not None else self.output
+
     def parameters(self) -> str:
         if self.op_type == "SatWeightQuant":
-            return f"mode={self.mode} fan_out={self.fan_out}"
+            restore = f" restore_scale={_span(self.restore_scale)}" if self.restore_scale else ""
+            return f"mode={self.mode} fan_out={self.fan_out}{restore}"
         if self.op_type == "SatActQuant":
             return f"alpha={_fmt(self.alpha)}"
-        step = self.step or ()
-        if len(step) == 1:
-            s = _fmt(step[0])
-        else:
-            s = f"[{len(step)}: {_fmt(min(step))}..{_fmt(max(step))}]"
-        return f"step={s} signed={int(self.signed)} grad_scale={_fmt(self.grad_scale)} axis={self.axis}"
+        return (f"step={_span(self.step or ())} signed={int(self.signed)} grad_scale={_fmt(self.grad_scale)} "
+                f"axis={self.axis}")
 
     def format(self) -> str:
         where = f"{self.node} ({self.node_op})"

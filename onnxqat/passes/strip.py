@@ -1,6 +1,6 @@
 """strip_quantizers: the inverse of insert.
 
-Removes every com.onnxqat quantizer node and its constant initializers; weight
+Removes every com.onnxqat quantizer node (and a weight quantizer's restore_scale Mul) and its constant initializers; weight
 and LSQ activation quantizers are bypassed (consumers read the float tensor
 again), a SatActQuant becomes the activation it replaced (Relu, or the exact
 Clip recorded in its doc_string). Weights keep their (trained) float values,
@@ -15,7 +15,7 @@ import onnx
 from onnx import helper
 
 from onnxqat.graph import load_model
-from onnxqat.ops.schema import DOMAIN, is_quantizer
+from onnxqat.ops.schema import DOMAIN, is_quantizer, is_scale_restore
 
 REPLACES_PREFIX = "onnxqat.replaces:"
 
@@ -45,6 +45,10 @@ def strip_quantizers(model) -> onnx.ModelProto:
     removed_inputs: set[str] = set()
     nodes = []
     for node in g.node:
+        if is_scale_restore(node):
+            removed_inputs.update(node.input[1:])
+            rename[node.output[0]] = node.input[0]
+            continue
         if not is_quantizer(node):
             nodes.append(node)
             continue

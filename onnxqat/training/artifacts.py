@@ -2,8 +2,8 @@
 
 `plan_training(model, io)` finds what trains and how the graph is fed:
 - trainable (requires_grad): weights and biases of Conv/ConvTranspose/Gemm/MatMul (traced back through a weight
-  quantizer node to the initializer), BatchNormalization scale and B, LayerNorm scale and shift (also as exported
-  below opset 17), and input 1 (alpha/step) of SatActQuant/LsqQuant;
+  quantizer node, and its restore_scale Mul, to the initializer; that constant stays constant), BatchNormalization
+  scale and B, LayerNorm scale and shift (also as exported below opset 17), and input 1 (alpha/step) of SatActQuant/LsqQuant;
 - frozen_params: BatchNormalization running mean and var (listed so that ORT's train step updates them);
 - Dropout: ORT's Dropout draws from a process-wide generator that a resumed run cannot restore, so in the training copy
   each Dropout becomes `Mul(x, <node>.mask)` with the mask a graph input that the loop draws from the run's seed
@@ -35,7 +35,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxqat.errors import ModelError, TrainingError
 from onnxqat.graph import name_unnamed_nodes, quantizers_as_identity
-from onnxqat.ops.schema import DOMAIN, is_quantizer
+from onnxqat.ops.schema import DOMAIN, is_quantizer, is_scale_restore
 from onnxqat.training.differentiable import apply_rewrites, plan_rewrites, register_zero_gradients
 from onnxqat.training.losses import add_loss
 from onnxqat.training.objective import IOPlan, Objective, graph_inputs, resolve
@@ -165,7 +165,7 @@ def plan_training(model: onnx.ModelProto, io: IOPlan | None = None) -> TrainingP
         seen = 0
         while name not in inits and name in producers and seen < 8:
             p = producers[name]
-            if not (is_quantizer(p) or p.op_type in _PASS_THROUGH) or not p.input:
+            if not (is_quantizer(p) or is_scale_restore(p) or p.op_type in _PASS_THROUGH) or not p.input:
                 return None
             name = p.input[0]
             seen += 1

@@ -152,6 +152,9 @@ def abort_job(code: int = 1) -> None:
     if isinstance(_WORLD, Mpi):
         sys.stderr.flush()
         _WORLD.abort(code)
+        # MPICH's MPI_Abort can return to the caller before the process manager kills it (seen 1 run in ~10): the
+        # exception would then print its traceback under the one-line error
+        os._exit(code)
 
 
 def rank_prefix() -> str:

@@ -13,7 +13,7 @@ from onnxqat.fusion.api import fuse
 insert_mod = pytest.importorskip("onnxqat.passes.insert")
 
 
-def float_lenet(seed=0):
+def float_lenet(seed=0, batchnorm=True):
     rng = np.random.default_rng(seed)
     inits, nodes = [], []
 
@@ -22,6 +22,8 @@ def float_lenet(seed=0):
         return name
 
     def bn(name, x, c):
+        if not batchnorm:
+            return x
         for part, v in (("scale", rng.uniform(0.5, 1.5, c)), ("B", rng.standard_normal(c) * 0.2),
                         ("mean", rng.standard_normal(c) * 0.3), ("var", rng.uniform(0.5, 2, c))):
             inits.append(numpy_helper.from_array(v.astype(np.float32), f"{name}.{part}"))
@@ -67,6 +69,23 @@ def test_inserted_model_fuses_exactly(recipe):
         # across a rounding boundary (the fused model computes exactly); one moved code shifts every logit of its
         # sample by up to 255 steps of the last layer
         assert a.code_agreement >= 0.95
+
+
+@pytest.mark.parametrize("fmt", ["int", "ort"])
+def test_restored_scale_sat_weights_fuse_exactly(fmt):
+    """Convs with no BatchNormalization after them get SAT's per-channel restore_scale (a Mul after the weight quantizer):
+    fuse folds it into the layer's scale, and the fused model gives the fake-quantized model's codes exactly."""
+    x = np.random.default_rng(1).integers(0, 256, (64, 1, 16, 16), dtype=np.uint8)
+    calib = {"input": (x[:16] / np.float32(255)).astype(np.float32)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat = insert_mod.insert(float_lenet(batchnorm=False), "sat4", calibration_data=calib)
+    restores = [n for n in qat.graph.node if n.name.endswith("_wquant_restore")]
+    assert sorted(n.name for n in restores) == ["conv1_wquant_restore", "conv2_wquant_restore"]
+    res = fuse(qat, verify_data=x, strict=True, format=fmt)
+    assert not any(n.domain == "com.onnxqat" or n.name.endswith("_restore") for n in res.model.graph.node)
+    a = res.agreement
+    assert a.samples == 64 and a.top1_agreement == 1.0 and a.max_code_diff == 0
 
 
 def test_fake_quant_on_onnxruntime_with_op_library_matches_reference():

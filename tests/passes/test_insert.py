@@ -68,13 +68,30 @@ def test_resblock_sat4_placement():
     qs = quantizers(q)
     assert Counter(n.op_type for n in qs) == {"SatWeightQuant": 6, "SatActQuant": 5}
     nodes = by_name(q)
-    # weight quantizers: <layer>_wquant, input the weight, output <weight>_q on the layer's weight port
+    # weight quantizers: <layer>_wquant, input the weight, output <weight>_q on the layer's weight port; where no
+    # BatchNormalization follows and no ApplyScaling, Mul(<weight>_q, <layer>_wquant.restore_scale) -> <weight>_qs
+    restored = {"Conv_4", "Conv_6", "Conv_10", "ConvTranspose_12"}
     for layer, w in [("Conv_0", "w0"), ("Conv_4", "w1"), ("Conv_6", "w2"), ("Conv_10", "w3"),
                      ("ConvTranspose_12", "wt"), ("MatMul_16", "wm")]:
         wq = nodes[f"{layer}_wquant"]
         assert wq.input[0] == w and wq.output[0] == f"{w}_q"
-        assert nodes[layer].input[1] == f"{w}_q"
         assert list(wq.input[1:]) == [f"{layer}_wquant.range", f"{layer}_wquant.mode", f"{layer}_wquant.fan_out"]
+        if layer not in restored:
+            assert nodes[layer].input[1] == f"{w}_q" and f"{layer}_wquant_restore" not in nodes
+            continue
+        mul = nodes[f"{layer}_wquant_restore"]
+        assert mul.op_type == "Mul" and list(mul.input) == [f"{w}_q", f"{layer}_wquant.restore_scale"]
+        assert nodes[layer].input[1] == mul.output[0] == f"{w}_qs"
+    # restore_scale: least squares of the float weights on the quantized ones, per output channel (Conv axis 0,
+    # ConvTranspose axis 1), computed here from the numpy reference by hand
+    for layer, w, axis in [("Conv_4", "w1", 0), ("ConvTranspose_12", "wt", 1)]:
+        wf = init(q, w).astype(np.float64)
+        wq = ref.sat_weight_forward(init(q, w), 15, 1, 0).astype(np.float64)
+        other = tuple(a for a in range(4) if a != axis)
+        want = (wf * wq).sum(axis=other) / (wq * wq).sum(axis=other)
+        c = init(q, f"{layer}_wquant.restore_scale")
+        assert c.shape == tuple(wf.shape[a] if a == axis else 1 for a in range(4))
+        np.testing.assert_allclose(c.reshape(-1), want, rtol=1e-6)
     # SatActQuant replaces the Relu / Clip(0,6): Relu input, Relu output name
     assert Counter(n.op_type for n in q.graph.node)["Relu"] == 0
     assert Counter(n.op_type for n in q.graph.node)["Clip"] == 0
@@ -261,17 +278,25 @@ class _nullcontext:
 
 
 def test_sat_weights_only_matches_numpy_reference():
-    """sat4-weights: the graph must equal the float graph with every weight replaced by sat_weight_forward(W)."""
+    """sat4-weights: the graph must equal the float graph with every weight replaced by sat_weight_forward(W), times
+    its least-squares restore_scale per output channel where no BatchNormalization follows (w0 has one, wm ApplyScaling)."""
     m = resblock()
     q = insert(m, "sat4-weights")
     expected_model = onnx.ModelProto()
     expected_model.CopyFrom(m)
     ranges = {"w0": 255, "w1": 15, "w2": 15, "w3": 15, "wt": 15, "wm": 255}
     fan = {"wm": 5}
+    out_axis = {"w1": 0, "w2": 0, "w3": 0, "wt": 1}
     for t in expected_model.graph.initializer:
         if t.name in ranges:
             w = onnx.numpy_helper.to_array(t)
             wq = ref.sat_weight_forward(w, ranges[t.name], 1, fan.get(t.name, 0))
+            if t.name in out_axis:
+                ax = out_axis[t.name]
+                other = tuple(a for a in range(w.ndim) if a != ax)
+                c = (w.astype(np.float64) * wq).sum(axis=other, keepdims=True) / (wq.astype(np.float64) ** 2).sum(
+                    axis=other, keepdims=True)
+                wq = (wq * c.astype(np.float32)).astype(np.float32)
             t.CopyFrom(onnx.numpy_helper.from_array(wq, t.name))
     x = x_input()
     expected = ReferenceEvaluator(expected_model).run(None, {"x": x})[0]

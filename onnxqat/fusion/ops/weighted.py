@@ -3,8 +3,9 @@ channel, with a following bias Add (MatMul) and BatchNormalization folded in; th
 (low.fmt.weighted: an integer accumulator, a QLinear op, or a float op on dequantized weights).
 
 Per output channel o, input codes with scale s_in: pre-activation real value = scale_o acc + bias_o with
-scale_o = s_in s_w,o (Gemm alpha), bias_o = b_o (Gemm beta); BatchNormalization: scale_o <- f scale_o,
-bias_o <- f (bias_o - mean) + beta (f < 0 needs no special case: the multiplier is a signed int64).
+scale_o = s_in s_w,o c_o (Gemm alpha; c_o SAT's restore_scale, 1 without), bias_o = b_o (Gemm beta);
+BatchNormalization: scale_o <- f scale_o, bias_o <- f (bias_o - mean) + beta (f < 0 needs no special case: the
+multiplier is a signed int64).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def lower_weighted(low: Lowerer, node: onnx.NodeProto) -> None:
     g = low.g
     op = node.op_type
     wname = node.input[1]
-    q = g.producer.get(wname)
+    q, restore = g.weight_restore.get(wname, (g.producer.get(wname), None))
     if op == "MatMul" and wname not in g.consts and (q is None or q.domain != DOMAIN or q.op_type == "LsqQuant"
                                                      and q.input[0] not in g.consts):
         return activation_matmul(low, node)
@@ -73,6 +74,8 @@ def lower_weighted(low: Lowerer, node: onnx.NodeProto) -> None:
             raise NoIntegerForm(f"{node_label(node)}: MatMul with a {w.ndim}-D weight", "MatMul weight rank")
         out_axis, n_out, cshape, ch_axis = 1, w.shape[1], (w.shape[1],), -1
     codes = weight_codes(g, q, out_axis, n_out)
+    if restore is not None:
+        codes = replace(codes, scale=codes.scale * _channel_values(node, restore, w.shape, out_axis, n_out))
     if transposed is not None:  # Conv weights [C_out, C_in, kH, kW], the kernel flipped
         flip = (slice(None), slice(None)) + (slice(None, None, -1),) * (w.ndim - 2)
         codes = replace(codes, w_int=np.ascontiguousarray(codes.w_int.swapaxes(0, 1)[flip]),
@@ -109,6 +112,16 @@ def lower_weighted(low: Lowerer, node: onnx.NodeProto) -> None:
     for n in folded:
         low.done.add(low.index(n))
     low.val[out] = value
+
+
+def _channel_values(node: onnx.NodeProto, c: np.ndarray, shape: tuple, out_axis: int, n_out: int) -> np.ndarray:
+    """The restore_scale constant (broadcast against the weight) as one value per output channel; a constant that varies
+    along another axis has no per-channel form."""
+    full = np.moveaxis(np.broadcast_to(np.asarray(c, np.float64), shape), out_axis, 0).reshape(n_out, -1)
+    if full.size and np.any(full != full[:, :1]):
+        raise NoIntegerForm(f"{node_label(node)}: weight restore_scale is not one value per output channel",
+                            "restore_scale shape")
+    return full[:, 0] if full.size else np.ones(n_out)
 
 
 def as_conv(low: Lowerer, node: onnx.NodeProto, x: Codes, w: np.ndarray) -> tuple[onnx.NodeProto, Codes, bool]:
