@@ -212,8 +212,10 @@ class Case:
             if src is None:
                 raise RuntimeError(f"no QAT model ({self.recipe} insert failed)")
             out = self.work / f"{self.model.key}.{fmt}.onnx"
+            lo, hi = self.model.value_range  # one code per pixel step: 1/255 for 0..1 images, 1 for 0..255
             return onnxqat.fuse(str(src), str(out), format=fmt, verify_engine="onnxruntime",
-                                verify_data=self.real_images(), verify_samples=self.args.verify_samples)
+                                verify_data=self.real_images(), verify_samples=self.args.verify_samples,
+                                input_scale=(hi - lo) / 255 if lo == 0 else 1 / 255)
         return self.step(f"fuse {fmt}", run)
 
 

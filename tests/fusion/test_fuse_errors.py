@@ -121,3 +121,17 @@ def test_cli_fuse_writes_model_and_reports(tmp_path):
     assert "16 samples" in r.stdout
     fused = onnx.load(tmp_path / "m.int.onnx")
     assert all(n.domain == "" for n in fused.graph.node)
+
+
+def test_float_verify_data_beyond_the_input_codes_is_an_error():
+    """0..255 pixels given as float with the default input scale 1/255: clipped to code 255 they would compare the two
+    models on different images; the error names the range and the option. With --input-scale 1 they verify."""
+    from onnxqat.errors import DataError
+
+    qat = qm.conv_bn_sat()
+    x = np.random.default_rng(0).integers(0, 256, (8, 1, 8, 8)).astype(np.float32)
+    with pytest.raises(DataError, match=r"verify data for input 'input' spans \[0, 255\], beyond the 256 codes of "
+                                        r"input scale 0.00392157 \(\[0, 1\]\): give the scale of one input step"):
+        fuse(qat, verify_data=x)
+    res = fuse(qat, verify_data=x, input_scale=1.0, strict=True)
+    assert res.agreement.samples == 8 and res.agreement.max_code_diff == 0
