@@ -391,7 +391,8 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
             g = gbuf[:-1] / gbuf[-1] if gbuf[-1] != 1 else gbuf[:-1]
             if not np.all(np.isfinite(g)):
                 raise TrainingError(f"gradient is not finite at epoch {epoch + 1}, update {u + 1}: training stopped; "
-                                    f"last good checkpoint: {last_ckpt if last_ckpt.is_file() else 'none'}")
+                                    f"last good checkpoint: {last_ckpt if last_ckpt.is_file() else 'none'}"
+                                    f"{diverged_hint(initial, cfg.lr)}")
             lr, qlr = sched(step), qsched(step)
             solver.step(w, g, lr, qlr)  # the solver's update
             engine.set_flat(w)
@@ -415,7 +416,8 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
             loss, outs = engine.train_step(feeder(x, y, extras), np.random.default_rng(mask_key))
             if not math.isfinite(loss):
                 raise TrainingError(f"loss is {loss} at epoch {epoch + 1}, step {b + 1}: training stopped; last good "
-                                    f"checkpoint: {last_ckpt if last_ckpt.is_file() else 'none (first epoch)'}")
+                                    f"checkpoint: {last_ckpt if last_ckpt.is_file() else 'none (first epoch)'}"
+                                    f"{bad_input_hint(x) or diverged_hint(initial, cfg.lr)}")
             accum += 1
             if comm.size == 1 and (accum == cfg.iteration_size or b == n_batches - 1):
                 update(u)
@@ -516,6 +518,24 @@ CHECKSUM_EVERY = 100  # updates between two comparisons of the ranks' parameters
 # after epoch 1, a loss this many times the loss before training, or a top-1 this many points lower, is a warning
 WARN_LOSS_RATIO = 1.5
 WARN_TOP1_DROP = 5.0
+
+
+def bad_input_hint(x) -> str:
+    """After a non-finite loss: NaN/inf in the batch's (float) inputs, which no learning rate explains."""
+    x = np.asarray(x)
+    if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+        return f" (the batch holds {int(x.size - np.count_nonzero(np.isfinite(x)))} NaN/inf input value(s))"
+    return ""
+
+
+def diverged_hint(initial: dict | None, lr: float) -> str:
+    """After a non-finite loss: when the model as inserted had a finite loss, the updates made it diverge, and the
+    learning rate is the usual cause (measured: EfficientNet-B0 without BatchNorm, sat4's lr 0.05 from random
+    weights, inf at step 10)."""
+    if initial and math.isfinite(initial.get("loss", math.nan)):
+        return (f" (the model had a finite loss {initial['loss']:.4g} before training: the learning rate {lr:g} is "
+                f"likely too high; try a tenth of it)")
+    return ""
 
 
 def first_epoch_warning(initial: dict, loss: float, top1: float | None, lr: float) -> str | None:

@@ -156,11 +156,22 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     kw = dict(batch_size=32, validation=0.0, transforms=[], **QUIET)
     train(small_cnn(0), good, epochs=1, out=tmp_path / "r", **kw)
     before = (tmp_path / "r" / "checkpoint_last.npz").read_bytes()
-    with pytest.raises(TrainingError, match=r"loss is nan at epoch 2, step 1"):
+    with pytest.raises(TrainingError, match=r"loss is nan at epoch 2, step 1: .* \(the batch holds \d+ NaN/inf "
+                                            r"input value\(s\)\)$"):
         train(small_cnn(0), tmp_path / "bad.npz", epochs=2, out=tmp_path / "r", resume=True, **kw)
     assert (tmp_path / "r" / "checkpoint_last.npz").read_bytes() == before
     _, _, meta = load_checkpoint(tmp_path / "r" / "checkpoint_last.npz")
     assert meta["epoch"] == 1
+
+
+def test_divergence_names_the_learning_rate(tmp_path, npz):
+    """A model with a finite loss before training that reaches a non-finite loss or gradient: the error says the
+    learning rate is the likely cause."""
+    with pytest.raises(TrainingError, match=r"training stopped; last good checkpoint: .*\(the model had a finite "
+                                            r"loss [0-9.]+ before training: the learning rate 1e\+30 is likely too "
+                                            r"high; try a tenth of it\)"):
+        train(small_cnn(0), npz, epochs=3, batch_size=32, lr=1e30, validation=0.0, transforms=[],
+              out=tmp_path / "r", **QUIET)
 
 
 def test_bad_inputs(tmp_path, npz):
