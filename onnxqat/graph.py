@@ -38,12 +38,44 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
     try:
-        out = onnx.load(str(path))
+        out = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError, OSError ...
         raise ModelError(f"{path}: not an ONNX model ({type(exc).__name__})") from None
+    _load_external_data(out, path)
     if not out.graph.node:
         raise ModelError(f"{path}: not an ONNX model (no graph nodes)")
     return out
+
+
+def _load_external_data(m: onnx.ModelProto, path: Path) -> None:
+    """Tensors stored beside the model (external data): a missing or short file is named, not reported as a model
+    that is not ONNX."""
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    tensors = [t for t in _all_tensors(m) if uses_external_data(t)]
+    if not tensors:
+        return
+    for t in tensors:
+        info = {e.key: e.value for e in t.external_data}
+        data = path.parent / info.get("location", "")
+        if not data.is_file():
+            raise ModelError(f"{path}: the data of tensor '{t.name}' is in {data.name}, which is not beside the model "
+                             f"(copy {data.name} into {path.parent or '.'})")
+        end = int(info.get("offset", 0) or 0) + int(info.get("length", 0) or 0)
+        if end > data.stat().st_size:
+            raise ModelError(f"{path}: {data.name} holds {data.stat().st_size} bytes, tensor '{t.name}' needs bytes up "
+                             f"to {end} (a truncated copy?)")
+    try:
+        load_external_data_for_model(m, str(path.parent))
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot read its external data ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def _all_tensors(m: onnx.ModelProto):
+    from onnx.external_data_helper import _get_all_tensors
+
+    return list(_get_all_tensors(m))
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:

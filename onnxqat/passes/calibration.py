@@ -31,11 +31,19 @@ def load_calibration(data, input_names: list[str]) -> dict[str, np.ndarray]:
         arrays = {k: np.asarray(v) for k, v in dict(data).items()}
         where = "calibration data"
     if len(input_names) == 1 and len(arrays) == 1:
-        return {input_names[0]: next(iter(arrays.values()))}
-    missing = [n for n in input_names if n not in arrays]
-    if missing:
-        raise DataError(f"{where}: no array for model input '{missing[0]}' (arrays: {', '.join(arrays)})")
-    return {n: arrays[n] for n in input_names}
+        feeds = {input_names[0]: next(iter(arrays.values()))}
+    else:
+        missing = [n for n in input_names if n not in arrays]
+        if missing:
+            raise DataError(f"{where}: no array for model input '{missing[0]}' (arrays: {', '.join(arrays)})")
+        feeds = {n: arrays[n] for n in input_names}
+    for name, x in feeds.items():  # an empty or NaN batch would give every quantizer a NaN or default value
+        if x.ndim == 0 or x.shape[0] == 0:
+            raise DataError(f"{where}: the array for input '{name}' holds no sample (shape {list(x.shape)})")
+        if x.dtype.kind == "f" and not np.all(np.isfinite(x)):
+            bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+            raise DataError(f"{where}: the array for input '{name}' holds {bad} NaN/inf value(s)")
+    return feeds
 
 
 def collect(model: onnx.ModelProto, feeds: dict[str, np.ndarray], tensors: list[str]) -> dict[str, np.ndarray]:
@@ -70,7 +78,12 @@ def collect(model: onnx.ModelProto, feeds: dict[str, np.ndarray], tensors: list[
         results = [sess.run(tensors, feeds) for feeds in runs]
     except Exception as exc:
         raise DataError(f"calibration run failed: {str(exc).splitlines()[0]}") from None
-    return {t: np.concatenate([r[k] for r in results], axis=0) for k, t in enumerate(tensors)}
+    out = {t: np.concatenate([r[k] for r in results], axis=0) for k, t in enumerate(tensors)}
+    for t, v in out.items():
+        if v.dtype.kind == "f" and not np.all(np.isfinite(v)):
+            raise DataError(f"calibration: activation '{t}' is NaN/inf on this data (the float model overflows on "
+                            "it: check the data's scale)")
+    return out
 
 
 # ------------------------------------------------------------------ initial quantizer values from data

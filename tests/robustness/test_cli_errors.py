@@ -228,3 +228,61 @@ def test_insert_refuses_an_invalid_model(case, pattern, tmp_path):
     r = cli("insert", tmp_path / "bad.onnx", "-r", "sat4", "-o", tmp_path / "out.onnx")
     one_error_line(r, 1, pattern)
     assert not (tmp_path / "out.onnx").exists()
+
+
+def _conv_relu_gemm():
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Flatten", ["r"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "w2"], ["y"], name="fc", transB=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, ["N", 1, 8, 8])],
+                          [helper.make_tensor_value_info("y", 1, ["N", 3])],
+                          [numpy_helper.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "w"),
+                           numpy_helper.from_array(rng.standard_normal((3, 144)).astype(np.float32), "w2")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("missing", "ext.onnx: the data of tensor 'w' is in ext.data, which is not beside the model"),
+    ("truncated", "ext.onnx: ext.data holds 100 bytes, tensor 'w' needs bytes up to 144 (a truncated copy?)"),
+])
+def test_external_data_missing_or_truncated(case, pattern, tmp_path):
+    onnx.save(_conv_relu_gemm(), str(tmp_path / "ext.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="ext.data", size_threshold=0)
+    if case == "missing":
+        (tmp_path / "ext.data").unlink()
+    else:
+        with open(tmp_path / "ext.data", "r+b") as f:
+            f.truncate(100)
+    r = cli("insert", tmp_path / "ext.onnx", "-r", "sat4", "-o", tmp_path / "out.onnx")
+    one_error_line(r, 1, pattern)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_external_data_beside_the_model_loads(tmp_path):
+    onnx.save(_conv_relu_gemm(), str(tmp_path / "ext.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="ext.data", size_threshold=0)
+    r = cli("insert", tmp_path / "ext.onnx", "-r", "sat4", "-o", tmp_path / "out.onnx")
+    assert r.returncode == 0, r.stderr
+    assert {t.name for t in onnx.load(str(tmp_path / "out.onnx")).graph.initializer} >= {"w", "w2"}
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("nan", "calib.npz: the array for input 'x' holds 256 NaN/inf value(s)"),
+    ("empty", "calib.npz: the array for input 'x' holds no sample (shape [0, 1, 8, 8])"),
+    ("overflow", "calibration: activation 'r' is NaN/inf on this data (the float model overflows on it"),
+])
+def test_calibration_data_nan_empty_or_overflowing(case, pattern, tmp_path):
+    import numpy as np
+
+    onnx.save(_conv_relu_gemm(), str(tmp_path / "m.onnx"))
+    x = {"nan": np.full((4, 1, 8, 8), np.nan, np.float32), "empty": np.zeros((0, 1, 8, 8), np.float32),
+         "overflow": np.full((4, 1, 8, 8), 3e38, np.float32)}[case]
+    np.savez(tmp_path / "calib.npz", x=x)
+    r = cli("insert", tmp_path / "m.onnx", "-r", "sat4", "-o", tmp_path / "out.onnx",
+            "--calibration-data", tmp_path / "calib.npz")
+    one_error_line(r, 1, pattern)
+    assert not (tmp_path / "out.onnx").exists()
