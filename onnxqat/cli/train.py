@@ -35,6 +35,14 @@ def train_command(
                                                           "alpha/step.")] = None,
     quantizer_decay: Annotated[Optional[float], typer.Option("--quantizer-decay", help="Decay of quantizer "
                                                              "alpha/step.")] = None,
+    norm_decay: Annotated[Optional[float], typer.Option("--norm-decay", help="Decay of BatchNorm/LayerNorm scale and "
+                                                        "shift (default: --decay; 0 keeps decay off them).")] = None,
+    momentum_form: Annotated[Optional[str], typer.Option("--momentum-form", help="n2d2 (lr inside the momentum "
+                                                         "buffer, N2D2/Caffe; default) or pytorch (torch.optim.SGD); "
+                                                         "the same at a constant lr.")] = None,
+    calibration_data: Annotated[Optional[Path], typer.Option("--calibration-data", help="With --recipe: .npz/.npy "
+                                                             "batch from which insert sets the quantizers' initial "
+                                                             "alpha/step.")] = None,
     max_iterations: Annotated[Optional[int], typer.Option("--max-iterations", help="Stop after this many "
                                                           "updates.")] = None,
     limit_train: Annotated[Optional[int], typer.Option("--limit-train", help="Use the first N training "
@@ -77,7 +85,8 @@ def train_command(
     with one_line_errors():
         res = train(model, data, epochs=epochs, out=out, recipe=recipe, batch_size=batch_size, lr=lr,
                     momentum=momentum, decay=decay, lr_policy=lr_policy, warmup=warmup, iteration_size=iteration_size,
-                    quantizer_lr=quantizer_lr, quantizer_decay=quantizer_decay, solver=solver,
+                    quantizer_lr=quantizer_lr, quantizer_decay=quantizer_decay, norm_decay=norm_decay,
+                    momentum_form=momentum_form, calibration_data=calibration_data, solver=solver,
                     max_iterations=max_iterations, limit_train=limit_train, limit_test=limit_test,
                     validation=validation, resume=resume, init_from=init_from, seed=seed, threads=threads,
                     loss=loss, loss_outputs=tuple(loss_output or ()), distill=distill, teacher=teacher,

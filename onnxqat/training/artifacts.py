@@ -75,6 +75,7 @@ class TrainingPlan:
     trainable: list[str]
     quantizer_params: list[str]
     frozen: list[str]
+    norm_params: list[str] = field(default_factory=list)  # BatchNorm/LayerNorm scale and shift (norm_decay)
     dropouts: list[DropoutSite] = field(default_factory=list)
     uses_custom_ops: bool = False
     io: IOPlan | None = None
@@ -171,7 +172,7 @@ def plan_training(model: onnx.ModelProto, io: IOPlan | None = None) -> TrainingP
             seen += 1
         return name if name in inits else None
 
-    trainable, quant, frozen = [], [], []
+    trainable, quant, frozen, norm = [], [], [], []
 
     def add(lst, name):
         if name and name in inits and name not in lst and inits[name].data_type == TensorProto.FLOAT:
@@ -188,14 +189,17 @@ def plan_training(model: onnx.ModelProto, io: IOPlan | None = None) -> TrainingP
         elif n.op_type == "BatchNormalization":
             for i in (1, 2):
                 add(trainable, n.input[i])
+                add(norm, n.input[i])
             for i in (3, 4):
                 add(frozen, n.input[i])
         elif n.op_type == "LayerNormalization":
             for i in (1, 2):
                 if i < len(n.input):
                     add(trainable, n.input[i])
+                    add(norm, n.input[i])
     for name in _decomposed_layer_norm_params(g, inits, producers):
         add(trainable, name)
+        add(norm, name)
     trainable = [t for t in trainable if t not in quant]
     # only parameters the loss depends on (ORT refuses a parameter it cannot reach: a head the loss does not read)
     reach = {t.tensor for t in io.terms}
@@ -203,6 +207,7 @@ def plan_training(model: onnx.ModelProto, io: IOPlan | None = None) -> TrainingP
         if any(o in reach for o in n.output if o):
             reach.update(i for i in n.input if i)
     trainable, quant, frozen = ([t for t in lst if t in reach] for lst in (trainable, quant, frozen))
+    norm = [t for t in norm if t in trainable]
     dropouts = []
     shapes = _tensor_shapes(model) if any(n.op_type in ("Dropout",) for n in g.node) or io.terms else {}
     for n in g.node:
@@ -225,7 +230,8 @@ def plan_training(model: onnx.ModelProto, io: IOPlan | None = None) -> TrainingP
     num_classes = cls_dims[-1] if cls_dims and cls_dims[-1] else None
     return TrainingPlan(
         input_name=io.data_input, output_name=io.terms[0].tensor, input_shape=_dims(inputs[io.data_input]),
-        num_classes=num_classes, trainable=trainable, quantizer_params=quant, frozen=frozen, dropouts=dropouts,
+        num_classes=num_classes, trainable=trainable, quantizer_params=quant, frozen=frozen, norm_params=norm,
+        dropouts=dropouts,
         uses_custom_ops=any(n.domain == DOMAIN for n in g.node), io=io,
         input_shapes={k: _dims(v) for k, v in inputs.items()},
         input_types={k: helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type) for k, v in inputs.items()},

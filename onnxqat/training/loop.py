@@ -37,6 +37,8 @@ class TrainConfig:
     decay: float = 0.0
     quantizer_lr: float | None = None  # None: same as lr
     quantizer_decay: float | None = None  # None: same as decay
+    norm_decay: float | None = None  # BatchNorm/LayerNorm scale and shift; None: same as decay
+    momentum_form: str = "n2d2"  # "n2d2": lr inside the momentum buffer (Caffe); "pytorch": outside (torch SGD)
     lr_policy: str = "none"
     warmup: float = 0.0  # epochs (fractions allowed) of linear warmup
     step_size: float | None = None  # epochs between step decays (policy step); None: a third of the run
@@ -50,6 +52,9 @@ class TrainConfig:
         d.pop("threads")
         d.pop("eval_test")
         d.pop("epochs")  # a resumed run may ask for more epochs
+        for k, default in (("norm_decay", None), ("momentum_form", "n2d2")):  # runs from before these settings
+            if d[k] == default:
+                d.pop(k)
         return d
 
 
@@ -84,11 +89,14 @@ class Engine:
         self.module.train()
         self.all_params = list(self.state._state.parameter_names())
         self._probe_layout()
-        qset = set(self.plan.quantizer_params)
+        qset, nset = set(self.plan.quantizer_params), set(self.plan.norm_params)
         self.quant_mask = np.zeros(self.size, bool)
+        self.norm_mask = np.zeros(self.size, bool)
         for name, off, n, _ in self.layout:
             if name in qset:
                 self.quant_mask[off:off + n] = True
+            if name in nset:
+                self.norm_mask[off:off + n] = True
 
     def _probe_layout(self) -> None:
         """Finds each trainable parameter's place in ORT's contiguous buffer (its order is ORT's own)."""
@@ -311,7 +319,8 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
                         step_size, cfg.gamma)
     # quantizer floors from the model's own initial values (before any resume), so a resumed run clamps alike
     solver = Solver(cfg.solver, engine.size, engine.quant_mask, cfg.momentum, cfg.decay, cfg.quantizer_decay,
-                    quant_floor=quantizer_floor(engine.get_flat(), engine.quant_mask))
+                    quant_floor=quantizer_floor(engine.get_flat(), engine.quant_mask), norm_mask=engine.norm_mask,
+                    norm_decay=cfg.norm_decay, momentum_form=cfg.momentum_form)
 
     signature = {"config": cfg.signature(), "model": model_digest(model), "train_size": len(train_batches.ds),
                  "loss": [t.describe() for t in plan.io.terms]}

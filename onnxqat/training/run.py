@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from onnxqat.errors import DataError, ModelError
+from onnxqat.errors import DataError, ModelError, RecipeError
 from onnxqat.files import atomic_write_text
 from onnxqat.ops.schema import is_quantizer
 from onnxqat.training import artifacts as art
@@ -102,10 +102,10 @@ def _strip(model: onnx.ModelProto) -> onnx.ModelProto:
     return strip_quantizers(model) if has_quantizers(model) else model
 
 
-def _insert(model: onnx.ModelProto, recipe) -> onnx.ModelProto:
+def _insert(model: onnx.ModelProto, recipe, calibration_data=None) -> onnx.ModelProto:
     from onnxqat.passes.insert import insert
 
-    return insert(_strip(model), recipe)
+    return insert(_strip(model), recipe, calibration_data=calibration_data)
 
 
 def _normalisation(scale, mean, std, dtype) -> list:
@@ -144,6 +144,7 @@ def _train(model, data="fashion-mnist", *, epochs: int | None = None, out: str |
           recipe=None, batch_size: int | None = None, lr: float | None = None, momentum: float | None = None,
           decay: float | None = None, lr_policy: str | None = None, warmup: float | None = None,
           iteration_size: int | None = None, quantizer_lr: float | None = None, quantizer_decay: float | None = None,
+          norm_decay: float | None = None, momentum_form: str | None = None, calibration_data=None,
           solver: str | None = None, max_iterations: int | None = None, limit_train: int | None = None,
           limit_test: int | None = None, validation: float = 0.1, transforms=None, resume: bool = False,
           init_from=None, seed: int = 0, threads: int = 0, progress: bool = True, histograms: bool = True,
@@ -157,7 +158,10 @@ def _train(model, data="fashion-mnist", *, epochs: int | None = None, out: str |
     "name:weight" of the outputs the loss reads; distill / teacher (a float ONNX; default the model without its
     quantizers): targets from the float model; data_input: the input that takes the data; inputs: {name: value}
     for the other inputs; scale, mean, std: the input normalisation (x / scale - mean) / std; init_quantizers:
-    initialise uncalibrated activation quantizers from the first batches."""
+    initialise uncalibrated activation quantizers from the first batches. calibration_data: with `recipe`, insert's
+    calibration data (.npz/.npy or {input: array}) for the quantizers it inserts; norm_decay: weight decay of
+    BatchNorm/LayerNorm scale and shift (None: decay); momentum_form: "n2d2" (lr inside the momentum buffer) or
+    "pytorch"."""
     comm = world()
     if not comm.is_root:  # rank 0 speaks for the job
         log, progress = (lambda *_a, **_k: None), False
@@ -175,7 +179,8 @@ def _train(model, data="fashion-mnist", *, epochs: int | None = None, out: str |
     out = Path(out)
     explicit = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum, "decay": decay,
                 "lr_policy": lr_policy, "warmup": warmup, "iteration_size": iteration_size,
-                "quantizer_lr": quantizer_lr, "quantizer_decay": quantizer_decay, "solver": solver,
+                "quantizer_lr": quantizer_lr, "quantizer_decay": quantizer_decay, "norm_decay": norm_decay,
+                "momentum_form": momentum_form, "solver": solver,
                 "max_iterations": max_iterations, "seed": seed, "threads": threads, "eval_test": eval_test}
     teacher_model = _load_model(teacher) if teacher is not None else None
     objective = Objective(loss, tuple(loss_outputs or ()), bool(distill or teacher is not None), temperature,
@@ -252,6 +257,9 @@ def _train(model, data="fashion-mnist", *, epochs: int | None = None, out: str |
     stages: list[TrainResult] = []
     copied: set[str] = set()
     if rec is None:
+        if calibration_data is not None:
+            raise RecipeError("calibration_data (--calibration-data) is for the quantizers train inserts with a recipe "
+                              "(--recipe); this model is trained as it is")
         m = base
         if init_model is not None:
             m, c = art.copy_initializers(m, init_model)
@@ -278,12 +286,12 @@ def _train(model, data="fashion-mnist", *, epochs: int | None = None, out: str |
                 s1 = TrainResult(s1_out / "model.onnx", None, s1_out)
             else:
                 log(f"stage 1: recipe {getattr(prev_rec, 'name', prev)}")
-                s1 = run_stage(_insert(float_model, prev_rec), prev_rec, s1_out)
+                s1 = run_stage(_insert(float_model, prev_rec, calibration_data), prev_rec, s1_out)
                 s1_model = s1.trained
             stages.append(s1)
             float_model, c = art.copy_initializers(float_model, s1_model)
             log(f"stage 2: recipe {getattr(rec, 'name', recipe)} from stage 1's weights ({len(c)} tensors)")
-        m = _insert(float_model, rec)
+        m = _insert(float_model, rec, calibration_data)
         if init_model is not None:
             # learnable quantizer parameters (alpha/step) of a model quantized with the same names; never the
             # constants (mode, range...), which belong to this recipe (a clamp-phase model has mode 0)

@@ -21,8 +21,8 @@ _TRAIN_KEYS = {f.name for f in fields(TrainConfig)}
 _ALIASES = {"learning_rate": "lr", "learning_rate_policy": "lr_policy", "policy": "lr_policy",
             "weight_decay": "decay", "quant_lr": "quantizer_lr", "quant_decay": "quantizer_decay",
             "warmup_epochs": "warmup", "max_epochs": "epochs"}
-SHOWN = ("epochs", "batch_size", "iteration_size", "solver", "lr", "momentum", "decay", "quantizer_lr",
-         "quantizer_decay", "lr_policy", "warmup", "max_iterations", "transforms")
+SHOWN = ("epochs", "batch_size", "iteration_size", "solver", "lr", "momentum", "momentum_form", "decay", "norm_decay",
+         "quantizer_lr", "quantizer_decay", "lr_policy", "warmup", "max_iterations", "transforms")
 
 
 def train_table(table: dict, source: str = "<recipe>") -> dict:
@@ -79,6 +79,8 @@ CHECKS = {
     "decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
     "quantizer_lr": (lambda v: v is None or (_finite(v) and v >= 0), "a finite number >= 0"),
     "quantizer_decay": (lambda v: v is None or (_finite(v) and v >= 0), "a finite number >= 0"),
+    "norm_decay": (lambda v: v is None or (_finite(v) and v >= 0), "a finite number >= 0"),
+    "momentum_form": (lambda v: v in ("n2d2", "pytorch"), "n2d2 or pytorch"),
     "lr_policy": (lambda v: isinstance(v, str), "a string (none, cosine, step)"),
     "warmup": (lambda v: _finite(v) and v >= 0, "a finite number of epochs >= 0"),
     "step_size": (lambda v: v is None or (_finite(v) and v > 0), "a finite number of epochs > 0"),
@@ -137,7 +139,7 @@ def describe(cfg: TrainConfig, sources: dict[str, str], transforms_text: str) ->
         v = getattr(cfg, k)
         if k == "max_iterations" and v is None:
             continue
-        if v is None and k in ("quantizer_lr", "quantizer_decay"):
+        if v is None and k in ("quantizer_lr", "quantizer_decay", "norm_decay"):
             v = f"= {'lr' if k == 'quantizer_lr' else 'decay'}"
         elif isinstance(v, float):
             v = f"{v:g}"

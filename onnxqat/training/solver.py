@@ -4,13 +4,17 @@ ORT's own SGD has neither momentum nor decay (training notes), so the loop reads
 checkpoint state, updates a flat float32 copy of the trainable parameters here, and writes it back in one
 contiguous copy (Module.copy_buffer_to_parameters).
 
-SGD (N2D2/Caffe form, lr inside the momentum buffer):
+SGD, momentum_form "n2d2" (N2D2/Caffe, lr inside the momentum buffer):
     v <- momentum * v + lr * (g + decay * w);   w <- w - v
+SGD, momentum_form "pytorch" (torch.optim.SGD, lr outside it; the same steps at a constant lr, not under a schedule):
+    v <- momentum * v + (g + decay * w);        w <- w - lr * v
 AdamW (decoupled decay, PyTorch form):
     m <- b1 m + (1-b1) g;  s <- b2 s + (1-b2) g^2;  w <- w - lr * (m_hat / (sqrt(s_hat) + eps) + decay * w)
 
 Two parameter groups: ordinary parameters (lr, decay) and quantizer parameters (SAT alpha, LSQ step) with their own
-learning rate and decay (N2D2's QActSolver / QWeightSolver), both following the same policy.
+learning rate and decay (N2D2's QActSolver / QWeightSolver), both following the same policy. Normalization parameters
+(BatchNormalization and LayerNorm scale and shift) can have their own decay (norm_decay: 0 keeps weight decay off them,
+as the usual PyTorch recipes do; None: the decay of ordinary parameters).
 
 Quantizer parameters stay positive: after every update each quantizer element is clamped to its floor,
 max(QUANT_FLOOR_FRACTION * |initial value|, QUANT_FLOOR_MIN) (see quantizer_floor): a high quantizer learning rate can
@@ -32,6 +36,7 @@ import numpy as np
 from onnxqat.errors import RecipeError
 
 POLICIES = ("none", "cosine", "step")
+MOMENTUM_FORMS = ("n2d2", "pytorch")
 _POLICY_ALIASES = {"none": "none", "constant": "none", "cosine": "cosine", "cosinedecay": "cosine",
                    "cosine-decay": "cosine", "step": "step", "stepdecay": "step", "step-decay": "step"}
 
@@ -91,19 +96,24 @@ class Solver:
 
     def __init__(self, kind: str, size: int, quant_mask: np.ndarray | None = None, momentum: float = 0.9,
                  decay: float = 0.0, quantizer_decay: float | None = None, betas=(0.9, 0.999), eps: float = 1e-8,
-                 quant_floor: np.ndarray | float | None = None):
+                 quant_floor: np.ndarray | float | None = None, norm_mask: np.ndarray | None = None,
+                 norm_decay: float | None = None, momentum_form: str = "n2d2"):
         kind = str(kind).lower()
         if kind not in ("sgd", "adamw"):
             raise RecipeError(f"unknown solver {kind!r} (sgd, adamw)")
         if not 0.0 <= momentum < 1.0:
             raise RecipeError(f"momentum must be in [0, 1), got {momentum}")
-        if decay < 0 or (quantizer_decay is not None and quantizer_decay < 0):
+        if decay < 0 or any(d is not None and d < 0 for d in (quantizer_decay, norm_decay)):
             raise RecipeError("weight decay must be >= 0")
-        self.kind, self.size = kind, int(size)
+        if momentum_form not in MOMENTUM_FORMS:
+            raise RecipeError(f"unknown momentum_form {momentum_form!r} ({', '.join(MOMENTUM_FORMS)})")
+        self.kind, self.size, self.momentum_form = kind, int(size), momentum_form
         self.momentum, self.betas, self.eps = float(momentum), (float(betas[0]), float(betas[1])), float(eps)
         self.quant_mask = np.zeros(size, bool) if quant_mask is None else np.asarray(quant_mask, bool)
         qd = decay if quantizer_decay is None else quantizer_decay
         self.decay_vec = np.where(self.quant_mask, np.float32(qd), np.float32(decay)).astype(np.float32)
+        if norm_mask is not None and norm_decay is not None:
+            self.decay_vec[np.asarray(norm_mask, bool) & ~self.quant_mask] = np.float32(norm_decay)
         self.has_quant = bool(self.quant_mask.any())
         self.quant_idx = np.nonzero(self.quant_mask)[0] if quant_floor is not None else np.zeros(0, np.int64)
         self.quant_floor = np.broadcast_to(np.asarray(quant_floor if quant_floor is not None else 0, np.float32),
@@ -129,12 +139,16 @@ class Solver:
         self.t += 1
         if self.kind == "sgd":
             d = g + self.decay_vec * w
-            if self.momentum:
+            if not self.momentum:
+                w -= lrv * d
+            elif self.momentum_form == "pytorch":
+                self.buf *= np.float32(self.momentum)
+                self.buf += d
+                w -= lrv * self.buf
+            else:
                 self.buf *= np.float32(self.momentum)
                 self.buf += lrv * d
                 w -= self.buf
-            else:
-                w -= lrv * d
             return
         b1, b2 = self.betas
         self.buf *= np.float32(b1)

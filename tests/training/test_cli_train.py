@@ -74,3 +74,24 @@ def test_kill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, lenet_file):
     a, b = _inits(tmp_path / "full" / "model.onnx"), _inits(cut / "model.onnx")
     for n in a:
         np.testing.assert_array_equal(a[n], b[n], err_msg=n)
+
+
+def test_cli_solver_options_reach_the_settings(tmp_path):
+    """--norm-decay, --momentum-form and a bad --momentum-form from the command line (the settings log names the
+    source; a bad value is one line)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_helpers import small_cnn, synthetic_npz
+
+    onnx.save(small_cnn(0, bn=True), str(tmp_path / "m.onnx"))
+    npz = synthetic_npz(tmp_path / "d.npz", 64)
+    base = ["--data", npz, "--epochs", "1", "--batch-size", "32", "--validation", "0", "--no-progress", "--threads", "1"]
+    cmd, env = _cmd(tmp_path / "m.onnx", *base, "--out", tmp_path / "a", "--norm-decay", "0", "--momentum-form",
+                    "pytorch")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert "  norm_decay 0 (command line)" in r.stderr and "  momentum_form pytorch (command line)" in r.stderr
+    cmd, env = _cmd(tmp_path / "m.onnx", *base, "--out", tmp_path / "b", "--momentum-form", "keras")
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("onnxqat: error: train setting momentum_form = 'keras' (command line): "
+                                                 "must be n2d2 or pytorch")

@@ -223,3 +223,77 @@ def test_max_iterations_adamw_warmup(tmp_path, npz):
     res2 = train(small_cnn(0), npz, epochs=1, out=tmp_path / "it2", batch_size=32, iteration_size=3,
                  validation=0.0, transforms=[], **QUIET)
     assert res2.metrics[0]["iterations"] == 3  # 8 batches in groups of 3: 3 updates (the last one of 2 batches)
+
+
+def test_pytorch_momentum_form_under_cosine_matches_numpy(tmp_path):
+    """momentum_form="pytorch" through the training loop (ORT gradients) with a cosine schedule, against closed-form
+    gradients and torch.optim.SGD's update written out in numpy."""
+    import math
+
+    rng = np.random.default_rng(0)
+    n, k = 32, 4
+    x = rng.standard_normal((n, 3, 4, 1)).astype(np.float32)
+    y = rng.integers(0, k, n)
+    model = linear_model(12, k)
+    lr, mom, dec, steps = 0.2, 0.9, 0.01, 6
+    cfg = TrainConfig(epochs=steps, batch_size=n, lr=lr, momentum=mom, decay=dec, seed=0, threads=1, eval_test=False,
+                      lr_policy="cosine", momentum_form="pytorch")
+    from onnxqat.training.transforms import Compose
+
+    res = fit(model, cfg, Batches(Dataset(x, y, "lin"), n, Compose([])), None, None, tmp_path, progress=False,
+              log=lambda *_: None)
+    W = numpy_helper.to_array(model.graph.initializer[0]).astype(np.float64)
+    b = numpy_helper.to_array(model.graph.initializer[1]).astype(np.float64)
+    X, Y = x.reshape(n, -1).astype(np.float64), np.eye(k)[y]
+    vW, vb = np.zeros_like(W), np.zeros_like(b)
+    for t in range(steps):
+        z = X @ W.T + b
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        d = (p - Y) / n
+        gW, gb = d.T @ X, d.sum(0)
+        lr_t = lr * (1 + math.cos(math.pi * t / steps)) / 2
+        vW = mom * vW + (gW + dec * W)
+        vb = mom * vb + (gb + dec * b)
+        W, b = W - lr_t * vW, b - lr_t * vb
+    np.testing.assert_allclose(res.params["fc.weight"], W, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(res.params["fc.bias"], b, rtol=2e-5, atol=2e-6)
+
+
+def test_norm_decay_keeps_decay_off_batchnorm(tmp_path, npz):
+    """plan_training lists BatchNorm's scale and B as normalization parameters. Two runs with a large decay, one with
+    norm_decay=0: only the other shrinks BN's scale (from 1)."""
+    from onnxqat.training import artifacts as art
+
+    plan = art.plan_training(small_cnn(0, bn=True))
+    assert plan.norm_params == ["bn.scale", "bn.B"]
+    kw = dict(epochs=2, batch_size=32, lr=0.05, momentum=0.0, decay=2.0, validation=0.0, transforms=[], **QUIET)
+    off = train(small_cnn(0, bn=True), npz, out=tmp_path / "off", norm_decay=0.0, **kw)
+    on = train(small_cnn(0, bn=True), npz, out=tmp_path / "on", **kw)
+    s_off = _inits(off.model_path)["bn.scale"]
+    s_on = _inits(on.model_path)["bn.scale"]
+    # decay 2 at lr 0.05 multiplies a parameter by 0.9 each update, 0.9^16 = 0.19 (2 epochs of 8 updates)
+    assert np.all(s_on < 0.5) and np.all(np.abs(s_off - 1.0) < 0.5), (s_on, s_off)
+
+
+def test_train_recipe_with_calibration_data(tmp_path, npz):
+    """train --recipe --calibration-data: the quantizers train inserts start where insert --calibration-data puts
+    them (lr 0: the trained model holds the initial values); without a recipe the option is refused."""
+    import warnings
+
+    from onnxqat.errors import RecipeError
+    from onnxqat.passes.insert import insert
+
+    calib = np.random.default_rng(3).uniform(0, 4, (16, 1, 6, 6)).astype(np.float32)  # unlike the training data
+    np.savez(tmp_path / "calib.npz", input=calib)
+    r = train(small_cnn(0), npz, recipe="lsq4", calibration_data=tmp_path / "calib.npz", epochs=1, batch_size=32,
+              lr=0.0, quantizer_lr=0.0, out=tmp_path / "r", validation=0.0, transforms=[], **QUIET)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = insert(small_cnn(0), "lsq4", calibration_data={"input": calib})
+        uncalibrated = insert(small_cnn(0), "lsq4")
+    got, want, unc = _inits(r.model_path), {t.name: numpy_helper.to_array(t) for t in want.graph.initializer}, \
+        {t.name: numpy_helper.to_array(t) for t in uncalibrated.graph.initializer}
+    assert got["relu_aquant.step"] == want["relu_aquant.step"] != unc["relu_aquant.step"]
+    with pytest.raises(RecipeError, match="calibration_data .* is for the quantizers train inserts with a recipe"):
+        train(small_cnn(0), npz, calibration_data=tmp_path / "calib.npz", epochs=1, out=tmp_path / "x", **QUIET)

@@ -69,3 +69,47 @@ def test_state_round_trip_and_errors():
         Solver("rmsprop", 3)
     with pytest.raises(RecipeError):
         Solver("sgd", 3, momentum=1.5)
+
+
+@pytest.mark.parametrize("form", ["n2d2", "pytorch"])
+def test_momentum_forms_under_a_changing_lr(form):
+    """n2d2: v = m v + lr (g + d w), w -= v; pytorch: v = m v + (g + d w), w -= lr v. Equal at a constant lr,
+    different when lr changes (cosine): checked against float64 loops written out here."""
+    rng = np.random.default_rng(1)
+    w0 = rng.standard_normal(5).astype(np.float32)
+    s = Solver("sgd", 5, momentum=0.9, decay=0.01, momentum_form=form)
+    w, ref, v = w0.copy(), w0.astype(np.float64), np.zeros(5)
+    lrs = [0.1, 0.08, 0.05, 0.02, 0.005]
+    for lr in lrs:
+        g = rng.standard_normal(5).astype(np.float32)
+        s.step(w, g, lr=lr)
+        d = g + 0.01 * ref
+        if form == "n2d2":
+            v = 0.9 * v + lr * d
+            ref = ref - v
+        else:
+            v = 0.9 * v + d
+            ref = ref - lr * v
+    np.testing.assert_allclose(w, ref, rtol=1e-5, atol=1e-6)
+    other = Solver("sgd", 5, momentum=0.9, decay=0.01, momentum_form="pytorch" if form == "n2d2" else "n2d2")
+    w2, rng = w0.copy(), np.random.default_rng(1)
+    rng.standard_normal(5)
+    for lr in lrs:
+        other.step(w2, rng.standard_normal(5).astype(np.float32), lr=lr)
+    assert np.max(np.abs(w2 - w)) > 1e-3  # the forms differ under a schedule
+
+
+def test_norm_decay_applies_to_normalization_elements_only():
+    mask_q = np.array([0, 0, 0, 0, 1, 0], bool)
+    mask_n = np.array([0, 0, 1, 1, 0, 0], bool)
+    s = Solver("sgd", 6, mask_q, momentum=0.0, decay=0.1, quantizer_decay=0.0, norm_mask=mask_n, norm_decay=0.0)
+    assert s.decay_vec.tolist() == pytest.approx([0.1, 0.1, 0.0, 0.0, 0.0, 0.1])
+    w = np.ones(6, np.float32)
+    s.step(w, np.zeros(6, np.float32), lr=1.0)
+    assert w.tolist() == pytest.approx([0.9, 0.9, 1.0, 1.0, 1.0, 0.9])
+    same = Solver("sgd", 6, mask_q, momentum=0.0, decay=0.1, norm_mask=mask_n, norm_decay=None)
+    assert same.decay_vec.tolist() == pytest.approx([0.1] * 6)
+    with pytest.raises(RecipeError, match="momentum_form"):
+        Solver("sgd", 6, momentum_form="keras")
+    with pytest.raises(RecipeError, match="weight decay must be >= 0"):
+        Solver("sgd", 6, norm_decay=-1.0)
