@@ -29,6 +29,7 @@ from onnxqat.errors import RecipeError
 
 METHODS = ("sat", "lsq")
 SAT_MODES = ("clamp", "quantize", "symmetric")
+RESTORE_SCALE_MODES = ("always", "auto", "never")
 WEIGHTED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 MAX_RANGE = 65535  # 16 bits
 
@@ -42,12 +43,20 @@ class WeightSettings:
     range: int = 15  # R = 2^bits - 1
     mode: str = "quantize"  # SAT: clamp | quantize | symmetric
     apply_scaling: bool = False  # SAT ApplyScaling (fan-out from the layer)
-    # SAT without ApplyScaling where no BatchNormalization follows (a BN-folded export, LeNet): the quantized weights
-    # times a constant per output channel (least squares on the float weights), so that the layer keeps its scale
-    restore_scale: bool = True
+    # SAT without ApplyScaling: the quantized weights times a constant per output channel (least squares on the float
+    # weights), so that each layer keeps its scale: "auto" (only where no BatchNormalization follows: BN folded by the
+    # exporter, whose scale DoReFa's [-1, 1] levels would lose), "always", "never" (N2D2's graph); true = "always",
+    # false = "never"
+    restore_scale: str | bool = "auto"
     per_channel: bool = False  # LSQ: one step per output channel
     step: float | None = None  # LSQ initial step; None = from the weights, as step_init says
     step_init: str = "paper"  # LSQ step from the weights: paper 2*mean|W|/sqrt(Qp), max max|W|/Qp, mse least error
+
+    @property
+    def restore_scale_mode(self) -> str:
+        if isinstance(self.restore_scale, bool):
+            return "always" if self.restore_scale else "never"
+        return self.restore_scale
 
 
 @dataclass(frozen=True)
@@ -91,7 +100,8 @@ WEIGHT_KEYS = {
     **_COMMON_KEYS,
     "mode": ((str,), lambda v: v in SAT_MODES, f"one of {', '.join(SAT_MODES)}"),
     "apply_scaling": ((bool,), None, ""),
-    "restore_scale": ((bool,), None, ""),
+    "restore_scale": ((str, bool), lambda v: isinstance(v, bool) or v in RESTORE_SCALE_MODES,
+                      f"true, false or one of {', '.join(RESTORE_SCALE_MODES)}"),
     "per_channel": ((bool,), None, ""),
     "step": ((int, float), _positive, "finite, > 0 and <= 1e30"),
     "step_init": ((str,), lambda v: v in ("paper", "max", "mse"), "one of paper, max, mse"),

@@ -174,9 +174,9 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
         )
         if ws.method == "sat":
             restore = None
-            if ws.restore_scale and not ws.apply_scaling and not _batchnorm_follows(index, node):
+            mode = ws.restore_scale_mode
+            if not ws.apply_scaling and (mode == "always" or mode == "auto" and not _batchnorm_follows(index, node)):
                 restore = w_pass.sat_restore_scale(index, layer, ws)
-                common["notes"] = notes + ("scale restored: no BatchNormalization follows",)
             entry = PlanEntry(
                 op_type="SatWeightQuant", mode=ws.mode, fan_out=layer.fan_out if ws.apply_scaling else 0,
                 restore_scale=restore, **common

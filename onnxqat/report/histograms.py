@@ -1,7 +1,8 @@
 """Per-layer weight-distribution pictures (N2D2's `<layer>_weights_quant.distrib.png`), drawn with Pillow.
 
 For each Conv/ConvTranspose/Gemm/MatMul weight: a histogram of the float weights and, when a weight quantizer
-feeds the layer, of the quantized weights (computed with the numpy reference of the op) on the same axes.
+feeds the layer, of the quantized weights (computed with the numpy reference of the op, times SAT's restore_scale) on
+the same axes.
 Quantized weights take few distinct values, so they are drawn as bars at those values.
 """
 
@@ -13,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxqat.ops.schema import DOMAIN
+from onnxqat.ops.schema import DOMAIN, is_scale_restore
 
 W, H = 640, 400
 ML, MR, MT, MB = 60, 20, 36, 44
@@ -49,8 +50,13 @@ def weight_tensors(model: onnx.ModelProto) -> list[tuple[str, np.ndarray, np.nda
         src = n.input[1]
         q = None
         p = producers.get(src)
+        restore = None
+        if p is not None and is_scale_restore(p) and p.input[1] in inits:  # Wq times its restore_scale constant
+            restore, p = inits[p.input[1]], producers.get(p.input[0])
         if p is not None and p.domain == DOMAIN:
             q = _quantized(p, inits)
+            if q is not None and restore is not None:
+                q = (q * restore).astype(np.float32)
             src = p.input[0]
         if src in inits and inits[src].dtype == np.float32:
             out.append((n.name or src, inits[src], q))

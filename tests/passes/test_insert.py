@@ -68,8 +68,8 @@ def test_resblock_sat4_placement():
     qs = quantizers(q)
     assert Counter(n.op_type for n in qs) == {"SatWeightQuant": 6, "SatActQuant": 5}
     nodes = by_name(q)
-    # weight quantizers: <layer>_wquant, input the weight, output <weight>_q on the layer's weight port; where no
-    # BatchNormalization follows and no ApplyScaling, Mul(<weight>_q, <layer>_wquant.restore_scale) -> <weight>_qs
+    # weight quantizers: <layer>_wquant, input the weight, output <weight>_q on the layer's weight port; without
+    # ApplyScaling and BatchNormalization after the layer, Mul(<weight>_q, <layer>_wquant.restore_scale) -> <weight>_qs
     restored = {"Conv_4", "Conv_6", "Conv_10", "ConvTranspose_12"}
     for layer, w in [("Conv_0", "w0"), ("Conv_4", "w1"), ("Conv_6", "w2"), ("Conv_10", "w3"),
                      ("ConvTranspose_12", "wt"), ("MatMul_16", "wm")]:
@@ -110,6 +110,20 @@ def test_resblock_sat4_placement():
     meta = {p.key: p.value for p in q.metadata_props}
     assert meta["onnxqat.recipe"] == "sat4" and 'name = "sat4"' in meta["onnxqat.recipe_toml"]
     assert any(o.domain == DOMAIN and o.version == 1 for o in q.opset_import)
+
+
+@pytest.mark.parametrize("value,restored", [
+    ('"always"', {"Conv_0", "Conv_4", "Conv_6", "Conv_10", "ConvTranspose_12"}), ("true", None),
+    ('"auto"', {"Conv_4", "Conv_6", "Conv_10", "ConvTranspose_12"}),  # Conv_0: a BatchNormalization follows
+    ('"never"', set()), ("false", set()),
+])
+def test_restore_scale_modes(value, restored):
+    base = open(Path(__file__).parents[2] / "recipes" / "sat4.toml").read()
+    q = insert(resblock(), parse_recipe(base.replace("[weights]", f"[weights]\nrestore_scale = {value}", 1)))
+    got = {n.name[: -len("_wquant_restore")] for n in q.graph.node if n.name.endswith("_wquant_restore")}
+    assert got == (restored if restored is not None else {"Conv_0", "Conv_4", "Conv_6", "Conv_10",
+                                                          "ConvTranspose_12"})
+    assert all(n.op_type == "Mul" for n in q.graph.node if n.name.endswith("_wquant_restore"))
 
 
 def test_resblock_lsq4_placement_and_init():
@@ -279,7 +293,8 @@ class _nullcontext:
 
 def test_sat_weights_only_matches_numpy_reference():
     """sat4-weights: the graph must equal the float graph with every weight replaced by sat_weight_forward(W), times
-    its least-squares restore_scale per output channel where no BatchNormalization follows (w0 has one, wm ApplyScaling)."""
+    its least-squares restore_scale per output channel where no BatchNormalization follows (w0 has one, wm
+    ApplyScaling)."""
     m = resblock()
     q = insert(m, "sat4-weights")
     expected_model = onnx.ModelProto()

@@ -85,9 +85,10 @@ def test_zoo_valid_output_and_counts(name, recipe):
     ops = Counter((n.domain, n.op_type) for n in q.graph.node)
     if r.weights.method == "sat":
         assert ops[(DOMAIN, "SatWeightQuant")] == weighted
-        # a restore_scale Mul on every Conv whose output no BatchNormalization reads (Gemm/MatMul: ApplyScaling instead)
+        # a restore_scale Mul on every Conv whose output no BatchNormalization reads ("auto"; Gemm/MatMul have
+        # ApplyScaling instead)
         bn_in = {n.input[0] for n in m.graph.node if n.op_type == "BatchNormalization"}
-        want = sum(1 for n in m.graph.node if n.op_type == "Conv" and n.output[0] not in bn_in)
+        want = sum(1 for n in m.graph.node if n.op_type in ("Conv", "ConvTranspose") and n.output[0] not in bn_in)
         restores = [n for n in q.graph.node if n.op_type == "Mul" and n.name.endswith("_wquant_restore")]
         assert len(restores) == want
         ops[("", "Mul")] -= len(restores)
