@@ -44,7 +44,107 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     _load_external_data(out, path)
     if not out.graph.node:
         raise ModelError(f"{path}: not an ONNX model (no graph nodes)")
+    check_tensor_sizes(out, str(path))
+    check_quantizer_nodes(out, str(path))
     return out
+
+
+_ELEMENT_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+
+
+def check_tensor_sizes(m: onnx.ModelProto, where: str = "model") -> None:
+    """Every initializer (and Constant value) holds as many elements as its dims claim: a tampered or truncated file
+    (dims 2^31 x 2^31 over 16 bytes of data) is a ModelError here, not a numpy reshape error in whichever pass reads
+    it first. External-data tensors are checked when their file is read."""
+    from onnx.external_data_helper import uses_external_data
+
+    tensors = list(m.graph.initializer) + [a.t for n in m.graph.node if n.op_type == "Constant" for a in n.attribute
+                                           if a.type == onnx.AttributeProto.TENSOR]
+    for t in tensors:
+        if uses_external_data(t) and not t.raw_data:
+            continue
+        n = 1
+        for d in t.dims:
+            if d < 0:
+                raise ModelError(f"{where}: tensor '{t.name}' has a negative dimension {list(t.dims)}")
+            n *= d
+        if t.raw_data:
+            try:
+                item = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+            except Exception:
+                continue  # a type numpy has no itemsize for (string ...): left to the reader
+            have, need = len(t.raw_data), n * item
+        else:
+            have = max((len(getattr(t, f)) for f in _ELEMENT_FIELDS), default=0)
+            need = n
+            if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128):
+                need = 2 * n
+            if have == 0 and n == 0:
+                continue
+            if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.UINT8,
+                               onnx.TensorProto.INT8, onnx.TensorProto.UINT16, onnx.TensorProto.INT16,
+                               onnx.TensorProto.BOOL):
+                continue  # packed in int32_data with type-dependent rules: left to the reader
+        if have != need:
+            raise ModelError(f"{where}: tensor '{t.name}' claims shape {list(t.dims)} ({n} elements) but holds "
+                             f"{have} {'bytes' if t.raw_data else 'values'} (a tampered or truncated file?)")
+
+
+# per quantizer input: (element type, check, what it must be); the data input (index 0) is not checked
+_PARAM_RULES = {
+    "range": (onnx.TensorProto.FLOAT, lambda a: a.size == 1 and np.isfinite(a).all() and 1 <= a.item() <= 65535,
+              "a float32 scalar in [1, 65535]"),
+    "mode": (onnx.TensorProto.INT64, lambda a: a.size == 1 and int(a.item()) in (0, 1, 2),
+             "an int64 scalar 0 (clamp), 1 (quantize) or 2 (symmetric)"),
+    "scale_fan_out": (onnx.TensorProto.INT64, lambda a: a.size == 1 and a.item() >= 0, "an int64 scalar >= 0"),
+    "alpha": (onnx.TensorProto.FLOAT, lambda a: a.size == 1 and np.isfinite(a).all() and a.item() > 0,
+              "a float32 scalar, finite and > 0"),
+    "step": (onnx.TensorProto.FLOAT, lambda a: a.size >= 1 and np.isfinite(a).all() and (a > 0).all(),
+             "float32, finite and > 0"),
+    "signed": (onnx.TensorProto.INT64, lambda a: a.size == 1 and int(a.item()) in (0, 1), "an int64 scalar 0 or 1"),
+    "grad_scale": (onnx.TensorProto.FLOAT, lambda a: a.size == 1 and np.isfinite(a).all(), "a finite float32 scalar"),
+    "axis": (onnx.TensorProto.INT64, lambda a: a.size == 1, "an int64 scalar"),
+}
+
+
+def check_quantizer_nodes(m: onnx.ModelProto, where: str = "model") -> None:
+    """Every com.onnxqat quantizer node of a (possibly hand-edited) QAT model has its inputs, each parameter a
+    constant of the type and range the op takes: one ModelError naming the node and the input, not a KeyError or an
+    onnxruntime type error from whichever command reads it."""
+    from onnxqat.ops.schema import signature
+
+    quantizers = [n for n in m.graph.node if n.domain == DOMAIN]
+    if not quantizers:
+        return
+    consts = {t.name: t for t in m.graph.initializer}
+    for n in m.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    consts[n.output[0]] = a.t
+    for q in quantizers:
+        label = f"{where}: quantizer {q.op_type} '{q.name or q.output[0]}'"
+        try:
+            sig = signature(q.op_type)
+        except KeyError:
+            raise ModelError(f"{label}: unknown op type in domain {DOMAIN}") from None
+        if len(q.input) < len(sig.inputs) or not all(q.input[:len(sig.inputs)]):
+            raise ModelError(f"{label}: has {len([i for i in q.input if i])} input(s), the op takes "
+                             f"{len(sig.inputs)} ({', '.join(sig.inputs)})")
+        for name, tensor in zip(sig.inputs[1:], q.input[1:]):
+            rule = _PARAM_RULES[name]
+            t = consts.get(tensor)
+            if t is None:
+                raise ModelError(f"{label}: input {name} ('{tensor}') is not a constant of the model (missing "
+                                 "initializer?)")
+            if t.data_type != rule[0]:
+                raise ModelError(f"{label}: input {name} ('{tensor}') is "
+                                 f"{onnx.TensorProto.DataType.Name(t.data_type).lower()}, must be {rule[2]}")
+            value = numpy_helper.to_array(t)
+            if not rule[1](value):
+                shown = value.reshape(-1)[:4].tolist()
+                raise ModelError(f"{label}: input {name} ('{tensor}') = {shown if value.size > 1 else shown[0]}, "
+                                 f"must be {rule[2]}")
 
 
 def _load_external_data(m: onnx.ModelProto, path: Path) -> None:

@@ -129,9 +129,15 @@ def draw_histogram(name: str, w: np.ndarray, q: np.ndarray | None, path: str | P
         x -= 8 * len(label) + 24
         d.rectangle([x, 10, x + 12, 22], fill=rgb)
         d.text((x + 16, 8), label, fill=(0, 0, 0), font=font)
+    import io
+
+    from onnxqat.files import atomic_write_bytes
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    png = io.BytesIO()  # written whole or not at all: a full disk or a kill leaves no 0-byte picture
+    img.save(png, format="PNG")
+    atomic_write_bytes(path, png.getvalue())
     return path
 
 

@@ -149,8 +149,11 @@ class Engine:
                 out[d.mask_input] = keep.astype(np.float32) * np.float32(1.0 / (1.0 - d.ratio))
         return out
 
-    def _run(self, names, feeds: dict) -> tuple[float, list[np.ndarray]]:
-        out = self.module(*[feeds[n] for n in names])
+    def _run(self, names, feeds: dict, what: str) -> tuple[float, list[np.ndarray]]:
+        try:
+            out = self.module(*[feeds[n] for n in names])
+        except Exception as exc:  # ORT's message names op, node and problem: one line of it, not a C++ trace
+            raise TrainingError(f"onnxruntime failed in {what} step: {art.ort_error_line(exc)}") from None
         out = out if isinstance(out, (list, tuple)) else [out]
         return float(out[0]), list(out[1:])
 
@@ -158,12 +161,12 @@ class Engine:
         """One forward-backward pass (gradients accumulate in ORT's buffers); (loss, the returned loss tensors)."""
         self.module.train()
         n = next(iter(feeds.values())).shape[0]
-        return self._run(self.train_inputs, {**feeds, **self.masks(n, mask_rng)})
+        return self._run(self.train_inputs, {**feeds, **self.masks(n, mask_rng)}, "a training")
 
     def eval_step(self, feeds: dict) -> tuple[float, list[np.ndarray]]:
         self.module.eval()
         n = next(iter(feeds.values())).shape[0]
-        return self._run(self.eval_inputs, {**feeds, **self.masks(n, None)})
+        return self._run(self.eval_inputs, {**feeds, **self.masks(n, None)}, "an evaluation")
 
     def correct(self, outputs: list[np.ndarray], y) -> int | None:
         """Top-1 hits of a batch: argmax of the classifier tensor against the labels (None: no labels or classifier)."""
@@ -281,6 +284,14 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
         raise DataError(f"the training set has {len(train_batches.ds)} samples, fewer than one batch "
                         f"({train_batches.batch_size}): lower the batch size or give more data")
     plan = art.plan_training(model, io)
+    dims = plan.input_shapes.get(plan.input_name)
+    fixed = {plan.input_name: dims[0]} if dims and isinstance(dims[0], int) and dims[0] > 0 else {}
+    for name, b in fixed.items():
+        sizes = {train_batches.batch_size} | {x.batch_size for x in (val_batches, test_batches) if x is not None}
+        if sizes != {b} or any(x is not None and len(x.ds) % b for x in (train_batches, val_batches, test_batches)):
+            raise DataError(f"the model's input '{name}' has a fixed batch size of {b}: train with --batch-size {b} "
+                            f"(and data sets that are whole batches of {b}), or re-export the model with a dynamic "
+                            "batch dimension")
     teacher = None
     if plan.io.needs_teacher:
         from onnxqat.training.teacher import Teacher

@@ -63,17 +63,19 @@ class TrainResult:
 
 
 def _load_model(model) -> onnx.ModelProto:
+    """The model (not copied when given as a ModelProto: train never edits it), its tensors and quantizer nodes
+    checked (graph.load_model)."""
+    from onnxqat.graph import check_quantizer_nodes, check_tensor_sizes, load_model
+
     if isinstance(model, onnx.ModelProto):
+        check_tensor_sizes(model)
+        check_quantizer_nodes(model)
         return model
     if not isinstance(model, (str, os.PathLike)):
         raise ModelError(f"model must be a path or an onnx.ModelProto, got {type(model).__name__}")
-    p = Path(model)
-    if not p.is_file():
-        raise ModelError(f"model not found: {p}")
-    try:
-        return onnx.load(str(p))
-    except Exception as exc:
-        raise ModelError(f"{p}: not a readable ONNX model ({exc.__class__.__name__})") from None
+    if not Path(model).is_file():
+        raise ModelError(f"model not found: {Path(model)}")
+    return load_model(model)
 
 
 def has_quantizers(model: onnx.ModelProto) -> bool:

@@ -286,3 +286,81 @@ def test_calibration_data_nan_empty_or_overflowing(case, pattern, tmp_path):
             "--calibration-data", tmp_path / "calib.npz")
     one_error_line(r, 1, pattern)
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_tensor_claiming_more_elements_than_it_holds(tmp_path):
+    m = _conv_relu_gemm()
+    t = m.graph.initializer[0]
+    del t.dims[:]
+    t.dims.extend([2**31, 2**31])
+    t.ClearField("float_data")
+    t.raw_data = b"\0" * 16
+    onnx.save(m, str(tmp_path / "huge.onnx"))
+    want = ("huge.onnx: tensor 'w' claims shape [2147483648, 2147483648] (4611686018427387904 elements) but holds 16 "
+            "bytes (a tampered or truncated file?)")
+    one_error_line(cli("insert", tmp_path / "huge.onnx", "-r", "sat4", "-o", tmp_path / "o.onnx"), 1, want)
+    one_error_line(cli("inspect", tmp_path / "huge.onnx"), 1, want)
+    one_error_line(cli("fuse", tmp_path / "huge.onnx", "-o", tmp_path / "o.onnx"), 1, want)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def _tampered(case: str) -> onnx.ModelProto:
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    import onnxqat
+
+    q = onnxqat.insert(_conv_relu_gemm(), "sat4")
+    if case == "mode 9":
+        for t in q.graph.initializer:
+            if t.name == "conv_wquant.mode":
+                t.CopyFrom(numpy_helper.from_array(np.array(9, np.int64), t.name))
+    elif case == "range as a string":
+        for t in q.graph.initializer:
+            if t.name == "conv_wquant.range":
+                t.CopyFrom(helper.make_tensor(t.name, TensorProto.STRING, [], [b"15"]))
+    elif case == "too few inputs":
+        del next(n for n in q.graph.node if n.name == "conv_wquant").input[2:]
+    else:  # the alpha initializer removed
+        keep = [t for t in q.graph.initializer if t.name != "relu_aquant.alpha"]
+        del q.graph.initializer[:]
+        q.graph.initializer.extend(keep)
+    return q
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("mode 9", "quantizer SatWeightQuant 'conv_wquant': input mode ('conv_wquant.mode') = 9, must be an int64 scalar "
+               "0 (clamp), 1 (quantize) or 2 (symmetric)"),
+    ("range as a string", "quantizer SatWeightQuant 'conv_wquant': input range ('conv_wquant.range') is string, must "
+                          "be a float32 scalar in [1, 65535]"),
+    ("too few inputs", "quantizer SatWeightQuant 'conv_wquant': has 2 input(s), the op takes 4 (W, range, mode, "
+                       "scale_fan_out)"),
+    ("missing alpha", "quantizer SatActQuant 'relu_aquant': input alpha ('relu_aquant.alpha') is not a constant of "
+                      "the model (missing initializer?)"),
+])
+def test_hand_tampered_qat_models(case, pattern, files, tmp_path):
+    onnx.save(_tampered(case), str(tmp_path / "t.onnx"))
+    one_error_line(cli("inspect", tmp_path / "t.onnx"), 1, pattern)
+    one_error_line(cli("fuse", tmp_path / "t.onnx", "-o", tmp_path / "o.onnx"), 1, pattern)
+    one_error_line(cli("train", tmp_path / "t.onnx", "--data", files / "d.npz", "--epochs", "1", "-b", "16",
+                       "--out", tmp_path / "run", "--no-progress"), 1, pattern)
+    assert not (tmp_path / "o.onnx").exists() and not (tmp_path / "run").exists()
+
+
+def test_fixed_batch_model(files, tmp_path):
+    m = _conv_relu_gemm()
+    for vi in list(m.graph.input) + list(m.graph.output):
+        vi.type.tensor_type.shape.dim[0].dim_value = 1
+    m.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 6
+    m.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 6
+    import numpy as np
+    from onnx import numpy_helper
+
+    m.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.zeros((3, 64), np.float32), "w2"))
+    onnx.save(m, str(tmp_path / "b1.onnx"))
+    args = ("train", tmp_path / "b1.onnx", "--recipe", "lsq4", "--data", files / "d.npz", "--epochs", "1",
+            "--no-progress")
+    one_error_line(cli(*args, "-b", "16", "--out", tmp_path / "a"), 1,
+                   "the model's input 'x' has a fixed batch size of 1: train with --batch-size 1")
+    r = cli(*args, "-b", "1", "--out", tmp_path / "b", "--limit-train", "32", "--limit-test", "8")
+    assert r.returncode == 0, r.stderr[-1500:]
