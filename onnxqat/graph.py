@@ -94,8 +94,9 @@ def check_tensor_sizes(m: onnx.ModelProto, where: str = "model") -> None:
 _PARAM_RULES = {
     "range": (onnx.TensorProto.FLOAT, lambda a: a.size == 1 and np.isfinite(a).all() and 1 <= a.item() <= 65535,
               "a float32 scalar in [1, 65535]"),
-    "mode": (onnx.TensorProto.INT64, lambda a: a.size == 1 and int(a.item()) in (0, 1, 2),
-             "an int64 scalar 0 (clamp), 1 (quantize) or 2 (symmetric)"),
+    "mode": (onnx.TensorProto.INT64, lambda a: a.size == 1 and 0 <= int(a.item()) <= 5,
+             "an int64 scalar 0 (clamp), 1 (quantize), 2 (symmetric), 3 (full range), 4 (asymmetric) or 5 "
+             "(asymmetric clamp)"),
     "scale_fan_out": (onnx.TensorProto.INT64, lambda a: a.size == 1 and a.item() >= 0, "an int64 scalar >= 0"),
     "alpha": (onnx.TensorProto.FLOAT, lambda a: a.size == 1 and np.isfinite(a).all() and a.item() > 0,
               "a float32 scalar, finite and > 0"),

@@ -28,7 +28,7 @@ else:  # pragma: no cover
 from onnxqat.errors import RecipeError
 
 METHODS = ("sat", "lsq")
-SAT_MODES = ("clamp", "quantize", "symmetric")
+SAT_MODES = ("clamp", "quantize", "symmetric", "fullrange", "asymmetric", "asymmetric-clamp")
 RESTORE_SCALE_MODES = ("always", "auto", "never")
 WEIGHTED_OP_TYPES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 MAX_RANGE = 65535  # 16 bits
@@ -41,7 +41,7 @@ class WeightSettings:
     enabled: bool = True
     method: str = "sat"
     range: int = 15  # R = 2^bits - 1
-    mode: str = "quantize"  # SAT: clamp | quantize | symmetric
+    mode: str = "quantize"  # SAT: clamp | quantize | symmetric | fullrange | asymmetric | asymmetric-clamp (N2D2)
     apply_scaling: bool = False  # SAT ApplyScaling (fan-out from the layer)
     # SAT without ApplyScaling: the quantized weights times a constant per output channel (least squares on the float
     # weights), so that each layer keeps its scale: "auto" (only where no BatchNormalization follows: BN folded by the

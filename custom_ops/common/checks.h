@@ -38,10 +38,12 @@ inline std::string check_positive(const char* what, float v) {
 }
 
 inline std::string check_sat_mode(int64_t mode, float r) {
-  if (mode < 0 || mode > 2)
-    return "unknown mode " + std::to_string(mode) + " (0 = clamp, 1 = quantize/DoReFa, 2 = symmetric)";
-  if (mode == 2 && std::floor(r / 2.0f) < 1.0f)
-    return "mode 2 (symmetric) needs range R >= 2 (floor(R/2) levels each side), got " + fmt_float(r);
+  if (mode < 0 || mode > 5)
+    return "unknown mode " + std::to_string(mode) +
+           " (0 = clamp, 1 = quantize/DoReFa, 2 = symmetric, 3 = full range, 4 = asymmetric, 5 = asymmetric clamp)";
+  if ((mode == 2 || mode == 4 || mode == 5) && std::floor(r / 2.0f) < 1.0f)
+    return "mode " + std::to_string(mode) + " (symmetric/asymmetric) needs range R >= 2 (floor(R/2) levels each side), "
+           "got " + fmt_float(r);
   return {};
 }
 

@@ -19,14 +19,21 @@ namespace onnxqat {
 constexpr int64_t kSatModeClamp = 0;
 constexpr int64_t kSatModeDorefa = 1;
 constexpr int64_t kSatModeSymmetric = 2;
+// N2D2's SAT cell QuantMode=FullRange (quantized) and QuantMode=Asymmetric (quantized / ApplyQuantization=0).
+constexpr int64_t kSatModeFullRange = 3;
+constexpr int64_t kSatModeAsymmetric = 4;
+constexpr int64_t kSatModeAsymmetricClamp = 5;
 
 // ApplyScaling's variance from exact integer sums of the level indices up to this R (16 bits): the int64 sums of
 // j^2 cannot overflow below 2^31 elements. Above it (and in clamp mode), shifted double sums of the levels.
 constexpr float kSatExactVarianceMaxRange = 65535.0f;
 
 OQ_HD bool sat_weight_index_sums(int64_t mode, float r) {
-  return mode != kSatModeClamp && r <= kSatExactVarianceMaxRange;
+  return mode != kSatModeClamp && mode != kSatModeAsymmetricClamp && r <= kSatExactVarianceMaxRange;
 }
+
+// Levels 2 j / R - 1 with j in [0, R] (DoReFa, full range); else j / floor(R/2) (symmetric, asymmetric).
+OQ_HD bool sat_weight_dorefa_levels(int64_t mode) { return mode == kSatModeDorefa || mode == kSatModeFullRange; }
 
 // Round half to even (numpy np.round / C nearbyint in the default rounding mode).
 // On the host: |x| + 2^23 - 2^23 rounds |x| < 2^23 to an integer, ties to even, in plain SSE2 arithmetic that gcc
@@ -133,26 +140,47 @@ OQ_HD float sech2_f32_small(float x) {
 // ---- SAT weights: tn = tanh(W) / max|tanh(W)| -> unscaled quantized weight.
 struct SatWeightParams {
   float r;      // range R
-  float half;   // floor(R/2) (symmetric mode)
+  float half;   // floor(R/2) (symmetric and asymmetric modes)
   int64_t mode;
 };
+
+// Full range: u = (tn + 1) / 2 stretched to (1 + 0.9998/R) u - 0.4999/R, so that the end levels 0 and R get bins as
+// wide as the others (N2D2 quantize_weight_fullrange_propagate).
+OQ_HD float sat_fullrange_u(float tn, float r) { return (1.0f + 0.9998f / r) * ((tn + 1.0f) * 0.5f) - 0.4999f / r; }
+
+// Asymmetric: tn shifted to (1 + 1/(2h)) tn - 1/(2h), whose rounding gives 2h + 2 levels j / h, j in [-h - 1, h]
+// (N2D2 quantize_weight_asymrange_propagate; ApplyQuantization=0: the shifted value itself).
+OQ_HD float sat_asym_q(float tn, float half) {
+  return (1.0f + 1.0f / (2.0f * half)) * tn - 1.0f / (2.0f * half);
+}
+
+// d level / d tn of the modes that stretch tn: N2D2 multiplies its weight gradient by it.
+OQ_HD float sat_weight_grad_gain(const SatWeightParams& p) {
+  if (p.mode == kSatModeFullRange) return 1.0f + 0.9998f / p.r;
+  if (p.mode == kSatModeAsymmetric || p.mode == kSatModeAsymmetricClamp) return 1.0f + 1.0f / (2.0f * p.half);
+  return 1.0f;
+}
 
 // The level index j (an integer as float): DoReFa round(R (tn + 1) / 2) in [0, R], symmetric round(floor(R/2) tn) in
 // [-floor(R/2), floor(R/2)]; the level is then 2 j / R - 1 (DoReFa) or j / floor(R/2) (symmetric), evaluated as
 // sat_weight_level does. ApplyScaling's variance is taken over the indices (exact integer sums).
 OQ_HD float sat_weight_index(float tn, const SatWeightParams& p) {
   if (p.mode == kSatModeDorefa) return round_half_even(p.r * ((tn + 1.0f) * 0.5f));
+  if (p.mode == kSatModeFullRange) return round_half_even(p.r * sat_fullrange_u(tn, p.r));
+  if (p.mode == kSatModeAsymmetric) return round_half_even(p.half * sat_asym_q(tn, p.half));
   return round_half_even(p.half * tn);
 }
 
 OQ_HD float sat_weight_level(float tn, const SatWeightParams& p) {
-  if (p.mode == kSatModeDorefa) return 2.0f * (sat_weight_index(tn, p) / p.r) - 1.0f;
-  if (p.mode == kSatModeSymmetric) return sat_weight_index(tn, p) / p.half;
+  if (sat_weight_dorefa_levels(p.mode)) return 2.0f * (sat_weight_index(tn, p) / p.r) - 1.0f;
+  if (p.mode == kSatModeSymmetric || p.mode == kSatModeAsymmetric) return sat_weight_index(tn, p) / p.half;
+  if (p.mode == kSatModeAsymmetricClamp) return sat_asym_q(tn, p.half);
   return tn;  // clamp
 }
 
-// The derivative factor dWq/dW = sech^2(W) / (M * S), ms = M * S (float32 product), from the weight w: SatWeightQuant's
-// optional second output, which SatWeightQuantGrad multiplies by dWq.
+// The derivative factor dWq/dW = sech^2(W) / (M * S), ms = M * S (float32 product; divided by sat_weight_grad_gain in
+// the modes that stretch tn, exactly M * S in the others), from the weight w: SatWeightQuant's optional second output,
+// which SatWeightQuantGrad multiplies by dWq.
 OQ_HD float sat_weight_grad_factor(float w, float ms) { return sech2_f32(w) / ms; }
 
 // dW = dWq * (sech^2(W) / (M * S)).

@@ -35,6 +35,12 @@ inline float index(float tn, float r, float half) {
     const float v = r * ((tn + 1.0f) * 0.5f);
     const float rounded = (v + two23) - two23;
     return v < two23 ? rounded : v;
+  } else if constexpr (MODE == kSatModeFullRange) {
+    (void)half;
+    return round_half_even(r * sat_fullrange_u(tn, r));
+  } else if constexpr (MODE == kSatModeAsymmetric) {
+    (void)r;
+    return round_half_even(half * sat_asym_q(tn, half));
   } else {
     (void)r;
     return round_half_even(half * tn);
@@ -43,10 +49,13 @@ inline float index(float tn, float r, float half) {
 
 template <int64_t MODE>
 inline float level(float tn, float r, float half) {
-  if constexpr (MODE == kSatModeDorefa) {
+  if constexpr (MODE == kSatModeDorefa || MODE == kSatModeFullRange) {
     return 2.0f * (index<MODE>(tn, r, half) / r) - 1.0f;
-  } else if constexpr (MODE == kSatModeSymmetric) {
+  } else if constexpr (MODE == kSatModeSymmetric || MODE == kSatModeAsymmetric) {
     return index<MODE>(tn, r, half) / half;
+  } else if constexpr (MODE == kSatModeAsymmetricClamp) {
+    (void)r;
+    return sat_asym_q(tn, half);
   } else {
     (void)r;
     (void)half;
@@ -145,16 +154,19 @@ __attribute__((always_inline)) inline void output(float* OQ_R y, float* OQ_R d, 
 }  // namespace
 
 // Calls f<MODE, FLAG>(...) for the run-time mode and flag: one instantiation (vectorised for its case) each.
-#define OQ_MODE_FLAG(mode, flag, f, ...)                                                   \
-  do {                                                                                     \
-    if (flag) {                                                                            \
-      if ((mode) == kSatModeDorefa) return f<kSatModeDorefa, true>(__VA_ARGS__);           \
-      if ((mode) == kSatModeSymmetric) return f<kSatModeSymmetric, true>(__VA_ARGS__);     \
-      return f<kSatModeClamp, true>(__VA_ARGS__);                                          \
-    }                                                                                      \
-    if ((mode) == kSatModeDorefa) return f<kSatModeDorefa, false>(__VA_ARGS__);            \
-    if ((mode) == kSatModeSymmetric) return f<kSatModeSymmetric, false>(__VA_ARGS__);      \
-    return f<kSatModeClamp, false>(__VA_ARGS__);                                           \
+#define OQ_MODE_ONE(mode, flag, f, ...)                                                                  \
+  do {                                                                                                   \
+    if ((mode) == kSatModeDorefa) return f<kSatModeDorefa, flag>(__VA_ARGS__);                          \
+    if ((mode) == kSatModeSymmetric) return f<kSatModeSymmetric, flag>(__VA_ARGS__);                    \
+    if ((mode) == kSatModeFullRange) return f<kSatModeFullRange, flag>(__VA_ARGS__);                    \
+    if ((mode) == kSatModeAsymmetric) return f<kSatModeAsymmetric, flag>(__VA_ARGS__);                  \
+    if ((mode) == kSatModeAsymmetricClamp) return f<kSatModeAsymmetricClamp, flag>(__VA_ARGS__);        \
+    return f<kSatModeClamp, flag>(__VA_ARGS__);                                                         \
+  } while (0)
+#define OQ_MODE_FLAG(mode, flag, f, ...)           \
+  do {                                             \
+    if (flag) OQ_MODE_ONE(mode, true, f, __VA_ARGS__);  \
+    OQ_MODE_ONE(mode, false, f, __VA_ARGS__);      \
   } while (0)
 
 OQ_CLONES void sat_weight_tanh_sums(int64_t mode, const float* w, float* t, float* s2, size_t n, float m, float r,

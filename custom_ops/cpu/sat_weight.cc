@@ -47,6 +47,9 @@ float max_tanh(float max_abs) {
 
 bool scaled(const SatParams& p, size_t n) { return p.fan_out > 0 && n >= 2; }
 
+// M * S is divided by it (1 except in the full-range and asymmetric modes: quant_math.h sat_weight_grad_gain).
+float gain(const SatParams& p) { return sat_weight_grad_gain(SatWeightParams{p.r, p.half, p.mode}); }
+
 // S = sqrt(fan_out * Var(Wq)) (Bessel) from the level sums, in the operations of reference.py sat_weight_scale:
 // DoReFa and symmetric (R <= 65535) from the exact integer variance of the level indices, clamp (and R > 65535)
 // from the shifted sums; 1 when it is not > 0 or a weight is NaN.
@@ -67,7 +70,7 @@ float scale_from(const std::vector<LevelSums>& part, size_t n, float max_abs, co
     const __int128 num = static_cast<__int128>(n) * t.j2 - static_cast<__int128>(t.j1) * t.j1;
     const double var_j = static_cast<double>(num) / (nd * static_cast<double>(n - 1));
     const double r = p.r, half = p.half;
-    var = p.mode == kSatModeDorefa ? var_j * 4.0 / (r * r) : var_j / (half * half);
+    var = sat_weight_dorefa_levels(p.mode) ? var_j * 4.0 / (r * r) : var_j / (half * half);
   }
   const float s = static_cast<float>(std::sqrt(static_cast<double>(p.fan_out) * var));
   return s > 0.0f ? s : 1.0f;
@@ -119,12 +122,12 @@ struct SatWeightKernel : StatusKernel<SatWeightKernel> {
     if (!scaled(p, n)) {  // S = 1: one pass
       parallel_for(ctx, num_chunks(n), [&](size_t c) {
         const size_t b = c * len, e = std::min(n, b + len);
-        sat_weight_forward_loop(p.mode, w.data + b, y + b, d ? d + b : nullptr, e - b, m, m, p.r, p.half);
+        sat_weight_forward_loop(p.mode, w.data + b, y + b, d ? d + b : nullptr, e - b, m, m / gain(p), p.r, p.half);
       });
       return;
     }
     const float s = tanh_and_scale(ctx, w.data, y, d, n, m, mx, p);
-    const float ms = m * s;
+    const float ms = (m * s) / gain(p);
     parallel_for(ctx, num_chunks(n), [&](size_t c) {
       const size_t b = c * len, e = std::min(n, b + len);
       sat_weight_output_loop(p.mode, y + b, d ? d + b : nullptr, e - b, m, s, ms, p.r, p.half);
@@ -177,11 +180,11 @@ struct SatWeightGradKernel : StatusKernel<SatWeightGradKernel> {
     if (!scaled(p, n)) {
       parallel_for(ctx, tasks, [&](size_t c) {
         const size_t b = c * len, e = std::min(n, b + len);
-        sat_weight_grad_loop(g + b, w.data + b, dw + b, e - b, m);
+        sat_weight_grad_loop(g + b, w.data + b, dw + b, e - b, m / gain(p));
       });
       return;
     }
-    const float ms = m * tanh_and_scale(ctx, w.data, nullptr, dw, n, m, mx, p);  // dw holds sech^2 until the last pass
+    const float ms = (m * tanh_and_scale(ctx, w.data, nullptr, dw, n, m, mx, p)) / gain(p);  // dw: sech^2 until the end
     parallel_for(ctx, tasks, [&](size_t c) {
       const size_t b = c * len, e = std::min(n, b + len);
       sat_weight_grad_from_sech2_loop(g + b, dw + b, e - b, ms);

@@ -62,7 +62,7 @@ __global__ void max_final_kernel(const float* __restrict__ maxima, int parts, co
     consts[0] = M;
     consts[1] = sat_weight_level(tanh_f32(w[0]) / M, p);
     consts[2] = 1.0f;
-    consts[3] = M;
+    consts[3] = M / sat_weight_grad_gain(p);
     consts[4] = m;
   }
 }
@@ -128,7 +128,7 @@ __global__ void stats_final_kernel(const double* __restrict__ stats, int parts, 
     const __int128 num = static_cast<__int128>(n) * j2 - static_cast<__int128>(j1) * j1;
     const double var_j = static_cast<double>(num) / (nn * static_cast<double>(n - 1));
     const double r = p.r, half = p.half;
-    var = p.mode == kSatModeDorefa ? var_j * 4.0 / (r * r) : var_j / (half * half);
+    var = sat_weight_dorefa_levels(p.mode) ? var_j * 4.0 / (r * r) : var_j / (half * half);
   } else {
     double s1 = 0.0;
     double s2 = 0.0;
@@ -144,7 +144,7 @@ __global__ void stats_final_kernel(const double* __restrict__ stats, int parts, 
     const float s = static_cast<float>(sqrt(static_cast<double>(fan_out) * var));
     const float S = (s > 0.0f && consts[4] == consts[4]) ? s : 1.0f;
     consts[2] = S;
-    consts[3] = consts[0] * S;
+    consts[3] = (consts[0] * S) / sat_weight_grad_gain(p);
   }
 }
 

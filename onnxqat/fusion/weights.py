@@ -3,7 +3,9 @@
 Every supported weight quantizer gives Wq = W_int * s_w exactly (s_w per tensor or per output channel):
 - SAT DoReFa (mode 1): Wq = (2*uq - 1)/S with uq = k/R, k = round(R*u) in [0, R], so
   W_int = R*S*Wq = 2k - R (odd integers in [-R, R] for odd R: no zero level) and s_w = 1/(R*S).
+- SAT full range (mode 3): the DoReFa form with j = round(R u'), u' the stretched (t/M + 1)/2.
 - SAT symmetric (mode 2): Wq = round(h*t/M)/(h*S), h = floor(R/2): W_int in [-h, h], s_w = 1/(h*S).
+- SAT asymmetric (mode 4): Wq = j/(h*S), j in [-h-1, h] (an 8-bit weight is an int8): W_int = j, s_w = 1/(h*S).
 - LSQ signed: Wq = s*round(clip(W/s, Qn, Qp)): W_int in [Qn, Qp] = [-(R+1)/2, (R-1)/2], s_w = s.
 (S = the ApplyScaling factor, 1 without scaling.) The codes are taken from the numpy reference itself, so they
 are the very values the fake-quantized model uses.
@@ -23,7 +25,7 @@ import onnx
 from onnxqat.errors import FuseError
 from onnxqat.fusion.graph import QatGraph, check_range, node_label
 from onnxqat.ops import reference as ref
-from onnxqat.ops.schema import SAT_MODE_CLAMP, SAT_MODE_DOREFA, SAT_MODE_SYMMETRIC
+from onnxqat.ops.schema import SAT_MODE_ASYMMETRIC, SAT_MODE_SYMMETRIC, SAT_MODES_CLAMP, SAT_MODES_DOREFA_LEVELS
 
 
 @dataclass
@@ -56,25 +58,27 @@ def weight_codes(g: QatGraph, q: onnx.NodeProto, out_axis: int, n_out: int) -> W
         r = check_range(q, g.scalar(q, 1, "range"))
         mode = int(g.scalar(q, 2, "mode"))
         fan_out = int(g.scalar(q, 3, "scale_fan_out"))
-        if mode == SAT_MODE_CLAMP:
-            raise FuseError(f"{node_label(q)} is in clamp mode (mode 0): its weights are not quantized yet "
-                            "(train with mode 1 before fusing)")
+        if mode in SAT_MODES_CLAMP:
+            raise FuseError(f"{node_label(q)} is in clamp mode (mode {mode}): its weights are not quantized yet "
+                            "(train with a quantizing mode before fusing)")
         wq = ref.sat_weight_unscaled(w, r, mode)
         s = float(ref.sat_weight_scale(w, r, mode, fan_out))
-        if mode == SAT_MODE_DOREFA:
+        if mode in SAT_MODES_DOREFA_LEVELS:  # DoReFa and full range: levels 2 j / R - 1
             wint = np.round(wq.astype(np.float64) * r)
             k = (wint + r) / 2
             if np.any(k != np.round(k)):
                 raise FuseError(f"{node_label(q)}: DoReFa codes are not of the form 2k-R")
             err = np.max(np.abs(wq.astype(np.float64) * r - wint)) if w.size else 0.0
             u, mult, offset, umax, step, kind = k, 2, -r, r, 1.0 / r, "sat-dorefa"
-        elif mode == SAT_MODE_SYMMETRIC:
+        elif mode in (SAT_MODE_SYMMETRIC, SAT_MODE_ASYMMETRIC):
             h = r // 2
             if h < 1:
-                raise FuseError(f"{node_label(q)}: inconsistent range R={r} for symmetric mode (needs R >= 3)")
+                raise FuseError(f"{node_label(q)}: inconsistent range R={r} for (a)symmetric mode (needs R >= 3)")
             wint = np.round(wq.astype(np.float64) * h)
             err = np.max(np.abs(wq.astype(np.float64) * h - wint)) if w.size else 0.0
-            u, mult, offset, umax, step, kind = wint + h, 1, -h, 2 * h, 1.0 / h, "sat-symmetric"
+            low = h + 1 if mode == SAT_MODE_ASYMMETRIC else h  # asymmetric: j in [-h - 1, h]
+            u, mult, offset, umax, step = wint + low, 1, -low, h + low, 1.0 / h
+            kind = "sat-asymmetric" if mode == SAT_MODE_ASYMMETRIC else "sat-symmetric"
         else:
             raise FuseError(f"{node_label(q)}: unknown SAT weight mode {mode}")
         if err > 1e-3:

@@ -13,7 +13,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxqat.ops.schema import SAT_MODE_CLAMP, SAT_MODE_DOREFA, SAT_MODE_SYMMETRIC
+from onnxqat.ops.schema import (
+    SAT_MODE_ASYMMETRIC,
+    SAT_MODE_ASYMMETRIC_CLAMP,
+    SAT_MODE_CLAMP,
+    SAT_MODE_DOREFA,
+    SAT_MODE_FULLRANGE,
+    SAT_MODE_SYMMETRIC,
+    SAT_MODES_CLAMP,
+    SAT_MODES_DOREFA_LEVELS,
+)
 
 F32 = np.float32
 
@@ -102,28 +111,60 @@ def _sat_tn(w: np.ndarray) -> np.ndarray:
     return (tanh_f32(w) / sat_weight_max_tanh(w)).astype(F32)
 
 
+def _half(r: np.float32, mode: int) -> np.float32:
+    half = F32(np.floor(r / 2))
+    if half < 1:  # R = 1: no level besides 0, and round(0 * tn) / 0 would be NaN
+        raise ValueError(f"SAT weight mode {mode} (symmetric/asymmetric) needs R >= 2, got {r}")
+    return half
+
+
+def sat_fullrange_u(tn: np.ndarray, r: np.float32) -> np.ndarray:
+    """(1 + 0.9998/R) (tn + 1)/2 - 0.4999/R (quant_math.h sat_fullrange_u, N2D2 FullRange)."""
+    return ((F32(1) + F32(0.9998) / r) * ((tn + F32(1)) * F32(0.5)) - F32(0.4999) / r).astype(F32)
+
+
+def sat_asym_q(tn: np.ndarray, half: np.float32) -> np.ndarray:
+    """(1 + 1/(2h)) tn - 1/(2h) (quant_math.h sat_asym_q, N2D2 Asymmetric)."""
+    return ((F32(1) + F32(1) / (F32(2) * half)) * tn - F32(1) / (F32(2) * half)).astype(F32)
+
+
+def sat_weight_grad_gain(r: float, mode: int) -> np.float32:
+    """d level / d tn of the stretching modes (full range, asymmetric), by which N2D2 multiplies the gradient; 1."""
+    r = F32(r)
+    if mode == SAT_MODE_FULLRANGE:
+        return F32(F32(1) + F32(0.9998) / r)
+    if mode in (SAT_MODE_ASYMMETRIC, SAT_MODE_ASYMMETRIC_CLAMP):
+        return F32(F32(1) + F32(1) / (F32(2) * _half(r, mode)))
+    return F32(1)
+
+
 def sat_weight_index(tn: np.ndarray, r: float, mode: int) -> np.ndarray:
-    """Level index j (integer-valued float32): DoReFa round(R (tn + 1) / 2) in [0, R]; symmetric
-    round(floor(R/2) tn) in [-floor(R/2), floor(R/2)]."""
+    """Level index j (integer-valued float32): DoReFa round(R (tn + 1) / 2) and full range round(R u) in [0, R];
+    symmetric round(h tn) in [-h, h] and asymmetric round(h q) in [-h - 1, h], h = floor(R/2)."""
     r = F32(r)
     if mode == SAT_MODE_DOREFA:
         return np.round(r * ((tn + F32(1)) * F32(0.5))).astype(F32)
+    if mode == SAT_MODE_FULLRANGE:
+        return np.round(r * sat_fullrange_u(tn, r)).astype(F32)
     if mode == SAT_MODE_SYMMETRIC:
-        half = F32(np.floor(r / 2))
-        if half < 1:  # R = 1: no level besides 0, and round(0 * tn) / 0 would be NaN
-            raise ValueError(f"SAT weight mode {mode} (symmetric) needs R >= 2, got {r}")
-        return np.round(half * tn).astype(F32)
+        return np.round(_half(r, mode) * tn).astype(F32)
+    if mode == SAT_MODE_ASYMMETRIC:
+        half = _half(r, mode)
+        return np.round(half * sat_asym_q(tn, half)).astype(F32)
     raise ValueError(f"unknown SAT weight mode {mode}")
 
 
 def sat_weight_unscaled(w: np.ndarray, r: float, mode: int) -> np.ndarray:
-    """The levels before ApplyScaling: tn (clamp), 2 j / R - 1 (DoReFa), j / floor(R/2) (symmetric)."""
+    """The levels before ApplyScaling: tn (clamp), q (asymmetric clamp), 2 j / R - 1 (DoReFa, full range),
+    j / floor(R/2) (symmetric, asymmetric)."""
     tn = _sat_tn(w)
     if mode == SAT_MODE_CLAMP:
         return tn
+    if mode == SAT_MODE_ASYMMETRIC_CLAMP:
+        return sat_asym_q(tn, _half(F32(r), mode))
     j = sat_weight_index(tn, r, mode)
     r = F32(r)
-    if mode == SAT_MODE_DOREFA:
+    if mode in SAT_MODES_DOREFA_LEVELS:
         return (F32(2) * (j / r) - F32(1)).astype(F32)
     return (j / F32(np.floor(r / 2))).astype(F32)
 
@@ -137,7 +178,7 @@ def sat_weight_scale(w: np.ndarray, r: float, mode: int, fan_out: int) -> np.flo
     w = np.asarray(w, dtype=F32)
     if fan_out <= 0 or w.size < 2 or np.isnan(w).any():
         return F32(1)
-    if mode == SAT_MODE_CLAMP or r > SAT_EXACT_VARIANCE_MAX_RANGE:
+    if mode in SAT_MODES_CLAMP or r > SAT_EXACT_VARIANCE_MAX_RANGE:
         var = float(np.var(sat_weight_unscaled(w, r, mode).astype(np.float64), ddof=1))
     else:
         tn = _sat_tn(w)
@@ -147,7 +188,7 @@ def sat_weight_scale(w: np.ndarray, r: float, mode: int, fan_out: int) -> np.flo
         var_j = float(num) / float(n * (n - 1))
         rf = float(F32(r))
         half = float(np.floor(F32(r) / F32(2)))
-        var = var_j * 4.0 / (rf * rf) if mode == SAT_MODE_DOREFA else var_j / (half * half)
+        var = var_j * 4.0 / (rf * rf) if mode in SAT_MODES_DOREFA_LEVELS else var_j / (half * half)
     s = F32(np.sqrt(fan_out * var))
     return s if s > 0 else F32(1)
 
@@ -160,11 +201,14 @@ def sat_weight_forward(w, r, mode, fan_out) -> np.ndarray:
 
 
 def sat_weight_grad_factor(w, r, mode, fan_out) -> np.ndarray:
-    """The derivative factor dWq/dW = sech^2(W) / (M * S) (float32: sech2_f32, M*S, then one division); M and S
-    constants, rounding STE. SatWeightQuant's optional second output."""
+    """The derivative factor dWq/dW = sech^2(W) / (M * S / g) (float32: sech2_f32, M*S, / g, then one division; g the
+    stretch of the full-range and asymmetric modes, 1 otherwise); M and S constants, rounding STE. SatWeightQuant's
+    optional second output."""
     m = sat_weight_max_tanh(w)
-    s = sat_weight_scale(w, _scalar(r), int(_scalar(mode)), int(_scalar(fan_out)))
-    return (sech2_f32(w) / (m * s)).astype(F32)
+    mode = int(_scalar(mode))
+    s = sat_weight_scale(w, _scalar(r), mode, int(_scalar(fan_out)))
+    ms = F32(F32(m * s) / sat_weight_grad_gain(_scalar(r), mode))
+    return (sech2_f32(w) / ms).astype(F32)
 
 
 def sat_weight_backward(dwq, w, r, mode, fan_out, factor=None) -> np.ndarray:

@@ -20,6 +20,16 @@ OPSET_VERSION = 1
 SAT_MODE_CLAMP = 0  # ApplyQuantization=0: Wq = tanh(W)/max|tanh(W)|
 SAT_MODE_DOREFA = 1  # ApplyQuantization=1, QuantMode=Default: R+1 levels in [-1, 1]
 SAT_MODE_SYMMETRIC = 2  # ApplyQuantization=1, QuantMode=Symmetric: 2*floor(R/2)+1 levels
+# N2D2 SATQuantizerCell modes (SATQuantizer_Frame_Kernels): QuantMode=FullRange, R+1 levels 2j/R - 1 from u = (tn+1)/2
+# stretched to (1 + 0.9998/R) u - 0.4999/R (the end levels get whole bins); QuantMode=Asymmetric, 2h+2 levels j/h,
+# j in [-h-1, h] (h = floor(R/2): an 8-bit weight is exactly an int8) from q = (1 + 1/(2h)) tn - 1/(2h); its
+# ApplyQuantization=0 phase is q itself. The weight gradient is multiplied by the stretch (1 + 0.9998/R), (1 + 1/(2h)).
+SAT_MODE_FULLRANGE = 3
+SAT_MODE_ASYMMETRIC = 4
+SAT_MODE_ASYMMETRIC_CLAMP = 5
+SAT_MODES_DOREFA_LEVELS = (SAT_MODE_DOREFA, SAT_MODE_FULLRANGE)  # levels 2 j / R - 1, j in [0, R]
+SAT_MODES_HALF = (SAT_MODE_SYMMETRIC, SAT_MODE_ASYMMETRIC, SAT_MODE_ASYMMETRIC_CLAMP)  # need floor(R/2) >= 1
+SAT_MODES_CLAMP = (SAT_MODE_CLAMP, SAT_MODE_ASYMMETRIC_CLAMP)  # not quantized (training phase one)
 
 
 @dataclass(frozen=True)

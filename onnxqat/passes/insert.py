@@ -98,9 +98,9 @@ def _batchnorm_follows(index: GraphIndex, node: onnx.NodeProto) -> bool:
 
 def _check_weight(index, node, tensor: str, ws, recipe: Recipe) -> None:
     """A weight the quantizer ops would refuse or turn into inf/NaN: refused here, naming the tensor or the key."""
-    if ws.method == "sat" and ws.mode == "symmetric" and ws.range < 2:
+    if ws.method == "sat" and ws.mode in ("symmetric", "asymmetric", "asymmetric-clamp") and ws.range < 2:
         raise RecipeError(f"{recipe.source}: weights of {node.op_type} node {node.name}: range {ws.range} with "
-                          "mode \"symmetric\" has no level besides 0 (range >= 2)")
+                          f"mode \"{ws.mode}\" has no level besides 0 (range >= 2)")
     cv = index.constant_value(tensor)
     w = np.asarray([cv.fill]) if cv.fill is not None else cv.array()
     if not np.all(np.isfinite(w)):

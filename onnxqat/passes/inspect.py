@@ -17,7 +17,7 @@ from onnxqat.ops.schema import is_quantizer, is_scale_restore, signature
 from onnxqat.recipes import WEIGHTED_OP_TYPES
 
 _METHOD = {"SatWeightQuant": "sat", "SatActQuant": "sat", "LsqQuant": "lsq"}
-_SAT_MODES = {0: "clamp", 1: "quantize", 2: "symmetric"}
+_SAT_MODES = {0: "clamp", 1: "quantize", 2: "symmetric", 3: "fullrange", 4: "asymmetric", 5: "asymmetric-clamp"}
 
 
 def bits_of(r: float) -> int:

@@ -25,7 +25,8 @@ UNSUPPORTED_WEIGHTED_OPS = (
     "LSTM", "GRU", "RNN", "Einsum", "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul",
     "DeformConv", "Attention",
 )
-SAT_MODE_VALUES = {"clamp": 0, "quantize": 1, "symmetric": 2}
+SAT_MODE_VALUES = {"clamp": 0, "quantize": 1, "symmetric": 2, "fullrange": 3, "asymmetric": 4,
+                   "asymmetric-clamp": 5}
 
 
 @dataclass(frozen=True)

@@ -142,3 +142,50 @@ def test_project_lenet_fuses(recipe):
     # conv1 value sits 2.3e-7 of a code above a rounding boundary (checked in float64), falls below it with the exact
     # grid, and the flipped code moves a few later codes of that sample and so its logits
     assert a.code_agreement >= 0.95
+
+
+@pytest.mark.parametrize("mode", ["fullrange", "asymmetric"])
+@pytest.mark.parametrize("fmt", ["int", "ort"])
+def test_n2d2_weight_modes_fuse_exactly(mode, fmt):
+    """N2D2's FullRange and Asymmetric SAT weight modes: integer codes 2j - R (full range) and j in [-h-1, h]
+    (asymmetric: an 8-bit weight is an int8, 2^bits levels), the fused model equal to the fake-quantized one."""
+    from pathlib import Path
+
+    from onnxqat.fusion.api import fuse as fuse_fn
+    from onnxqat.recipes import parse_recipe
+
+    text = (Path(__file__).parents[2] / "recipes" / "sat4.toml").read_text()
+    recipe = parse_recipe(text.replace('mode = "quantize"', f'mode = "{mode}"'))
+    x = np.random.default_rng(1).integers(0, 256, (64, 1, 16, 16), dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat = insert_mod.insert(float_lenet(), recipe, calibration_data={"input": (x[:16] / np.float32(255))})
+    modes = {int(onnx.numpy_helper.to_array(t)) for t in qat.graph.initializer if t.name.endswith("_wquant.mode")}
+    assert modes == {3 if mode == "fullrange" else 4}
+    res = fuse_fn(qat, verify_data=x, strict=True, format=fmt)
+    a = res.agreement
+    assert a.samples == 64 and a.top1_agreement == 1.0 and a.max_code_diff == 0
+    if mode == "asymmetric":  # 4-bit layers use all 16 codes -8..7 of the grid (j in [-h-1, h], h = 7)
+        from onnxqat.fusion.graph import QatGraph
+        from onnxqat.fusion.weights import weight_codes
+
+        g = QatGraph(qat)
+        q = next(n for n in qat.graph.node if n.name == "conv2_wquant")
+        codes = weight_codes(g, q, 0, 12)
+        assert codes.int_min == -8 and codes.int_max == 7 and codes.bits == 4
+        assert codes.w_int.min() >= -8 and codes.w_int.max() <= 7
+
+
+def test_asymmetric_clamp_phase_is_not_fused():
+    from pathlib import Path
+
+    from onnxqat.errors import FuseError
+    from onnxqat.recipes import parse_recipe
+
+    text = (Path(__file__).parents[2] / "recipes" / "sat4.toml").read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat = insert_mod.insert(float_lenet(), parse_recipe(text.replace('mode = "quantize"',
+                                                                        'mode = "asymmetric-clamp"')))
+    with pytest.raises(FuseError, match=r"is in clamp mode \(mode 5\): its weights are not quantized yet"):
+        fuse(qat)

@@ -24,7 +24,15 @@ import numpy as np
 import pytest
 
 from onnxqat.ops import reference as ref
-from onnxqat.ops.schema import SAT_MODE_CLAMP, SAT_MODE_DOREFA, SAT_MODE_SYMMETRIC
+from onnxqat.ops.schema import (
+    SAT_MODE_ASYMMETRIC,
+    SAT_MODE_ASYMMETRIC_CLAMP,
+    SAT_MODE_CLAMP,
+    SAT_MODE_DOREFA,
+    SAT_MODE_FULLRANGE,
+    SAT_MODE_SYMMETRIC,
+    SAT_MODES_CLAMP,
+)
 
 F32 = np.float32
 LIB_NAME = "libonnxqat_cuda_kernels.so"
@@ -225,7 +233,7 @@ def sat_weights(n: int, rng: np.random.Generator) -> np.ndarray:
 def assert_sat_weight_equal(got: np.ndarray, want: np.ndarray, mode: int, fan_out: int, n: int) -> None:
     """Bit-equal, except S in clamp mode with ApplyScaling (float64 sums in another order: 1 ulp of S). (The ranges
     here stay below 65536, where DoReFa and symmetric take S from exact integer sums.)"""
-    if mode == SAT_MODE_CLAMP and fan_out > 0 and n >= 2:
+    if mode in SAT_MODES_CLAMP and fan_out > 0 and n >= 2:
         np.testing.assert_allclose(got, want, rtol=2.0**-21, atol=0)
     else:
         np.testing.assert_array_equal(got, want)
@@ -242,6 +250,11 @@ SAT_CASES = [
     (SAT_MODE_SYMMETRIC, 2.0),
     (SAT_MODE_SYMMETRIC, 15.0),
     (SAT_MODE_SYMMETRIC, 255.0),
+    (SAT_MODE_FULLRANGE, 15.0),
+    (SAT_MODE_FULLRANGE, 255.0),
+    (SAT_MODE_ASYMMETRIC, 15.0),
+    (SAT_MODE_ASYMMETRIC, 255.0),
+    (SAT_MODE_ASYMMETRIC_CLAMP, 15.0),
 ]
 
 
@@ -515,7 +528,7 @@ def test_sat_weight_rejects_bad_arguments(kernels):
     w = np.ones(4, dtype=F32)
     _invalid(lambda: kernels.sat_weight_forward(w, 0.5, SAT_MODE_DOREFA, 0), r"^SatWeightQuant: range R must be")
     _invalid(lambda: kernels.sat_weight_forward(w, float("nan"), SAT_MODE_DOREFA, 0), "range R must be finite")
-    _invalid(lambda: kernels.sat_weight_forward(w, 15.0, 3, 0), "unknown mode 3")
+    _invalid(lambda: kernels.sat_weight_forward(w, 15.0, 9, 0), "unknown mode 9")
     _invalid(lambda: kernels.sat_weight_backward(w, w, 1.0, SAT_MODE_SYMMETRIC, 0), "needs range R >= 2")
     _invalid(lambda: kernels.sat_weight_backward(w, w, 15.0, SAT_MODE_DOREFA, -1),
              r"^SatWeightQuantGrad: scale_fan_out must be >= 0")

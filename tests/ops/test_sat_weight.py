@@ -7,10 +7,20 @@ import pytest
 from conftest import F32, I64, run_op
 
 from onnxqat.ops import reference as ref
-from onnxqat.ops.schema import SAT_MODE_CLAMP, SAT_MODE_DOREFA, SAT_MODE_SYMMETRIC
+from onnxqat.ops.schema import (
+    SAT_MODE_ASYMMETRIC,
+    SAT_MODE_ASYMMETRIC_CLAMP,
+    SAT_MODE_CLAMP,
+    SAT_MODE_DOREFA,
+    SAT_MODE_FULLRANGE,
+    SAT_MODE_SYMMETRIC,
+    SAT_MODES_CLAMP,
+    SAT_MODES_HALF,
+)
 
 RANGES = (1, 3, 15, 255)
-MODES = (SAT_MODE_CLAMP, SAT_MODE_DOREFA, SAT_MODE_SYMMETRIC)
+MODES = (SAT_MODE_CLAMP, SAT_MODE_DOREFA, SAT_MODE_SYMMETRIC, SAT_MODE_FULLRANGE, SAT_MODE_ASYMMETRIC,
+         SAT_MODE_ASYMMETRIC_CLAMP)
 
 
 def _args(w, r, mode, fan):
@@ -21,7 +31,7 @@ def _s_exact(mode, fan, w, r=15):
     """ApplyScaling's S is bit-equal to the reference's for DoReFa and symmetric up to R = 65535 (exact integer
     variance of the level indices); in clamp mode and above, it comes from double sums taken in another order
     (1 float32 ulp at most)."""
-    return not (fan > 0 and w.size >= 2 and (mode == SAT_MODE_CLAMP or r > 65535))
+    return not (fan > 0 and w.size >= 2 and (mode in SAT_MODES_CLAMP or r > 65535))
 
 
 def check_forward(w, r, mode, fan):
@@ -62,13 +72,13 @@ def test_forward_backward_random(r, mode, scaled):
     rng = np.random.default_rng(1000 * r + 10 * mode + scaled)
     w = (rng.normal(size=(16, 8, 3, 3)) * 0.7).astype(F32)
     fan = 16 * 9 if scaled else 0
-    if mode == SAT_MODE_SYMMETRIC and r < 2:
+    if mode in SAT_MODES_HALF and r < 2:
         # floor(R/2) = 0 levels: rejected (test_bad_inputs checks the message), by the reference as well
         with pytest.raises(Exception, match="symmetric"):
             run_op("SatWeightQuant", _args(w, r, mode, fan))
         return
     got, want = check_forward(w, r, mode, fan)
-    if mode != SAT_MODE_CLAMP:
+    if mode not in SAT_MODES_CLAMP:
         # the levels really are quantized: at most R+1 distinct values
         assert len(np.unique(got)) <= r + 1
     check_backward(w, r, mode, fan, rng)
@@ -85,7 +95,8 @@ def test_all_zero_weights(mode, fan):
             # round(R/2) half to even: R=3 -> 2 -> 2*2/3-1 = 1/3; R=15 -> 8 -> 1/15; R=255 -> 128 -> 1/255
             expect = {3: 2 * F32(2) / F32(3) - 1, 15: 2 * (F32(8) / F32(15)) - 1, 255: 2 * (F32(128) / F32(255)) - 1}
             np.testing.assert_array_equal(got, np.full(w.shape, expect[r], F32))
-        else:
+        elif mode in (SAT_MODE_CLAMP, SAT_MODE_SYMMETRIC, SAT_MODE_ASYMMETRIC):
+            # asymmetric: h q = -1/2 rounds half to even to 0
             np.testing.assert_array_equal(got, np.zeros_like(w))
         rng = np.random.default_rng(r)
         dw, _ = check_backward(w, r, mode, fan, rng)
@@ -106,7 +117,12 @@ def test_far_outside(mode):
     # |W| large: tanh saturates at +-1, 1 - t^2 = 0 (no gradient), no NaN
     w = np.array([-1e30, -50.0, -3.0, 0.0, 0.01, 3.0, 50.0, 1e30, 3e38], F32)
     got, want = check_forward(w, 15, mode, 0)
-    assert got[0] == -1.0 and got[-1] == 1.0
+    # asymmetric: one more level below -1, (-h - 1) / h = -8/7 at R = 15 (h = 7); its clamp phase reaches it too
+    low = F32(-8) / F32(7) if mode in (SAT_MODE_ASYMMETRIC, SAT_MODE_ASYMMETRIC_CLAMP) else -1.0
+    if mode == SAT_MODE_ASYMMETRIC_CLAMP:  # float32 q(+-1): within an ulp of 1 and -8/7 (equal to the reference)
+        np.testing.assert_allclose(got[[0, -1]], [low, 1.0], rtol=2e-7)
+    else:
+        assert got[0] == low and got[-1] == 1.0
     dw, _ = check_backward(w, 15, mode, 0, np.random.default_rng(1))
     assert dw[0] == 0 and dw[-1] == 0
 

@@ -330,7 +330,7 @@ def _tampered(case: str) -> onnx.ModelProto:
 
 @pytest.mark.parametrize("case,pattern", [
     ("mode 9", "quantizer SatWeightQuant 'conv_wquant': input mode ('conv_wquant.mode') = 9, must be an int64 scalar "
-               "0 (clamp), 1 (quantize) or 2 (symmetric)"),
+               "0 (clamp), 1 (quantize), 2 (symmetric), 3 (full range), 4 (asymmetric) or 5 (asymmetric clamp)"),
     ("range as a string", "quantizer SatWeightQuant 'conv_wquant': input range ('conv_wquant.range') is string, must "
                           "be a float32 scalar in [1, 65535]"),
     ("too few inputs", "quantizer SatWeightQuant 'conv_wquant': has 2 input(s), the op takes 4 (W, range, mode, "

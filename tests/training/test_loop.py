@@ -297,3 +297,17 @@ def test_train_recipe_with_calibration_data(tmp_path, npz):
     assert got["relu_aquant.step"] == want["relu_aquant.step"] != unc["relu_aquant.step"]
     with pytest.raises(RecipeError, match="calibration_data .* is for the quantizers train inserts with a recipe"):
         train(small_cnn(0), npz, calibration_data=tmp_path / "calib.npz", epochs=1, out=tmp_path / "x", **QUIET)
+
+
+@pytest.mark.parametrize("mode", ["fullrange", "asymmetric", "asymmetric-clamp"])
+def test_n2d2_weight_modes_train(tmp_path, npz, mode):
+    """The full-range and asymmetric SAT weight modes through ORT training (their gradient gain included): the
+    weights move, the loss stays finite."""
+    from onnxqat.passes.insert import insert
+    from onnxqat.recipes import parse_recipe
+
+    qat = insert(small_cnn(0, bn=True), parse_recipe(f'[weights]\nmode = "{mode}"\n[activations]\nenabled = false\n'))
+    r = train(qat, npz, epochs=1, batch_size=32, lr=0.05, validation=0.0, transforms=[], out=tmp_path / "r", **QUIET)
+    assert np.isfinite(r.metrics[-1]["train_loss"])
+    assert not np.array_equal(_inits(r.model_path)["conv.weight"],
+                              numpy_helper.to_array(next(t for t in qat.graph.initializer if t.name == "conv.weight")))
