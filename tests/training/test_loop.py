@@ -21,6 +21,15 @@ def _inits(path):
     return {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
 
 
+def softmax_regression_grads(X, Y, W, b):
+    """Gradients of the mean cross-entropy of softmax(X W^T + b) against one-hot Y, in float64."""
+    z = X @ W.T + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    d = (p - Y) / len(X)
+    return d.T @ X, d.sum(0)
+
+
 def test_momentum_sgd_matches_numpy(tmp_path):
     """Full-batch steps of momentum SGD with decay on a linear softmax classifier vs closed-form gradients."""
     rng = np.random.default_rng(0)
@@ -40,11 +49,7 @@ def test_momentum_sgd_matches_numpy(tmp_path):
     Y = np.eye(k)[y]
     vW, vb = np.zeros_like(W), np.zeros_like(b)
     for _ in range(steps):
-        z = X @ W.T + b
-        p = np.exp(z - z.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        d = (p - Y) / n
-        gW, gb = d.T @ X, d.sum(0)
+        gW, gb = softmax_regression_grads(X, Y, W, b)
         vW = mom * vW + lr * (gW + dec * W)
         vb = mom * vb + lr * (gb + dec * b)
         W, b = W - vW, b - vb
@@ -247,11 +252,7 @@ def test_pytorch_momentum_form_under_cosine_matches_numpy(tmp_path):
     X, Y = x.reshape(n, -1).astype(np.float64), np.eye(k)[y]
     vW, vb = np.zeros_like(W), np.zeros_like(b)
     for t in range(steps):
-        z = X @ W.T + b
-        p = np.exp(z - z.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        d = (p - Y) / n
-        gW, gb = d.T @ X, d.sum(0)
+        gW, gb = softmax_regression_grads(X, Y, W, b)
         lr_t = lr * (1 + math.cos(math.pi * t / steps)) / 2
         vW = mom * vW + (gW + dec * W)
         vb = mom * vb + (gb + dec * b)
