@@ -19,7 +19,8 @@ app = typer.Typer(
 
 @contextmanager
 def one_line_errors() -> Iterator[None]:
-    """Inside a command: an OnnxqatError becomes `onnxqat: error: <message>` on stderr and exit code 1.
+    """Inside a command: an OnnxqatError (and an OSError: full disk, read-only folder; a MemoryError) becomes
+    `onnxqat: error: <message>` on stderr and exit code 1.
 
     Each command uses it (not only main()) because typer's CliRunner and other embedders call `app` directly,
     where main()'s handler does not run. SystemExit rather than typer.Exit: it keeps its code in standalone_mode=False.
@@ -35,6 +36,15 @@ def one_line_errors() -> Iterator[None]:
     except KeyboardInterrupt:
         abort_job(130)
         raise
+    except OSError as exc:  # a full disk, a read-only or vanished folder, while reading or writing files
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        typer.echo(f"onnxqat: error: {rank_prefix()}{where}{exc.strerror or exc}", err=True)
+        abort_job(1)
+        raise SystemExit(1) from None
+    except MemoryError:
+        typer.echo(f"onnxqat: error: {rank_prefix()}out of memory (a smaller batch size or model?)", err=True)
+        abort_job(1)
+        raise SystemExit(1) from None
 
 
 # One module per command group; each registers its commands on `app` when imported.

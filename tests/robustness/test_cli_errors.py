@@ -364,3 +364,43 @@ def test_fixed_batch_model(files, tmp_path):
                    "the model's input 'x' has a fixed batch size of 1: train with --batch-size 1")
     r = cli(*args, "-b", "1", "--out", tmp_path / "b", "--limit-train", "32", "--limit-test", "8")
     assert r.returncode == 0, r.stderr[-1500:]
+
+
+_FULL_DISK = """
+import errno, os, sys
+real, target = os.replace, sys.argv[1]
+def full(src, dst, *a, **k):  # the final rename of an atomic write fails as on a full disk
+    if str(dst).endswith(target):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+    return real(src, dst, *a, **k)
+os.replace = full
+from onnxqat.cli.app import main
+sys.argv = ["onnxqat"] + sys.argv[2:]
+main()
+"""
+
+
+@pytest.mark.parametrize("target,command,pattern", [
+    ("out.onnx", ("insert", "{m}", "-r", "sat4", "-o", "{tmp}/out.onnx"), "cannot write"),
+    ("checkpoint_last.npz", ("train", "{m}", "--recipe", "lsq4", "--data", "{d}", "--epochs", "1", "-b", "16",
+                             "--out", "{tmp}/run", "--no-progress"), "checkpoint_last.npz: No space left on device"),
+    (".png", ("train", "{m}", "--recipe", "lsq4", "--data", "{d}", "--epochs", "1", "-b", "16", "--out",
+              "{tmp}/run", "--no-progress"), "distrib.png: No space left on device"),
+])
+def test_full_disk_is_one_line_and_leaves_no_partial_file(target, command, pattern, files, tmp_path):
+    onnx.save(_conv_relu_gemm(), str(tmp_path / "m.onnx"))
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x_train=rng.uniform(0, 1, (64, 8, 8, 1)).astype(np.float32),
+             y_train=rng.integers(0, 3, 64), x_test=rng.uniform(0, 1, (16, 8, 8, 1)).astype(np.float32),
+             y_test=rng.integers(0, 3, 16))
+    (tmp_path / "driver.py").write_text(_FULL_DISK)
+    args = [a.format(m=tmp_path / "m.onnx", d=tmp_path / "d.npz", tmp=tmp_path) for a in command]
+    r = subprocess.run([sys.executable, str(tmp_path / "driver.py"), target, *args], capture_output=True, text=True,
+                       timeout=120, cwd=REPO)
+    one_error_line(r, 1, pattern)
+    assert "No space left on device" in r.stderr
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or p.name == ".onnxqat.lock"
+                 or p.name.endswith(target) and p.stat().st_size == 0]
+    assert not leftovers and not (tmp_path / "out.onnx").exists()
