@@ -284,14 +284,7 @@ def fit(model: onnx.ModelProto, cfg: TrainConfig, train_batches: Batches, val_ba
         raise DataError(f"the training set has {len(train_batches.ds)} samples, fewer than one batch "
                         f"({train_batches.batch_size}): lower the batch size or give more data")
     plan = art.plan_training(model, io)
-    dims = plan.input_shapes.get(plan.input_name)
-    fixed = {plan.input_name: dims[0]} if dims and isinstance(dims[0], int) and dims[0] > 0 else {}
-    for name, b in fixed.items():
-        sizes = {train_batches.batch_size} | {x.batch_size for x in (val_batches, test_batches) if x is not None}
-        if sizes != {b} or any(x is not None and len(x.ds) % b for x in (train_batches, val_batches, test_batches)):
-            raise DataError(f"the model's input '{name}' has a fixed batch size of {b}: train with --batch-size {b} "
-                            f"(and data sets that are whole batches of {b}), or re-export the model with a dynamic "
-                            "batch dimension")
+    _check_fixed_batch(plan, [x for x in (train_batches, val_batches, test_batches) if x is not None])
     teacher = None
     if plan.io.needs_teacher:
         from onnxqat.training.teacher import Teacher
@@ -538,6 +531,17 @@ CHECKSUM_EVERY = 100  # updates between two comparisons of the ranks' parameters
 # after epoch 1, a loss this many times the loss before training, or a top-1 this many points lower, is a warning
 WARN_LOSS_RATIO = 1.5
 WARN_TOP1_DROP = 5.0
+
+
+def _check_fixed_batch(plan: art.TrainingPlan, batches: list[Batches]) -> None:
+    """An export with a fixed batch dimension (common: 1) runs only batches of that size: said up front, not as
+    ORT's "invalid dimensions" in the first step."""
+    dims = plan.input_shapes.get(plan.input_name)
+    b = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
+    if b is not None and ({x.batch_size for x in batches} != {b} or any(len(x.ds) % b for x in batches)):
+        raise DataError(f"the model's input '{plan.input_name}' has a fixed batch size of {b}: train with "
+                        f"--batch-size {b} (and data sets that are whole batches of {b}), or re-export the model "
+                        "with a dynamic batch dimension")
 
 
 def bad_input_hint(x) -> str:
