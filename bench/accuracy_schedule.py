@@ -1,21 +1,28 @@
-"""LeNet (example 01) on Fashion-MNIST with issue 16's schedule, onnxqat side: the table its PyTorch column is
-compared with.
+"""LeNet (example 01) on Fashion-MNIST with issue 16's schedule, onnxqat beside a PyTorch eager implementation of
+the same network, quantizers and solver (bench/torch_reference.py), seed by seed.
 
-    python bench/accuracy_schedule.py [--seeds 0 1 2] [--fp32-epochs 50] [--qat-epochs 25] [--limit N] [--out DIR]
+    python bench/accuracy_schedule.py [--seeds 0 1 2] [--sides onnxqat torch] [--fp32-epochs 50] [--qat-epochs 25]
+                                      [--limit N] [--out DIR] [--torch-python PY]
 
 Schedule (one seed each row): FP32 from scratch for --fp32-epochs; then from that model, --qat-epochs each with the
 cosine restarted: FP32 fine-tune, LSQ W4A4 (recipe lsq4, first/last weights 8-bit), SAT W4A4 (recipe sat4 inserted
 on the FP32 model: no clamp phase). Solver: SGD momentum 0.9 in PyTorch's form (momentum_form pytorch), lr 0.05,
 per-iteration cosine to 0, batch 256, weight decay 5e-4 on conv/fc weights and biases, none on BatchNorm
 (norm_decay 0) nor on quantizer parameters (quantizer_decay 0), pixels in [0, 1], no augmentation, no validation
-split (the figure is the last epoch's model on the 10,000 test images). Prints the table and writes
-<out>/results.json. The issue's PyTorch reference: FP32 91.33, fine-tune 91.62, LSQ W4A4 91.58, SAT W4A4 91.43.
+split (the figure is the last epoch's model on the 10,000 test images). Both sides start from the same weights
+(onnxqat's LeNet builder with the seed), read the same batches in the same order and initialise the activation
+quantizers from the same first 256 images; dropout masks differ. The torch side runs in this interpreter when torch
+imports, else in --torch-python (default: the export environment, .venv-export/bin/python), else it is skipped.
+Each (seed, side) is written to <out>/seed<S>/<side>.json as it finishes and reused by a later call (--again to
+rerun), so seeds can be run in separate processes; the table is printed from all the seeds asked for and written
+to <out>/results.json. The issue's PyTorch figures (one seed): FP32 91.33, fine-tune 91.62, LSQ 91.58, SAT 91.43.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 REFERENCE = {"fp32": 91.33, "fp32_finetune": 91.62, "lsq4": 91.58, "sat4": 91.43}  # issue 16's PyTorch column
+ROWS = (("fp32", "FP32"), ("fp32_finetune", "FP32 fine-tune"), ("lsq4", "LSQ W4A4"), ("sat4", "SAT W4A4 (no clamp phase)"))
 
 
 def run_seed(args, seed: int, out: Path) -> dict:
@@ -57,26 +65,89 @@ def run_seed(args, seed: int, out: Path) -> dict:
     return res
 
 
+def torch_python(explicit: str | None) -> str | None:
+    """The interpreter that runs bench/torch_reference.py: --torch-python, this one if torch imports, the export
+    environment's; None when none has torch."""
+    if explicit:
+        return explicit
+    try:
+        import torch  # noqa: F401
+
+        return sys.executable
+    except ImportError:
+        pass
+    py = ROOT / ".venv-export" / "bin" / "python"
+    if py.exists() and subprocess.run([str(py), "-c", "import torch"], capture_output=True).returncode == 0:
+        return str(py)
+    return None
+
+
+def run_torch_seed(args, seed: int, py: str, path: Path) -> dict:
+    cmd = [py, str(ROOT / "bench" / "torch_reference.py"), "--schedule", "--seed", str(seed),
+           "--fp32-epochs", str(args.fp32_epochs), "--qat-epochs", str(args.qat_epochs),
+           "--threads", str(args.threads), "--json", str(path)]
+    if args.limit:
+        cmd += ["--limit", str(args.limit)]
+    subprocess.run(cmd, check=True)
+    return json.loads(path.read_text())
+
+
+def seed_side(args, seed: int, side: str, py: str | None) -> dict | None:
+    path = args.out / f"seed{seed}" / f"{side}.json"
+    if path.exists() and not args.again:
+        return json.loads(path.read_text())
+    if side == "torch":
+        return run_torch_seed(args, seed, py, path) if py else None
+    rows = run_seed(args, seed, args.out / f"seed{seed}")
+    path.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--sides", nargs="+", choices=("onnxqat", "torch"), default=["onnxqat", "torch"],
+                   help="run these sides (both are always tabulated from what <out> holds)")
     p.add_argument("--fp32-epochs", type=int, default=50)
     p.add_argument("--qat-epochs", type=int, default=25)
     p.add_argument("--limit", type=int, default=None, help="training samples (default: all 60000)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "accuracy_schedule")
+    p.add_argument("--torch-python", help="interpreter with torch for the reference side")
+    p.add_argument("--again", action="store_true", help="rerun (seed, side) pairs <out> already holds")
     args = p.parse_args(argv)
-    rows = {s: run_seed(args, s, args.out / f"seed{s}") for s in args.seeds}
+    py = torch_python(args.torch_python) if "torch" in args.sides else None
+    if "torch" in args.sides and py is None:
+        print("PyTorch side skipped: no interpreter with torch (pip install torch, or --torch-python)", flush=True)
+    rows: dict = {"onnxqat": {}, "torch": {}}
+    for s in args.seeds:
+        (args.out / f"seed{s}").mkdir(parents=True, exist_ok=True)
+        for side in ("onnxqat", "torch"):
+            got = seed_side(args, s, side, py) if side in args.sides else None
+            path = args.out / f"seed{s}" / f"{side}.json"
+            if got is None and path.exists():
+                got = json.loads(path.read_text())
+            if got is not None:
+                rows[side][s] = got
     print(f"\nLeNet / Fashion-MNIST, FP32 {args.fp32_epochs} epochs then {args.qat_epochs} each"
-          + (f", {args.limit} training images" if args.limit else "") + f", seeds {args.seeds}:")
-    print(f"| mode | onnxqat (mean over seeds) | per seed | PyTorch reference (issue 16) |\n|---|---|---|---|")
-    for key, label in (("fp32", "FP32"), ("fp32_finetune", "FP32 fine-tune"), ("lsq4", "LSQ W4A4"),
-                       ("sat4", "SAT W4A4 (no clamp phase)")):
-        vals = [rows[s][key] for s in args.seeds]
-        print(f"| {label} | {np.mean(vals):.2f} | {', '.join(f'{v:.2f}' for v in vals)} | {REFERENCE[key]:.2f} |")
-    args.out.mkdir(parents=True, exist_ok=True)
+          + (f", {args.limit} training images" if args.limit else "") + ", test top-1 % (last epoch):")
+    print("| mode | onnxqat mean (per seed) | PyTorch same run mean (per seed) | onnxqat - PyTorch | issue's PyTorch |")
+    print("|---|---|---|---|---|")
+
+    def cell(side, key):
+        vals = {s: r[key] for s, r in rows[side].items()}
+        return (f"{np.mean(list(vals.values())):.2f} ({', '.join(f'{v:.2f}' for v in vals.values())})"
+                if vals else "-"), vals
+
+    for key, label in ROWS:
+        (a, va), (b, vb) = cell("onnxqat", key), cell("torch", key)
+        both = sorted(set(va) & set(vb))
+        diff = f"{np.mean([va[s] - vb[s] for s in both]):+.2f} over seeds {both}" if both else "-"
+        print(f"| {label} | {a} | {b} | {diff} | {REFERENCE[key]:.2f} |")
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                       "rows": rows, "reference": REFERENCE}, indent=1))
+                                                       "rows": {k: {str(s): r for s, r in v.items()}
+                                                                for k, v in rows.items()},
+                                                       "reference": REFERENCE}, indent=1))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ Procedure (same batch, solver and epochs for every variant):
   initialised from the SAT clamp result (`init_from`, as N2D2's `-w weights_clamped`); alpha starts at 6.
 - LSQ W4A4 (recipe lsq4, first/last weights 8-bit): inserted on the FP32 result (usual LSQ fine-tuning; weight
   steps initialised from the trained weights, activation steps 0.4).
-- PyTorch: the same LeNet with the LSQ W4A4 quantizers written as autograd functions (forward/backward of
-  quantizer-math.md), trained on the same batches; images/s of onnxqat LSQ / PyTorch LSQ.
+- PyTorch: the same LeNet with the LSQ W4A4 quantizers written as autograd functions (bench/torch_reference.py,
+  forward/backward of quantizer-math.md), trained on the same batches; images/s of onnxqat LSQ / PyTorch LSQ.
 Seconds per epoch are training time only (no evaluation), wall clock and process CPU time (the CPU figure is the
 steadier one on a shared machine; with --threads 1 both frameworks use one compute thread). Prints a table and writes <out>/results.json.
 """
@@ -78,125 +78,14 @@ def run_onnxqat(args, out: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------------ PyTorch
 
-def run_torch(args, fp32_model: str | None) -> dict:
-    import onnx
-    import torch
-    import torch.nn.functional as F
-    from onnx import numpy_helper
+def run_torch(args, fp32_model: str) -> dict:
+    """The LSQ W4A4 LeNet of bench/torch_reference.py from the same FP32 model, same batches and solver settings."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from torch_reference import onnx_arrays, train
 
-    from onnxqat.training.data import Batches, resolve_data
-    from onnxqat.training.transforms import default_transforms
-
-    torch.set_num_threads(max(1, args.threads or 1))
-    torch.manual_seed(args.seed)
-
-    class Lsq(torch.autograd.Function):
-        """v_hat = s round(clip(v/s, Qn, Qp)); dv STE inside; ds = g sum dy (Qn | Qp | round(v/s) - v/s)."""
-
-        @staticmethod
-        def forward(ctx, v, s, qn, qp, g):
-            vs = v / s
-            ctx.save_for_backward(vs)
-            ctx.qn, ctx.qp, ctx.g = qn, qp, g
-            return torch.round(torch.clamp(vs, qn, qp)) * s
-
-        @staticmethod
-        def backward(ctx, dy):
-            (vs,) = ctx.saved_tensors
-            qn, qp = ctx.qn, ctx.qp
-            inside = (vs >= qn) & (vs <= qp)
-            local = torch.where(vs <= qn, torch.full_like(vs, qn),
-                                torch.where(vs >= qp, torch.full_like(vs, qp), torch.round(vs) - vs))
-            return dy * inside, (ctx.g * (dy * local).sum()).reshape(1), None, None, None
-
-    def wq(w, s, r):
-        qn, qp = -((r + 1) // 2), (r - 1) // 2
-        return Lsq.apply(w, s, float(qn), float(qp), 1.0 / np.sqrt(w.numel() * qp))
-
-    def aq(x, s, r):
-        return Lsq.apply(x, s, 0.0, float(r), 1.0 / np.sqrt(x[0].numel() * r))
-
-    init = {}
-    if fp32_model:
-        init = {i.name: torch.tensor(numpy_helper.to_array(i).copy()) for i in onnx.load(fp32_model).graph.initializer}
-
-    class LeNet(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.c1 = torch.nn.Conv2d(1, 6, 5, padding=2, bias=False)
-            self.b1 = torch.nn.BatchNorm2d(6, momentum=0.1)
-            self.c2 = torch.nn.Conv2d(6, 16, 5, bias=False)
-            self.b2 = torch.nn.BatchNorm2d(16, momentum=0.1)
-            self.c3 = torch.nn.Conv2d(16, 120, 5, bias=False)
-            self.b3 = torch.nn.BatchNorm2d(120, momentum=0.1)
-            self.f1 = torch.nn.Linear(120, 84)
-            self.f2 = torch.nn.Linear(84, 10)
-            self.ranges = {"c1": 255, "c2": 15, "c3": 15, "f1": 15, "f2": 255}
-            self.wsteps = torch.nn.ParameterDict({k: torch.nn.Parameter(torch.ones(1)) for k in self.ranges})
-            self.asteps = torch.nn.ParameterList([torch.nn.Parameter(torch.tensor([0.4])) for _ in range(4)])
-
-        def init_steps(self):  # LSQ: s_w = 2 mean|W| / sqrt(Qp), from the (loaded) weights
-            with torch.no_grad():
-                for k, r in self.ranges.items():
-                    w = getattr(self, k).weight
-                    self.wsteps[k].fill_(2 * w.abs().mean().item() / float(np.sqrt((r - 1) // 2)))
-
-        def forward(self, x):
-            r = self.ranges
-            x = F.conv2d(x, wq(self.c1.weight, self.wsteps["c1"], r["c1"]), padding=2)
-            x = F.max_pool2d(aq(F.relu(self.b1(x)), self.asteps[0], 15), 2)
-            x = F.conv2d(x, wq(self.c2.weight, self.wsteps["c2"], r["c2"]))
-            x = F.max_pool2d(aq(F.relu(self.b2(x)), self.asteps[1], 15), 2)
-            x = F.conv2d(x, wq(self.c3.weight, self.wsteps["c3"], r["c3"]))
-            x = F.dropout(aq(F.relu(self.b3(x)), self.asteps[2], 15), 0.5, self.training).flatten(1)
-            x = F.linear(x, wq(self.f1.weight, self.wsteps["f1"], r["f1"]), self.f1.bias)
-            x = F.dropout(aq(F.relu(x), self.asteps[3], 15), 0.5, self.training)
-            return F.linear(x, wq(self.f2.weight, self.wsteps["f2"], r["f2"]), self.f2.bias)
-
-    net = LeNet()
-    if init:
-        names = {"c1.weight": "conv1.weight", "c2.weight": "conv2.weight", "c3.weight": "conv3.weight",
-                 "f1.weight": "fc1.weight", "f1.bias": "fc1.bias", "f2.weight": "fc2.weight", "f2.bias": "fc2.bias"}
-        for i in (1, 2, 3):
-            names.update({f"b{i}.weight": f"bn{i}.scale", f"b{i}.bias": f"bn{i}.B", f"b{i}.running_mean": f"bn{i}.mean",
-                          f"b{i}.running_var": f"bn{i}.var"})
-        sd = net.state_dict()
-        for k, v in names.items():
-            sd[k] = init[v].reshape(sd[k].shape)
-        net.load_state_dict(sd)
-    net.init_steps()
-    opt = torch.optim.SGD(net.parameters(), lr=args.lsq_lr, momentum=0.9, weight_decay=args.decay)
-    train_ds, test_ds = resolve_data("fashion-mnist")
-    train_ds, test_ds = train_ds.limit(args.limit), test_ds.limit(args.limit_test)
-    tf = default_transforms()
-    tb = Batches(train_ds, args.batch_size, tf, train=True, seed=args.seed)
-    secs, cpus, n_img = [], [], 0
-    for epoch in range(args.epochs):
-        net.train()
-        t0, c0 = time.perf_counter(), time.process_time()
-        n = 0
-        for _, x, y in tb.epoch(epoch):
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(net(torch.from_numpy(x)), torch.from_numpy(y))
-            loss.backward()
-            opt.step()
-            n += len(y)
-        secs.append(time.perf_counter() - t0)
-        cpus.append(time.process_time() - c0)
-        n_img = n
-    net.eval()
-    correct = 0
-    with torch.no_grad():
-        for _, x, y in Batches(test_ds, 512, tf, train=False).epoch(0):
-            correct += int((net(torch.from_numpy(x)).argmax(1).numpy() == y).sum())
-    out = {"test_top1": 100.0 * correct / len(test_ds), "seconds_per_epoch": float(np.mean(secs)),
-           "images_per_s": n_img / float(np.mean(secs)), "cpu_seconds_per_epoch": float(np.mean(cpus)),
-           "images_per_cpu_s": n_img / float(np.mean(cpus)), "torch": torch.__version__,
-           "threads": torch.get_num_threads()}
-    print(f"  {'torch lsq4':<10} test top-1 {out['test_top1']:6.2f}%  {out['seconds_per_epoch']:.2f} s/epoch  "
-          f"(CPU {out['cpu_seconds_per_epoch']:.2f} s)  {out['images_per_s']:.0f} img/s (torch {torch.__version__}, "
-          f"{out['threads']} thread(s))", flush=True)
-    return out
+    return train("lsq4", onnx_arrays(fp32_model), epochs=args.epochs, seed=args.seed, lr=args.lsq_lr,
+                 decay=args.decay, batch_size=args.batch_size, limit=args.limit, threads=args.threads,
+                 log=lambda line: print(line, flush=True))[1]
 
 
 def main(argv=None):
