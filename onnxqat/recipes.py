@@ -48,6 +48,11 @@ class WeightSettings:
     # exporter, whose scale DoReFa's [-1, 1] levels would lose), "always", "never" (N2D2's graph); true = "always",
     # false = "never"
     restore_scale: str | bool = "auto"
+    # SAT, N2D2's QWeight.Mode=Integer: the layer reads integer-valued weights (the quantized levels times R, or
+    # floor(R/2) in the (a)symmetric modes: odd integers in [-R, R], or [-h, h]), the factor is left to the
+    # BatchNormalization after the layer (and to fuse); layers without one keep fake-quantized weights (a warning says
+    # which); replaces restore_scale; needs apply_scaling = false
+    integer: bool = False
     per_channel: bool = False  # LSQ: one step per output channel
     step: float | None = None  # LSQ initial step; None = from the weights, as step_init says
     step_init: str = "paper"  # LSQ step from the weights: paper 2*mean|W|/sqrt(Qp), max max|W|/Qp, mse least error
@@ -102,6 +107,7 @@ WEIGHT_KEYS = {
     "apply_scaling": ((bool,), None, ""),
     "restore_scale": ((str, bool), lambda v: isinstance(v, bool) or v in RESTORE_SCALE_MODES,
                       f"true, false or one of {', '.join(RESTORE_SCALE_MODES)}"),
+    "integer": ((bool,), None, ""),
     "per_channel": ((bool,), None, ""),
     "step": ((int, float), _positive, "finite, > 0 and <= 1e30"),
     "step_init": ((str,), lambda v: v in ("paper", "max", "mse"), "one of paper, max, mse"),

@@ -101,6 +101,13 @@ def _check_weight(index, node, tensor: str, ws, recipe: Recipe) -> None:
     if ws.method == "sat" and ws.mode in ("symmetric", "asymmetric", "asymmetric-clamp") and ws.range < 2:
         raise RecipeError(f"{recipe.source}: weights of {node.op_type} node {node.name}: range {ws.range} with "
                           f"mode \"{ws.mode}\" has no level besides 0 (range >= 2)")
+    if ws.integer and ws.method != "sat":
+        raise RecipeError(f"{recipe.source}: weights of {node.op_type} node {node.name}: integer = true is SAT's "
+                          "QWeight.Mode=Integer (LSQ's weights are integers times a learned step already)")
+    if ws.integer and ws.apply_scaling and _batchnorm_follows(index, node):
+        raise RecipeError(f"{recipe.source}: weights of {node.op_type} node {node.name}: integer = true with "
+                          "apply_scaling = true: scale-adjusted weights are not integers (set apply_scaling = false "
+                          "for this layer, as N2D2's IntegerOnly recipes do)")
     cv = index.constant_value(tensor)
     w = np.asarray([cv.fill]) if cv.fill is not None else cv.array()
     if not np.all(np.isfinite(w)):
@@ -150,6 +157,7 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
     # ---- weights: one quantizer per weight tensor (a shared weight is quantized once, for all its layers)
     by_tensor: dict[str, PlanEntry] = {}
     settings_of: dict[str, tuple] = {}
+    not_integer: list[str] = []  # weights.integer asked where no BatchNormalization absorbs the factor
     for layer in layers:
         node = layer.node
         ws = recipe.weight_settings(node.op_type, node.name, node.name in first, node.name in last)
@@ -175,7 +183,13 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
         if ws.method == "sat":
             restore = None
             mode = ws.restore_scale_mode
-            if not ws.apply_scaling and (mode == "always" or mode == "auto" and not _batchnorm_follows(index, node)):
+            integer = ws.integer and _batchnorm_follows(index, node)
+            if ws.integer and not integer:
+                not_integer.append(node.name)
+            if integer:
+                restore = (float(w_pass.sat_integer_factor(ws)),)
+                common["notes"] = (*common["notes"], "integer weights")
+            elif not ws.apply_scaling and (mode == "always" or mode == "auto" and not _batchnorm_follows(index, node)):
                 restore = w_pass.sat_restore_scale(index, layer, ws)
             entry = PlanEntry(
                 op_type="SatWeightQuant", mode=ws.mode, fan_out=layer.fan_out if ws.apply_scaling else 0,
@@ -187,6 +201,10 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
                 grad_scale=w_pass.weight_grad_scale(layer, ws), per_channel=ws.per_channel, **common,
             )
         by_tensor[tensor] = entry
+    if not_integer:
+        warns.append(f"integer weights (weights.integer) only where a BatchNormalization follows the layer to absorb "
+                     f"the factor R; {len(not_integer)} layer(s) keep fake-quantized weights: "
+                     f"{', '.join(not_integer[:4])}{' ...' if len(not_integer) > 4 else ''}")
     weight_entries = list(by_tensor.values())
 
     # ---- activations

@@ -150,6 +150,12 @@ def weight_grad_scale(layer: WeightedLayer, ws: WeightSettings) -> float:
     return float(np.float32(1.0 / math.sqrt(max(n, 1) * lsq_qp(ws.range, True))))
 
 
+def sat_integer_factor(ws: WeightSettings) -> int:
+    """The factor that makes SAT's quantized levels integers (N2D2's QWeight.Mode=Integer): levels 2j/R - 1 (DoReFa,
+    full range, clamp) times R are the odd integers 2j - R; levels j/h ((a)symmetric, h = floor(R/2)) times h are j."""
+    return ws.range // 2 if ws.mode in ("symmetric", "asymmetric", "asymmetric-clamp") else ws.range
+
+
 def sat_restore_scale(index: GraphIndex, layer: WeightedLayer, ws: WeightSettings) -> tuple[float, ...]:
     """Per output channel o, the constant c_o that brings SAT's quantized weights Q (levels in [-1, 1], whatever
     the layer's own scale) back to the float weights W: the least-squares c_o = <W_o, Q_o> / <Q_o, Q_o>. Without a

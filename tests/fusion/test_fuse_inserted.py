@@ -88,6 +88,33 @@ def test_restored_scale_sat_weights_fuse_exactly(fmt):
     assert a.samples == 64 and a.top1_agreement == 1.0 and a.max_code_diff == 0
 
 
+@pytest.mark.parametrize("mode", ["quantize", "symmetric"])
+@pytest.mark.parametrize("fmt", ["int", "ort"])
+def test_integer_weights_fuse_exactly(mode, fmt):
+    """weights.integer (N2D2 QWeight.Mode=Integer): the Mul by R (or floor(R/2)) after each weight quantizer is folded
+    into the layer scale like restore_scale; the fused model gives the fake-quantized model's codes exactly."""
+    from pathlib import Path
+
+    from onnxqat.recipes import parse_recipe
+
+    text = (Path(__file__).parents[2] / "recipes" / "sat4.toml").read_text()
+    text = text.replace("[weights]", "[weights]\ninteger = true", 1).replace("apply_scaling = true", "apply_scaling = false")
+    recipe = parse_recipe(text.replace('mode = "quantize"', f'mode = "{mode}"'))
+    x = np.random.default_rng(1).integers(0, 256, (64, 1, 16, 16), dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat = insert_mod.insert(float_lenet(), recipe, calibration_data={"input": (x[:16] / np.float32(255))})
+    factor = 15 if mode == "quantize" else 7
+    inits = {t.name: numpy_helper.to_array(t) for t in qat.graph.initializer}
+    assert inits["conv1_wquant.restore_scale"].reshape(-1).tolist() == [255.0 if mode == "quantize" else 127.0]
+    assert inits["conv2_wquant.restore_scale"].reshape(-1).tolist() == [float(factor)]  # BN after conv1, conv2
+    assert inits["fc1_wquant.restore_scale"].size == 32  # no BN after the Gemms: restore_scale "auto" there
+    res = fuse(qat, verify_data=x, strict=True, format=fmt)
+    assert not any(n.domain == "com.onnxqat" or n.name.endswith("_restore") for n in res.model.graph.node)
+    a = res.agreement
+    assert a.samples == 64 and a.top1_agreement == 1.0 and a.max_code_diff == 0
+
+
 def test_fake_quant_on_onnxruntime_with_op_library_matches_reference():
     """The fused model against the fake-quantized model run by onnxruntime + the compiled op library."""
     lib = pytest.importorskip("onnxqat.ops.library")

@@ -126,6 +126,54 @@ def test_restore_scale_modes(value, restored):
     assert all(n.op_type == "Mul" for n in q.graph.node if n.name.endswith("_wquant_restore"))
 
 
+@pytest.mark.parametrize("mode,factor", [("quantize", 15), ("fullrange", 15), ("symmetric", 7), ("asymmetric", 7),
+                                         ("clamp", 15)])
+def test_integer_weights_are_integers(mode, factor):
+    """weights.integer (N2D2 QWeight.Mode=Integer): a layer a BatchNormalization follows reads its quantized weights
+    times R (DoReFa levels: the odd integers 2j - R) or floor(R/2) ((a)symmetric levels j/h: the integers j), checked
+    by running the graph's own weight path in onnx.reference with the numpy reference of the ops; the layers without
+    BN keep fake-quantized weights and a warning names them."""
+    base = open(Path(__file__).parents[2] / "recipes" / "sat4.toml").read()
+    text = base.replace("[weights]", "[weights]\ninteger = true", 1).replace('mode = "quantize"', f'mode = "{mode}"')
+    text = text.replace("[first_layer]\nrange = 255", "[first_layer]\nrange = 15")
+    with pytest.warns(QuantizationWarning, match=r"integer weights .* only where a BatchNormalization follows the "
+                      r"layer .*; 5 layer\(s\) keep fake-quantized weights: Conv_4, Conv_6, Conv_10, ConvTranspose_12"):
+        q = insert(resblock(), parse_recipe(text))
+    # the one conv a BatchNormalization follows; the others keep restore_scale "auto" (least squares per channel)
+    scaled = {n.output[0]: n for n in q.graph.node if n.name == "Conv_0_wquant_restore" and n.op_type == "Mul"}
+    assert len(scaled) == 1 and init(q, "Conv_0_wquant.restore_scale").reshape(-1).tolist() == [float(factor)]
+    assert init(q, "Conv_4_wquant.restore_scale").size == 8
+    m = onnx.ModelProto()
+    m.CopyFrom(q)
+    del m.graph.output[:]
+    m.graph.output.extend(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None) for t in scaled)
+    (w,) = ReferenceEvaluator(m, new_ops=ref.reference_ops()).run(None, {"x": x_input()})
+    low = -factor - 1 if mode == "asymmetric" else -factor  # asymmetric: j in [-h - 1, h]
+    assert w.max() <= factor + 1e-4 and w.min() >= low - 1e-4
+    if mode != "clamp":  # clamp (phase one) is not rounded: tanh/M times R, the scale phase two trains with
+        np.testing.assert_allclose(w, np.round(w), atol=2e-5)
+        if mode in ("quantize", "fullrange"):
+            assert np.all(np.round(w) % 2 == 1)
+    else:
+        assert np.abs(w).max() == pytest.approx(factor)
+    with pytest.warns(QuantizationWarning):
+        assert "[first, integer weights]" in plan(resblock(), parse_recipe(text)).format()
+
+
+@pytest.mark.parametrize("extra,match", [
+    ("", r"integer = true with apply_scaling = true: scale-adjusted weights are not integers"),
+    ('method = "lsq"\n', r"integer = true is SAT's QWeight.Mode=Integer"),
+])
+def test_integer_weights_refused_where_they_cannot_be_integers(extra, match):
+    base = open(Path(__file__).parents[2] / "recipes" / "sat4.toml").read()
+    text = base.replace('[weights]\nmethod = "sat"', '[weights]\nmethod = "sat"\ninteger = true')
+    text = text.replace("apply_scaling = false", "apply_scaling = true")  # Conv_0, which a BatchNormalization follows
+    if extra:
+        text = text.replace('[weights]\nmethod = "sat"', '[weights]\nmethod = "lsq"')
+    with pytest.raises(RecipeError, match=match):
+        insert(resblock(), parse_recipe(text))
+
+
 def test_resblock_lsq4_placement_and_init():
     m = resblock()
     q = insert(m, "lsq4")

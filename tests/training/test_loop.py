@@ -312,3 +312,20 @@ def test_n2d2_weight_modes_train(tmp_path, npz, mode):
     assert np.isfinite(r.metrics[-1]["train_loss"])
     assert not np.array_equal(_inits(r.model_path)["conv.weight"],
                               numpy_helper.to_array(next(t for t in qat.graph.initializer if t.name == "conv.weight")))
+
+
+def test_integer_weights_train(tmp_path, npz):
+    """weights.integer (N2D2 QWeight.Mode=Integer): the layer reads integer-valued weights (levels x R); the factor
+    stays a constant through training (not a trained parameter), the float weights move, the loss stays finite."""
+    from onnxqat.passes.insert import insert
+    from onnxqat.recipes import parse_recipe
+
+    qat = insert(small_cnn(0, bn=True), parse_recipe('[weights]\ninteger = true\n[activations]\nenabled = false\n'))
+    factor = {t.name: numpy_helper.to_array(t) for t in qat.graph.initializer if t.name == "conv_wquant.restore_scale"}
+    assert factor["conv_wquant.restore_scale"].reshape(-1).tolist() == [15.0]  # the conv a BatchNormalization follows
+    r = train(qat, npz, epochs=1, batch_size=32, lr=0.05, validation=0.0, transforms=[], out=tmp_path / "r", **QUIET)
+    assert np.isfinite(r.metrics[-1]["train_loss"])
+    got = _inits(r.model_path)
+    assert all(np.array_equal(got[k], v) for k, v in factor.items())
+    assert not np.array_equal(got["conv.weight"],
+                              numpy_helper.to_array(next(t for t in qat.graph.initializer if t.name == "conv.weight")))
