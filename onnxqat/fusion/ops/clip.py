@@ -49,7 +49,7 @@ def lower_clip(low: Lowerer, node: onnx.NodeProto) -> None:
         return
     lo, hi = clip_range(low, node)
     if isinstance(v, Acc):
-        low.val[node.output[0]] = Acc(v.terms, v.bias, v.cshape, v.axis, (max(v.clip[0], lo), min(v.clip[1], hi)))
+        low.val[node.output[0]] = replace(v, clip=(max(v.clip[0], lo), min(v.clip[1], hi)))  # keeps its sources
         return
     if isinstance(v, Table):
         return lower_unary(low, node)
