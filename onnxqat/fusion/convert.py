@@ -74,9 +74,7 @@ def to_float(low: Lowerer, v) -> str:
     if isinstance(v, Joined):
         return b.op("Concat", [dequantize(b, c) for c in v.parts], f"{v.parts[0].name}_joined", axis=v.axis)
     if isinstance(v, Table):  # the float values the fake-quantized model has, by code
-        from onnxqat.fusion.ops.unary import table_lookup
-
-        return table_lookup(low, v, v.values, f"{v.codes.name}_f")
+        return low.fmt.table_floats(low, v, f"{v.codes.name}_f")
     return low.fmt.acc_to_float(low, v, f"{v.terms[0][0]}_real")
 
 

@@ -78,6 +78,20 @@ class Pooled:
     flat: bool = False
 
 
+@dataclass(frozen=True)
+class Replay:
+    """How the fake-quantized model computes a Table's values from the float32 values of its codes, as float ops a
+    format may emit instead of a lookup (onnxruntime's Gather is ~10x slower than its elementwise float ops):
+    op None: the codes' values themselves; ("node", NodeProto, {input: constant}) applied to `parent`;
+    ("mul",) the product of `parent` and `other` (x * Sigmoid(x))."""
+    op: tuple | None = None
+    parent: "Replay | None" = None
+    other: "Replay | None" = None
+
+
+CODES_REPLAY = Replay()
+
+
 @dataclass
 class Table:
     """f(codes) for an elementwise function f, not yet written: `values[u]` is the float32 value the fake-quantized
@@ -87,6 +101,9 @@ class Table:
     values: np.ndarray  # float32 [r + 1], or [C, r + 1]: one row per channel (a per-channel PRelu slope, mean, std)
     axis: int = 1  # the channel axis of a per-channel table, in a tensor of rank `rank`
     rank: int = 0
+    # the float ops that give `values` from the codes' DequantizeLinear (None: only the table; the codes of a SAT
+    # quantizer, whose values are alpha * (k / R), or a per-channel table moved to another layout)
+    replay: Replay | None = field(default=None, compare=False, repr=False)
 
     @property
     def per_channel(self) -> bool:

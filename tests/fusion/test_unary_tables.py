@@ -1,5 +1,6 @@
 """Elementwise functions of codes as lookup tables (ops/unary.py) and products of codes (ops/arithmetic.py):
-integer-only (a Gather of the next quantizer's codes), bit-exact against the fake-quantized model."""
+integer-only (a Gather of the next quantizer's codes) in the int format, the model's float ops replayed between a
+DequantizeLinear and a QuantizeLinear in the ort format; bit-exact against the fake-quantized model in both."""
 
 import numpy as np
 import pytest
@@ -40,7 +41,10 @@ def test_table_is_integer_and_exact(case, fmt):
     qat = _between_quantizers(CASES[case])
     res = fuse(qat, format=fmt, verify_samples=64, strict=True, integer_only=fmt == "int")
     ops = {n.op_type for n in res.model.graph.node}
-    assert "Gather" in ops and not ops & {"Sigmoid", "HardSwish", "HardSigmoid", "Tanh", "Erf", "LeakyRelu"}
+    if fmt == "int":
+        assert "Gather" in ops and not ops & {"Sigmoid", "HardSwish", "HardSigmoid", "Tanh", "Erf", "LeakyRelu"}
+    else:  # the model's own float ops from a DequantizeLinear to a QuantizeLinear: onnxruntime's Gather is slow
+        assert "Gather" not in ops and {"DequantizeLinear", "QuantizeLinear"} <= ops
     assert res.islands == [] and res.agreement.activations["fq"] == 1.0
 
 

@@ -49,6 +49,19 @@ class Format:
         """An op that moves or selects codes (MaxPool, Reshape, Transpose ...) on the codes tensor inputs[0]."""
         return low.b.op(op, inputs, name, **attrs)
 
+    def table_codes(self, low: Lowerer, t, q, name: str) -> str:
+        """The codes of activation quantizer q (ops/quantizer.Quantizer) of a Table's values: one Gather of the
+        table of its codes (integer-only, bit-exact)."""
+        from onnxqat.fusion.ops.unary import table_lookup
+
+        return table_lookup(low, t, q.codes(t.values).astype(np.uint8), name)
+
+    def table_floats(self, low: Lowerer, t, name: str) -> str:
+        """A Table's float values, for a consumer outside the integer part: one Gather of the values."""
+        from onnxqat.fusion.ops.unary import table_lookup
+
+        return table_lookup(low, t, t.values, name)
+
     def moved_term(self, old: str, new: str) -> None:
         """An accumulator term moved by a shape op (new holds old's numbers elsewhere)."""
 

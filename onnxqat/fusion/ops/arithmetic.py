@@ -17,7 +17,7 @@ from onnx import TensorProto
 
 from onnxqat.fusion.convert import acc_of_pooled, to_float
 from onnxqat.fusion.graph import NoIntegerForm, node_label
-from onnxqat.fusion.ops.unary import applied, product_table, same_codes
+from onnxqat.fusion.ops.unary import applied, product_table, same_codes, table_of_codes
 from onnxqat.fusion.values import Acc, Codes, Float, Plain, Pooled, Table, as_vector
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def table_of_constant_op(low: Lowerer, node: onnx.NodeProto, v) -> None:
     f(x) of the codes as a table, where c is one value."""
     if node.input[0] in low.g.consts:
         raise NoIntegerForm(f"{node_label(node)}: constant {node.op_type} codes", f"constant {node.op_type} codes")
-    t = v if isinstance(v, Table) else Table(v, v.real_values())
+    t = v if isinstance(v, Table) else table_of_codes(v)
     low.val[node.output[0]] = applied(low, node, t)
 
 

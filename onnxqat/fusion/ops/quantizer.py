@@ -14,7 +14,6 @@ from onnx import TensorProto
 from onnxqat.errors import FuseError
 from onnxqat.fusion.graph import NoIntegerForm, check_range, node_label
 from onnxqat.fusion.ops.concat import requantized_concat
-from onnxqat.fusion.ops.unary import table_lookup
 from onnxqat.fusion.values import Codes, Float, Joined, Table
 from onnxqat.ops import reference as ref
 
@@ -80,7 +79,7 @@ def lower_activation_quantizer(low: Lowerer, node: onnx.NodeProto) -> None:
     out = node.output[0]
     v = low.get(node.input[0], node, raw=True)
     if isinstance(v, Table) and not low.fmt.float_arithmetic:
-        y = table_lookup(low, v, q.codes(v.values).astype(np.uint8), out)
+        y = low.fmt.table_codes(low, v, q, out)
         low.val[out] = low.record(out, Codes(y, q.s, q.r, TensorProto.UINT8, q.zp, values=q.values()))
         return
     if isinstance(v, Joined):

@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnxqat.fusion.graph import FUSED_OPSET, NoIntegerForm, node_label
-from onnxqat.fusion.values import Codes, Table
+from onnxqat.fusion.values import CODES_REPLAY, Codes, Replay, Table
 
 if TYPE_CHECKING:
     from onnxqat.fusion.lowering import Lowerer
@@ -33,7 +33,7 @@ def lower_unary(low: Lowerer, node: onnx.NodeProto) -> None:
     if low.fmt.float_arithmetic:
         raise NoIntegerForm(f"{node_label(node)}: float op (QDQ)", "float op")
     if isinstance(v, Codes):
-        t = Table(v, v.real_values())
+        t = table_of_codes(v)
     elif isinstance(v, Table):
         t = v
     else:
@@ -44,19 +44,25 @@ def lower_unary(low: Lowerer, node: onnx.NodeProto) -> None:
     low.val[node.output[0]] = applied(low, node, t)
 
 
+def table_of_codes(c: Codes) -> Table:
+    """The identity table of codes; replayable from their DequantizeLinear unless the quantizer computes its values
+    otherwise (SAT: alpha * (k / R))."""
+    return Table(c, c.real_values(), replay=CODES_REPLAY if c.values is None else None)
+
+
 def applied(low: Lowerer, node: onnx.NodeProto, t: Table) -> Table:
     """The table of node(t): the node evaluated by onnxruntime on the table's values, with its constant inputs; a
     per-channel constant (a PRelu slope [C, 1, 1], a mean [1, C, 1, 1]) gives one row per channel."""
     g = low.g
     rank = len(g.shape_of(node.input[0]) or []) or t.rank
-    consts = {}
+    consts, originals = {}, {}
     axis = t.axis if t.per_channel else None
     for i in node.input[1:]:
         if not i:
             continue
         if i not in g.consts:
             raise NoIntegerForm(f"{node_label(node)}: input '{i}' is not a constant", "data-dependent side input")
-        c = np.asarray(g.consts[i])
+        c = originals[i] = np.asarray(g.consts[i])
         if c.size > 1:
             ch = [k for k, d in enumerate(c.shape) if d > 1]
             if len(ch) != 1 or not rank:
@@ -75,7 +81,8 @@ def applied(low: Lowerer, node: onnx.NodeProto, t: Table) -> Table:
         n_ch = max(c.shape[0] for c in consts.values() if c.ndim == 2)
         x = np.broadcast_to(x, (n_ch, x.size))
     y = run_node(node, x, consts)
-    return Table(t.codes, y.reshape(x.shape), axis if axis is not None else 1, rank)
+    replay = Replay(("node", node, originals), t.replay) if t.replay is not None else None
+    return Table(t.codes, y.reshape(x.shape), axis if axis is not None else 1, rank, replay)
 
 
 def run_node(node: onnx.NodeProto, x: np.ndarray, consts: dict) -> np.ndarray:
@@ -117,7 +124,9 @@ def product_table(a, b) -> Table:
     codes = a.codes if isinstance(a, Table) else a
     per = next((t for t in (a, b) if isinstance(t, Table) and t.per_channel), None)
     values = (table_of(a) * table_of(b)).astype(np.float32)
-    return Table(codes, values, per.axis, per.rank) if per is not None else Table(codes, values)
+    ra, rb = (t.replay if isinstance(t, Table) else table_of_codes(t).replay for t in (a, b))
+    replay = Replay(("mul",), ra, rb) if ra is not None and rb is not None else None
+    return Table(codes, values, per.axis, per.rank, replay) if per is not None else Table(codes, values, replay=replay)
 
 
 def moved_table(t: Table, name: str, node: onnx.NodeProto | None = None) -> Table:
@@ -125,7 +134,8 @@ def moved_table(t: Table, name: str, node: onnx.NodeProto | None = None) -> Tabl
     if t.per_channel and node is not None and node.op_type not in ("Identity", "Dropout", "MaxPool", "Slice", "Pad",
                                                                    "Resize", "Tile", "Expand"):
         raise NoIntegerForm(f"{node_label(node)}: {node.op_type} of a per-channel table", "moves channels")
-    return Table(replace(t.codes, name=name), t.values, t.axis, t.rank)
+    # a per-channel constant of the replay broadcasts against the original layout only
+    return Table(replace(t.codes, name=name), t.values, t.axis, t.rank, None if t.per_channel else t.replay)
 
 
 def table_lookup(low: Lowerer, t: Table, table: np.ndarray, name: str) -> str:
@@ -139,6 +149,32 @@ def table_lookup(low: Lowerer, t: Table, table: np.ndarray, name: str) -> str:
         rows = (np.arange(table.shape[0], dtype=np.int32) * table.shape[1]).reshape(shape)
         idx = b.op("Add", [idx, b.const(f"{name}_rows", rows)], f"{name}_idx_c")
     return b.op("Gather", [b.const(f"{name}_table", table.reshape(-1)), idx], f"{name}_lut", axis=0)
+
+
+def emit_replay(low: Lowerer, t: Table, name: str) -> str:
+    """t's float values computed by float ops from the DequantizeLinear of its codes (t.replay must be set): the very
+    ops of the fake-quantized model, on the same float32 inputs, so the same values."""
+    from onnxqat.fusion.convert import dequantize
+
+    b, memo = low.b, {}
+
+    def emit(r: Replay) -> str:
+        if id(r) in memo:
+            return memo[id(r)]
+        if r.op is None:
+            out = dequantize(b, t.codes)
+        elif r.op[0] == "mul":
+            out = b.op("Mul", [emit(r.parent), emit(r.other)], f"{name}_r{len(memo)}")
+        else:
+            node, consts = r.op[1], r.op[2]
+            ins = [emit(r.parent)] + [b.const(f"{name}_r{len(memo)}_{k}", c) if i else ""
+                                      for k, (i, c) in enumerate((i, consts.get(i)) for i in node.input[1:])]
+            out = b.op(node.op_type, ins, f"{name}_r{len(memo)}", domain=node.domain,
+                       **{a.name: helper.get_attribute_value(a) for a in node.attribute})
+        memo[id(r)] = out
+        return out
+
+    return emit(t.replay)
 
 
 HANDLERS = {op: lower_unary for op in ELEMENTWISE if op not in ("Relu", "Clip")}
