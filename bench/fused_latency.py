@@ -8,9 +8,13 @@ kernel), as hand-made QAT graphs (latency and size only; random weights make dee
 the agreement figure to mean much); the small ResNet once more with a signed quantizer on each residual
 branch (the placement of TFLite/ORT PTQ, where every Add input is quantized); and with --lenet-run a trained LeNet from
 examples/01 (its fp32/ and sat4/ models), for which every variant's top-1 on the 10,000 Fashion-MNIST test images is
-measured too. Variants: fp32 (the QAT graph without quantizers, or the trained FP32 model), fused --format ort / int /
-qdq, and onnxruntime.quantization.quantize_static of the FP32 model (QDQ and QOperator, per channel, uint8
-activations, int8 weights; calibrated on 64 inputs). Timings: one child process on the latest stock onnxruntime
+measured too; and real topologies of the test corpus (--corpus: ResNet-18 and MobileNetV3-Small exports, random
+weights) with shipped recipes inserted (lsq4-int: every Add and elementwise-function input quantized, as TFLite
+and onnxruntime's quantizer place them; sat4: N2D2's placement, residual branches in float; sat4-int: sat4 with signed LSQ quantizers on the branches). Variants: fp32 (the QAT
+graph without quantizers, the trained FP32 model, or the corpus export), fused --format ort / int / qdq, and
+onnxruntime's documented post-training flow on the FP32 model (quant_pre_process, then quantize_static, QDQ and
+QOperator, per channel, uint8 activations, int8 weights; calibrated on 64 inputs); "ort/best PTQ" is the fused ort
+model's time over the faster of the two. Timings: one child process on the latest stock onnxruntime
 (.venv-stock; --runtime local: this env's 1.19.2), models interleaved, median of --repeat runs of the CPU time of the
 calling thread (robust on a shared machine) and of the wall time.
 """
@@ -146,10 +150,37 @@ def resnet_small(r: int, branch_quantizers: bool = False) -> onnx.ModelProto:
     return b.model(["N", 3, 32, 32], b.gemm("fc", x, 128, 10, r=r, fan_out=10), ["N", 10])
 
 
-def ptq(fp32_path: str, out_prefix: str, calib: np.ndarray) -> dict[str, str]:
-    """onnxruntime.quantization.quantize_static of the FP32 model, QDQ and QOperator, per channel."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+def corpus_models(name: str, recipes: list[str], fp32s: dict) -> dict[str, onnx.ModelProto]:
+    """{"<name>-<recipe>": QAT model} of a corpus architecture; fp32s gets the float model each is compared with."""
+    import warnings
 
+    from onnxqat.passes.insert import insert
+    from tests.corpus import build_corpus
+
+    (cm,) = build_corpus([name], opsets=[13])
+    m = onnx.load(cm.path)
+    dims = [d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim[1:]]
+    calib = np.random.default_rng(2).integers(0, 256, size=[16] + dims).astype(np.float32) / np.float32(255)
+    out = {}
+    for recipe in recipes:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out[f"{name}-{recipe}"] = insert(m, recipe, calibration_data={m.graph.input[0].name: calib})
+        fp32s[f"{name}-{recipe}"] = str(cm.path)
+    return out
+
+
+def ptq(fp32_path: str, out_prefix: str, calib: np.ndarray) -> dict[str, str]:
+    """onnxruntime's documented post-training flow on the FP32 model: quant_pre_process (shape inference, graph
+    optimisation: BatchNormalization folded into the convolutions), then quantize_static, QDQ and QOperator, per
+    channel. (Without the pre-processing BatchNormalization stays a float op between Dequantize and Quantize and the
+    ResNet runs ~1.7x slower.)"""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = f"{out_prefix}.ptq-pre.onnx"
+    quant_pre_process(fp32_path, pre)
+    fp32_path = pre
     name = onnx.load(fp32_path).graph.input[0].name
 
     class Reader(CalibrationDataReader):
@@ -177,6 +208,9 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--runtime", choices=["stock", "local"], default="stock")
     ap.add_argument("--no-random", action="store_true", help="only the trained LeNet")
+    ap.add_argument("--corpus", default="resnet18:sat4+sat4-int+lsq4-int,mobilenetv3_small:lsq4-int",
+                    help="corpus models (tests/corpus, opset 13, random weights) and the recipes inserted on them, "
+                         "calibrated on random images; '' for none")
     args = ap.parse_args()
     qats, fp32s = {}, {}
     if not args.no_random:
@@ -184,6 +218,8 @@ def main() -> None:
             qats[f"lenet-sat{bits}"] = lenet(r)
             qats[f"resnet-sat{bits}"] = resnet_small(r)
         qats["resnet-sat4-branchq"] = resnet_small(15, branch_quantizers=True)
+    for name, recipes in (item.split(":") for item in args.corpus.split(",") if item):
+        qats.update(corpus_models(name, recipes.split("+"), fp32s))
     test = None
     with tempfile.TemporaryDirectory(prefix="onnxqat-bench-") as d:
         if args.lenet_run:
@@ -245,17 +281,20 @@ def report(res: dict, qats: dict, sizes: dict, agree: dict, args) -> None:
     variants = ["fp32", *FORMATS, "ptq-qdq", "ptq-qop"]
     print(f"onnxruntime {res['version']} CPU, {args.threads} thread(s), median of {args.repeat} interleaved runs; "
           "time relative to fp32 (CPU time of the calling thread; wall time in brackets)")
-    print(f"{'model':22} {'batch':>5} {'fp32 ms':>8} " + " ".join(f"{v:>13}" for v in variants[1:]))
+    print(f"{'model':28} {'batch':>5} {'fp32 ms':>8} " + " ".join(f"{v:>13}" for v in variants[1:])
+          + f" {'ort/best PTQ':>13}")
     for name in qats:
         for batch in (1, 64):
             f = rows[(f"{name}/fp32", batch)]
             cells = [f"{rows[(f'{name}/{v}', batch)]['cpu_ms'] / f['cpu_ms']:5.2f} "
                      f"({rows[(f'{name}/{v}', batch)]['wall_ms'] / f['wall_ms']:4.2f})" for v in variants[1:]]
-            print(f"{name:22} {batch:5d} {f['cpu_ms']:8.3f} " + " ".join(f"{c:>13}" for c in cells))
-    print(f"\n{'model':22} " + " ".join(f"{v:>9}" for v in variants) + "   file bytes / fp32 bytes")
+            best_ptq = min(rows[(f"{name}/{v}", batch)]["cpu_ms"] for v in ("ptq-qdq", "ptq-qop"))
+            vs_ptq = rows[(f"{name}/ort", batch)]["cpu_ms"] / best_ptq
+            print(f"{name:28} {batch:5d} {f['cpu_ms']:8.3f} " + " ".join(f"{c:>13}" for c in cells) + f" {vs_ptq:13.2f}")
+    print(f"\n{'model':28} " + " ".join(f"{v:>9}" for v in variants) + "   file bytes / fp32 bytes")
     for name in qats:
         fp = sizes[(name, "fp32")]
-        print(f"{name:22} {fp:9d} " + " ".join(f"{sizes[(name, v)] / fp:9.3f}" for v in variants[1:]))
+        print(f"{name:28} {fp:9d} " + " ".join(f"{sizes[(name, v)] / fp:9.3f}" for v in variants[1:]))
     trained = {k: a for k, a in agree.items() if k[0].startswith("lenet-trained")}
     if trained:
         print("\ntrained LeNet, fused vs (bias-snapped) fake-quant, output codes identical on 32 test images: " +

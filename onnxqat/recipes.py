@@ -74,8 +74,10 @@ class ActivationSettings:
     alpha: float = 1.0  # SAT initial alpha without calibration data (N2D2 code default)
     step: float = 0.05  # LSQ initial step without calibration data
     percentile: float = 99.99  # SAT alpha from calibration: this percentile of the activation
-    linear: bool = False  # LSQ: also quantize (signed) inputs no ReLU produced (BatchNorm outputs, residual sums ...)
-    # LSQ, for integer export (fuse): also quantize the inputs of elementwise functions (Sigmoid, HardSwish ...: lookup
+    # also quantize (signed) inputs no ReLU produced (BatchNorm outputs, residual sums ...); with method "sat" these
+    # get signed LSQ quantizers (SAT's CG-PACT includes a ReLU)
+    linear: bool = False
+    # for integer export (fuse): also quantize the inputs of elementwise functions (Sigmoid, HardSwish ...: lookup
     # tables) and of Add/Mul/Concat of activations (residual branches, gates), as TFLite places its quantizers
     integer_export: bool = False
     # LSQ gradient scale g = 1/sqrt(N Qp): "paper" N = features of one sample (LSQ paper, Sec. 2.2), "n2d2" N = the
@@ -175,8 +177,6 @@ class Recipe:
             )
         if node_over:
             acts = dataclasses.replace(acts, **dict(node_over))
-            if acts.enabled and acts.linear and acts.method != "lsq":
-                raise RecipeError(f"{self.source}: key 'nodes.\"{node}\".linear' needs method \"lsq\"")
         return acts
 
 
@@ -276,10 +276,8 @@ def parse_recipe(text: str, source: str = "<string>", default_name: str = "recip
 
     weights = WeightSettings(**check_table(data.get("weights", {}), "weights", WEIGHT_KEYS))
     activations = ActivationSettings(**check_table(data.get("activations", {}), "activations", ACTIVATION_KEYS))
-    if activations.linear and activations.method != "lsq":
-        raise fail("activations.linear", "needs method \"lsq\" (SAT's quantizer includes the ReLU)")
-    if activations.integer_export and not (activations.method == "lsq" and activations.linear):
-        raise fail("activations.integer_export", "needs method \"lsq\" and linear = true (its quantizers are signed)")
+    if activations.integer_export and not activations.linear:
+        raise fail("activations.integer_export", "needs linear = true (its quantizers are signed)")
 
     op_types_raw = data.get("op_types", {})
     if not isinstance(op_types_raw, dict):

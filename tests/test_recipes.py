@@ -85,7 +85,7 @@ def test_resolution_order_op_type_then_first_last_then_node():
         ("train = 3\n", "key 'train' must be a table"),
         ("name = 3\n", "key 'name' must be a string"),
         ("[weights\n", "not valid TOML"),
-        ("[activations]\nlinear = true\n", "key 'activations.linear' needs method \"lsq\""),
+        ("[activations]\ninteger_export = true\n", "key 'activations.integer_export' needs linear = true"),
     ],
 )
 def test_bad_recipes_name_key_and_file(text, message):

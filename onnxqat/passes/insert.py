@@ -136,7 +136,7 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
         )
     weighted = {layer.node.name for layer in layers}
     acts = act_pass.find_activations(index, layers, weighted)
-    if recipe.activations.method != "lsq":  # Add/Sum/Concat outputs: only LSQ with activations.linear takes them
+    if not recipe.activations.linear:  # Add/Sum/Concat outputs: only activations.linear takes them
         acts = [a for a in acts if not a.combined]
     if recipe.activations.integer_export:  # the codes fuse needs for tables, residual branches and gates
         acts += act_pass.export_sources(index, {a.tensor for a in acts})
@@ -215,8 +215,9 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
         s = recipe.activations if a.node.name in weighted else recipe.activation_settings(a.node.name)
         if not s.enabled:
             continue
-        if a.linear and not (s.method == "lsq" and s.linear):
-            hint = "" if s.method == "sat" else " (LSQ: set activations.linear = true to quantize it)"
+        if a.linear and not s.linear:
+            hint = " (set activations.linear = true to quantize it" + (
+                ": a signed LSQ quantizer, SAT's includes a ReLU)" if s.method == "sat" else ")")
             warns.extend(f"{r}: not quantized{hint}" for r in a.reasons)
             continue
         chosen.append((a, s))
@@ -228,13 +229,14 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
         calibrated = collect(m, feeds, [a.tensor for a, _ in chosen])
     for a, s in chosen:
         consumers = tuple(n.name for n, _ in index.consumers.get(a.tensor, []))
+        sat = s.method == "sat" and not a.linear  # SAT's CG-PACT is a ReLU: linear sources take a signed LSQ
         common = dict(
             kind="activation", name=a.quantizer_name, node=a.node.name, node_op=a.node.op_type,
-            tensor=a.tensor, port=-1, method=s.method, range=s.range, axis=1,
+            tensor=a.tensor, port=-1, method="sat" if sat else "lsq", range=s.range, axis=1,
         )
         notes = []
         x = calibrated.get(a.tensor)
-        if s.method == "sat":
+        if sat:
             alpha = float(s.alpha)
             measured = sat_alpha(x, s.percentile) if x is not None else None
             if measured is not None:

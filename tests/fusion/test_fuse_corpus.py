@@ -138,3 +138,27 @@ def test_cnns_are_integer_from_first_to_last_quantizer(corpus_models, name, fmt)
     res = fuse(qat, format=fmt, verify_data=_images(m, 16, 3), report=False, integer_only=fmt == "int")
     assert res.islands == [] and res.integer_nodes == res.lowered_nodes - len(res.head) - len(res.tail), res.summary()
     assert res.agreement.local_agreement >= 0.99, res.agreement.summary()
+
+
+@pytest.mark.parametrize("recipe,qlinear_convs,float_convs", [("sat4-int", 19, 1), ("sat4", 8, 12)])
+def test_resnet18_on_onnxruntime_kernels(corpus_models, recipe, qlinear_convs, float_convs):
+    """ResNet-18 (BN folded by the exporter) in the ort format: with sat4-int (signed LSQ quantizers on the residual
+    branches) every convolution but the 3-channel first one is a QLinearConv and each of the 8 residual Adds a
+    QLinearAdd; with sat4 (N2D2's placement) the 12 convolutions whose output reaches an Add unquantized (second
+    conv of each block, downsampling convs, the first conv) run in float. Both agree with the fake-quantized model
+    layer by layer."""
+    import warnings
+
+    from onnxqat.fusion.api import fuse
+    from onnxqat.passes.insert import insert
+
+    key = next(k for k in corpus_models if k.startswith("resnet18@"))
+    m = corpus_models[key]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat = insert(str(m.path), recipe, calibration_data=_images(m, 16, 1))
+    res = fuse(qat, format="ort", verify_data=_images(m, 16, 3), report=False)
+    ops = [n.op_type for n in res.model.graph.node]
+    assert (ops.count("QLinearConv"), ops.count("Conv")) == (qlinear_convs, float_convs), res.summary()
+    assert ops.count("QLinearAdd") == (8 if recipe == "sat4-int" else 0)
+    assert res.agreement.local_agreement >= 0.999, res.agreement.summary()

@@ -121,6 +121,11 @@ def test_cli_fuse_writes_model_and_reports(tmp_path):
     assert "16 samples" in r.stdout
     fused = onnx.load(tmp_path / "m.int.onnx")
     assert all(n.domain == "" for n in fused.graph.node)
+    assert "--format ort" in r.stdout  # the int format says what to use on onnxruntime
+    r = _cli(src, "--verify-data", tmp_path / "v.npz", "--format", "ort")
+    assert r.returncode == 0, r.stderr
+    assert "QLinearConv" in {n.op_type for n in onnx.load(tmp_path / "m.ort.onnx").graph.node}
+    assert "--format ort" not in r.stdout
 
 
 def test_float_verify_data_beyond_the_input_codes_is_an_error():
