@@ -90,7 +90,8 @@ def acc_to_float(b: GraphBuilder, v: Acc, name: str, float_terms: set = frozense
     y = parts[0]
     for p in parts[1:]:
         y = b.op("Add", [y, p], f"{name}_sum")
-    y = b.op("Add", [y, b.const(f"{name}_b", v.bias.astype(np.float32).reshape(_cshape(v, v.bias)))], f"{name}_b")
+    if np.any(v.bias != 0):  # (a float accumulator has its bias inside already: one node less at batch 1)
+        y = b.op("Add", [y, b.const(f"{name}_b", v.bias.astype(np.float32).reshape(_cshape(v, v.bias)))], f"{name}_b")
     if np.isfinite(v.clip).any():
         lo = b.const(f"{name}_lo", np.array(v.clip[0] if np.isfinite(v.clip[0]) else -np.finfo(np.float32).max,
                                             np.float32))
