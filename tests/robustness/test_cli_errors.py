@@ -107,7 +107,10 @@ def test_recipe_train_values_are_checked(files, table, pattern, tmp_path):
 def test_ctrl_c_is_one_line_exit_130(files, tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "onnxqat", "train", str(files / "m.qat.onnx"), "-d",
                           str(files / "d.npz"), "-o", str(tmp_path / "run"), "-e", "100000", "-b", "16", "--no-progress",
-                          "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                          "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                         # a shell starts background jobs with SIGINT ignored, and a child inherits that: as a user's
+                         # terminal does, give the child the default disposition (Python then raises KeyboardInterrupt)
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not (tmp_path / "run" / "metrics.json").exists() and time.monotonic() < deadline:
         time.sleep(0.2)  # the first epoch ended: training is running
