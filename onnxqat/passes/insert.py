@@ -183,13 +183,13 @@ def _plan(m: onnx.ModelProto, recipe: Recipe, calibration_data=None) -> Plan:
         if ws.method == "sat":
             restore = None
             mode = ws.restore_scale_mode
-            integer = ws.integer and _batchnorm_follows(index, node)
-            if ws.integer and not integer:
+            bn_after = _batchnorm_follows(index, node)
+            if ws.integer and not bn_after:
                 not_integer.append(node.name)
-            if integer:
+            if ws.integer and bn_after:
                 restore = (float(w_pass.sat_integer_factor(ws)),)
                 common["notes"] = (*common["notes"], "integer weights")
-            elif not ws.apply_scaling and (mode == "always" or mode == "auto" and not _batchnorm_follows(index, node)):
+            elif not ws.apply_scaling and (mode == "always" or mode == "auto" and not bn_after):
                 restore = w_pass.sat_restore_scale(index, layer, ws)
             entry = PlanEntry(
                 op_type="SatWeightQuant", mode=ws.mode, fan_out=layer.fan_out if ws.apply_scaling else 0,
