@@ -124,11 +124,19 @@ class Plain:
 
 
 @dataclass
+class CodesProduct:
+    """The Mul of two codes tensors (squeeze-excitation gating): real = a.scale b.scale (a - a.zp)(b - b.zp)."""
+    a: Codes
+    b: Codes
+    out: str  # the QAT tensor it stands for
+
+
+@dataclass
 class Pending:
-    """A weighted layer a format has not written yet, because how depends on what reads it (the ort format: a
-    QLinearConv when an activation quantizer follows, an accumulator otherwise). Lowerer.get() hands readers that
-    don't ask for it raw the format's materialization (an Acc)."""
-    layer: "WeightedLayer"
+    """A weighted layer or a product of codes a format has not written yet, because how depends on what reads it (the
+    ort format: a QLinearConv / QLinearMul when an activation quantizer follows, an accumulator otherwise).
+    Lowerer.get() hands readers that don't ask for it raw the format's materialization (an Acc)."""
+    layer: "WeightedLayer | CodesProduct"
     clip: tuple = (-np.inf, np.inf)
 
 

@@ -195,8 +195,6 @@ def test_float_maxpool_keeps_its_place_in_onnxruntime(tmp_path):
     QuantizeLinear after it would be moved above the MaxPool by onnxruntime's QDQ propagation, leaving a uint8
     MaxPool in NCHW, a scalar loop (6.3 ms instead of 0.4 ms on ResNet-18's first pool, batch 64): the fused model
     gives it a per-axis scale, and onnxruntime's optimized graph keeps the MaxPool on the float accumulator."""
-    import onnxruntime as ort
-
     m = fuse(_lsq_resnet_stem(), format="ort", check=False).model
     producers = {o: n for n in m.graph.node for o in n.output}
     consumers = {i: n for n in m.graph.node for i in n.input}
@@ -204,23 +202,126 @@ def test_float_maxpool_keeps_its_place_in_onnxruntime(tmp_path):
     assert producers[pool.input[0]].op_type == "Conv"
     q = consumers[pool.output[0]]
     assert q.op_type == "QuantizeLinear" and [a.i for a in q.attribute if a.name == "axis"] == [1]
+    for opt in optimized_graphs(m, tmp_path):
+        prod = {o: n for n in opt.graph.node for o in n.output}
+        pools = [n for n in opt.graph.node if n.op_type.endswith("MaxPool")]
+        assert pools and all(prod[p.input[0]].op_type != "QuantizeLinear" for p in pools), \
+            [(p.op_type, prod[p.input[0]].op_type) for p in pools]
+
+
+def optimized_graphs(m: onnx.ModelProto, tmp_path) -> list:
+    """The graph onnxruntime runs (its optimized model) on 1.19.2 and on the latest stock onnxruntime, which the speed
+    figures are measured on."""
+    import subprocess
+
+    import onnxruntime as ort
+
     path = tmp_path / "m.onnx"
     onnx.save(m, str(path))
+    out = []
     for runtime in ("local", "stock"):
         so_path = tmp_path / f"optimized_{runtime}.onnx"
         if runtime == "local":
             so = ort.SessionOptions()
             so.optimized_model_filepath = str(so_path)
             ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        else:  # the latest onnxruntime, which the speed figures are measured on
-            import subprocess
-
+        else:
             script = ("import sys, onnxruntime as ort; so = ort.SessionOptions(); "
                       "so.optimized_model_filepath = sys.argv[2]; "
                       "ort.InferenceSession(sys.argv[1], so, providers=['CPUExecutionProvider'])")
             subprocess.run([str(stock.stock_python()), "-c", script, str(path), str(so_path)], check=True)
-        opt = onnx.load(str(so_path))
-        prod = {o: n for n in opt.graph.node for o in n.output}
-        pools = [n for n in opt.graph.node if n.op_type.endswith("MaxPool")]
-        assert pools and all(prod[p.input[0]].op_type != "QuantizeLinear" for p in pools), \
-            [(p.op_type, prod[p.input[0]].op_type) for p in pools]
+        out.append(onnx.load(str(so_path)))
+    return out
+
+
+def _squeeze_excitation(signed_features: bool, quantize_product: bool = True) -> onnx.ModelProto:
+    """conv -> BN -> LSQ features (signed: a linear quantizer with zero point 8, as `*-int` recipes put on a HardSwish
+    output), GlobalAveragePool -> LSQ -> Sigmoid -> LSQ gate, features x gate -> LSQ 4-bit (or, with
+    quantize_product False, straight into a residual Add with the features) -> Flatten -> Gemm."""
+    b = qm.QatBuilder(6)
+    f = b.bn("bn1", b.conv("conv1", "input", 3, 6), 6)
+    b._lsq("feat_aquant", f, "feat", np.array([0.21], np.float32), 15, int(signed_features))
+    b._lsq("gap_aquant", b.op("GlobalAveragePool", ["feat"], "gap"), "gap_q", np.array([0.0173], np.float32), 255, 1)
+    b._lsq("gate_aquant", b.op("Sigmoid", ["gap_q"], "gate"), "gate_q", np.array([1 / 255], np.float32), 255, 0)
+    y = b.op("Mul", ["feat", "gate_q"], "scaled")
+    if quantize_product:
+        b._lsq("scaled_aquant", y, "scaled_q", np.array([0.05], np.float32), 15, 0)
+        y = "scaled_q"
+    else:
+        y = b.op("Add", [y, "feat"], "skip")
+    return b.model(["N", 3, 6, 6], b.gemm("fc", b.op("Flatten", [y], "flat", axis=1), 6 * 36, 4), ["N", 4])
+
+
+@pytest.mark.parametrize("signed_features", [False, True])
+def test_product_of_codes_read_by_a_quantizer_is_one_qlinear_mul(signed_features):
+    """Squeeze-excitation gating (features x quantized gate -> quantizer) is one QLinearMul (the int32 product of the
+    codes times one float32 ratio, rounded half to even, the zero points inside the kernel) and the 4-bit Clip,
+    not Cast/Sub/Mul/DequantizeLinear/QuantizeLinear; every code equals the fake-quantized model's, and the
+    kernel's output equals numpy's round((a - za)(b - zb) sa sb / s) clipped to [0, 15]."""
+    import onnxruntime as ort
+
+    qat = _squeeze_excitation(signed_features)
+    res = fuse(qat, format="ort", verify_data=codes_in(qat, 256), min_agreement=0)
+    ops = node_ops(res.model)
+    assert ops.count("QLinearMul") == 1, ops
+    assert not [n for n in res.model.graph.node if n.output[0].startswith("scaled") and n.op_type != "QLinearMul"
+                and n.op_type != "Clip"], ops
+    mul = next(n for n in res.model.graph.node if n.op_type == "QLinearMul")
+    clip = next(n for n in res.model.graph.node if n.op_type == "Clip" and n.input[0] == mul.output[0])
+    inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    assert int(inits[mul.input[2]]) == (8 if signed_features else 0)
+    a = res.agreement
+    assert a.activations["scaled_q"] == 1.0 and a.max_code_diff == 0, a.summary()
+
+    probe = res.model  # the kernel's inputs and output beside the graph output, on the same images
+    for t in (mul.input[0], mul.input[3], clip.output[0]):
+        probe.graph.output.append(onnx.helper.make_tensor_value_info(t, TensorProto.UINT8, None))
+    s = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    u_a, u_b, got = s.run([mul.input[0], mul.input[3], clip.output[0]], {s.get_inputs()[0].name: codes_in(qat, 64)})
+    sa, za, sb, zb, sy = (float(inits[mul.input[k]]) for k in (1, 2, 4, 5, 6))
+    prod = (u_a.astype(np.int64) - za) * (u_b.astype(np.int64) - zb)
+    want = np.clip(np.round(prod * np.float32(np.float32(sa) * np.float32(sb) / np.float32(sy))), 0, 15)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_product_of_codes_read_by_a_sum_stays_an_int32_product():
+    """A product that no quantizer reads (added to the features before the next quantizer) keeps the exact int32
+    product (Cast/Mul) and no QLinearMul; the logits agree with the fake-quantized model."""
+    qat = _squeeze_excitation(False, quantize_product=False)
+    res = fuse(qat, format="ort", verify_data=codes_in(qat, 256), min_agreement=0)
+    ops = node_ops(res.model)
+    assert "QLinearMul" not in ops, ops
+    assert [n.op_type for n in res.model.graph.node if n.output[0] == "scaled_prod"] == ["Mul"], ops
+    assert res.agreement.top1_agreement == 1.0, res.agreement.summary()
+
+
+def _conv_pool(cin: int) -> onnx.ModelProto:
+    """conv0 (3 -> cin) -> BN -> SAT; conv1 (cin -> 16, 5x5) -> BN -> SAT -> MaxPool -> Flatten -> Gemm."""
+    b = qm.QatBuilder(7)
+    x = b.sat_act("r0", b.bn("bn0", b.conv("conv0", "input", 3, cin), cin, False), "r0_out", 2.1)
+    x = b.sat_act("r1", b.bn("bn1", b.conv("conv1", x, cin, 16, k=5, pad=0), 16, False), "r1_out", 2.7)
+    x = b.op("MaxPool", [x], "pool", kernel_shape=[2, 2], strides=[2, 2])
+    return b.model(["N", 3, 12, 12], b.gemm("fc", b.op("Flatten", [x], "flat", axis=1), 16 * 16, 4), ["N", 4])
+
+
+@pytest.mark.parametrize("cin", [6, 12])  # (16: one code of 43,008 within float32 rounding of a tie)
+def test_qlinear_conv_read_through_maxpool_pools_uint8_codes_before_the_clip(cin, tmp_path):
+    """conv1 -> BN -> SAT 4-bit -> MaxPool: QLinearConv, a uint8 MaxPool of its output, then the Clip to [0, 15]
+    (max and clip commute; 4x fewer values to clip); onnxruntime (1.19.2 and the latest) runs that MaxPool as an NHWC
+    uint8 NhwcMaxPool next to the NHWC QLinearConv, not a float MaxPool between Casts. Codes identical to the
+    fake-quantized model's."""
+    qat = _conv_pool(cin)
+    res = fuse(qat, format="ort", verify_data=codes_in(qat, 128), min_agreement=0)
+    nodes = res.model.graph.node
+    producers = {o: n for n in nodes for o in n.output}
+    qconv = next(n for n in nodes if n.op_type == "QLinearConv")
+    pool = next(n for n in nodes if n.op_type == "MaxPool" and n.input[0] == qconv.output[0])
+    clip = next(n for n in nodes if n.op_type == "Clip" and n.input[0] == pool.output[0])
+    inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    assert (int(inits[clip.input[1]]), int(inits[clip.input[2]])) == (0, 15)
+    assert not [n for n in nodes if n.op_type == "Cast" and producers.get(n.input[0]) in (qconv, pool, clip)]
+    a = res.agreement
+    assert a.max_code_diff == 0 and a.min_activation_agreement == 1.0, a.summary()
+    for opt in optimized_graphs(res.model, tmp_path):
+        ops = [n.op_type for n in opt.graph.node]
+        assert "NhwcMaxPool" in ops and "MaxPool" not in ops, ops

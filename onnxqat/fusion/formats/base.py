@@ -10,7 +10,7 @@ import numpy as np
 from onnx import TensorProto
 
 from onnxqat.fusion.convert import acc_of_pooled, acc_to_float, dequantize, to_float
-from onnxqat.fusion.values import Acc, Codes, Float, Plain, Pooled, WeightedLayer
+from onnxqat.fusion.values import Acc, Codes, CodesProduct, Float, Plain, Pooled, WeightedLayer
 
 if TYPE_CHECKING:
     from onnxqat.fusion.lowering import Lowerer
@@ -39,6 +39,18 @@ class Format:
     def materialize(self, low: Lowerer, v):
         """A Pending value as an Acc (formats that never defer a layer return v as it is)."""
         return v
+
+    def product(self, low: Lowerer, p: CodesProduct):
+        """The Mul of two codes: the exact int32 product (u1 - z1)(u2 - z2), scale s1 s2."""
+        b, name = low.b, p.out
+        terms = []
+        for k, c in enumerate((p.a, p.b)):
+            t = b.cast(c.name, TensorProto.INT32, f"{name}_i{k}")
+            if c.zp:
+                t = b.op("Sub", [t, b.const(f"{name}_z{k}", np.array(c.zp, np.int32))], f"{name}_c{k}")
+            terms.append(t)
+        prod = b.op("Mul", terms, f"{name}_prod")
+        return Acc([(prod, np.array([p.a.scale * p.b.scale]), p.a.bound * p.b.bound)], np.zeros(1), (), 1)
 
     def bias_step(self, low: Lowerer, layer: WeightedLayer) -> np.ndarray | None:
         """The grid (real value per step, per output channel) a kernel of this format rounds the layer's bias to, or

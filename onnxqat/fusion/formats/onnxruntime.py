@@ -35,13 +35,14 @@ from onnxqat.fusion.formats.int8_weights import EXACT_FLOAT, accumulator_bound, 
 from onnxqat.fusion.formats.integer import IntegerFormat
 from onnxqat.fusion.graph import attrs
 from onnxqat.fusion.storage import emit_codes
-from onnxqat.fusion.values import Acc, Codes, Pending, Pooled, WeightedLayer
+from onnxqat.fusion.values import Acc, Codes, CodesProduct, Pending, Pooled, WeightedLayer
 
 if TYPE_CHECKING:
     from onnxqat.fusion.lowering import Lowerer
 
 MS = "com.microsoft"
-MIN_QLINEAR_CHANNELS = 4  # a dense QLinearConv on fewer input channels is slower than a float conv (depthwise is not)
+# a dense QLinearConv on fewer input channels is slower than a float Conv (depthwise is not): bench/conv_lowering_sweep.py
+MIN_QLINEAR_CHANNELS = 4
 CONV_ATTRS = ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
 
 
@@ -67,8 +68,17 @@ class OrtFormat(IntegerFormat):
     def materialize(self, low: Lowerer, v):
         if not isinstance(v, Pending):
             return v
-        acc = self.float_accumulator(low, v.layer) or super().weighted(low, v.layer)
+        if isinstance(v.layer, CodesProduct):
+            acc = super().product(low, v.layer)
+        else:
+            acc = self.float_accumulator(low, v.layer) or super().weighted(low, v.layer)
         return replace(acc, clip=v.clip)
+
+    def product(self, low: Lowerer, p: CodesProduct):
+        """Deferred: one QLinearMul when a quantizer reads it, the int32 product otherwise."""
+        if p.a.dtype != TensorProto.UINT8 or p.b.dtype != TensorProto.UINT8:
+            return super().product(low, p)
+        return Pending(p)
 
     def float_accumulator(self, low: Lowerer, layer: WeightedLayer) -> Acc | None:
         """The layer as a float Conv/MatMul on the codes with integer weights (signs of the per-channel scales folded
@@ -115,6 +125,8 @@ class OrtFormat(IntegerFormat):
 
     # ------------------------------------------------------------------ requantization
     def requantize_value(self, low: Lowerer, v, s_out: float, r: int, name: str, zp: int) -> Codes:
+        if isinstance(v, Pending) and isinstance(v.layer, CodesProduct):
+            return self._clip(low, self._qlinear_mul(low, v.layer, s_out, name, zp), s_out, r, zp, v.clip, name)
         if isinstance(v, Pending):
             c = self.qlinear_layer(low, v, s_out, r, name, zp)
             if c is not None:
@@ -127,19 +139,31 @@ class OrtFormat(IntegerFormat):
         return self.float_requantize(low, v, s_out, r, name, zp)
 
     def quantize_node(self, low: Lowerer, node, v, s_out: float, r: int, zp: int) -> str:
-        """A float accumulator whose quantizer only feeds a MaxPool is pooled first, in float, and requantized after:
-        4x fewer values to requantize and no uint8 pooling. Exact: the requantization is non-decreasing (positive
-        per-channel scales: the float accumulator has the signs in its weights) and MaxPool's padding is -inf."""
+        """A layer whose quantizer only feeds a MaxPool is pooled before the quantizer's last step, which then runs on
+        4x fewer values: a float accumulator in float, requantized after (exact: the requantization is non-decreasing,
+        positive per-channel scales: the float accumulator has the signs in its weights; MaxPool's padding is -inf);
+        a QLinearConv on its uint8 output, clipped to the code range after (max and clip commute), which onnxruntime
+        runs as an NHWC uint8 MaxPool (NhwcMaxPool) beside the NHWC QLinearConv: 0.62-0.94x the time of the clipped
+        codes pooled as floats between two Casts (three conv -> pool layers of bench/conv_lowering_sweep.py's model,
+        batch 1 and 64, measured against that previous lowering)."""
         pool = low.g.only_consumer(node.output[0])
-        if (pool is None or pool.op_type != "MaxPool" or len([o for o in pool.output if o]) != 1
-                or not isinstance(v, Acc) or len(v.terms) != 1 or v.terms[0][0] not in self.float_tensors
+        if pool is None or pool.op_type != "MaxPool" or len([o for o in pool.output if o]) != 1:
+            return super().quantize_node(low, node, v, s_out, r, zp)
+        out = pool.output[0]
+        if isinstance(v, Pending) and isinstance(v.layer, WeightedLayer):
+            y = self.qlinear_kernel(low, v, s_out, out, zp)
+            if y is not None:
+                y = low.b.op("MaxPool", [y], f"{out}_u8pool", **attrs(pool))
+                low.val[out] = low.record(out, self._clip(low, y, s_out, r, zp, v.clip, out))
+                low.done.add(low.index(pool))
+                return out
+        if (not isinstance(v, Acc) or len(v.terms) != 1 or v.terms[0][0] not in self.float_tensors
                 or not np.all(v.terms[0][1] > 0)):
             return super().quantize_node(low, node, v, s_out, r, zp)
         t, sc, bound = v.terms[0]
-        pooled = low.b.op("MaxPool", [t], f"{pool.output[0]}_acc_pool", **attrs(pool))
+        pooled = low.b.op("MaxPool", [t], f"{out}_acc_pool", **attrs(pool))
         self.float_tensors.add(pooled)
         self.pooled_floats.add(pooled)
-        out = pool.output[0]
         low.val[out] = low.record(out, self.requantize(low, replace(v, terms=[(pooled, sc, bound)]), s_out, r, out, zp))
         low.done.add(low.index(pool))
         return out
@@ -162,6 +186,11 @@ class OrtFormat(IntegerFormat):
 
     def qlinear_layer(self, low: Lowerer, p: Pending, s_out: float, r: int, name: str, zp: int) -> Codes | None:
         """QLinearConv / QGemm writing the quantizer's codes; None where the layer does not fit their types."""
+        y = self.qlinear_kernel(low, p, s_out, name, zp)
+        return None if y is None else self._clip(low, y, s_out, r, zp, p.clip, name)
+
+    def qlinear_kernel(self, low: Lowerer, p: Pending, s_out: float, name: str, zp: int) -> str | None:
+        """The QLinearConv / QGemm node's uint8 output (saturated to [0, 255], not yet to the code range)."""
         layer, b = p.layer, low.b
         x, op = layer.x, layer.node.op_type
         plan = self._qlinear_plan(low, layer, s_out)
@@ -182,10 +211,8 @@ class OrtFormat(IntegerFormat):
         y_zp = b.const(f"{name}_zp", np.array(zp, np.uint8))
         bias = b.const(f"{base}_bias_i32", bias_q.astype(np.int32))
         if op == "Conv":
-            y = b.op("QLinearConv", ins + [y_scale, y_zp, bias], f"{name}_qconv", **_conv_attrs(layer))
-        else:
-            y = b.op("QGemm", ins + [bias, y_scale, y_zp], f"{name}_qgemm", domain=MS)
-        return self._clip(low, y, s_out, r, zp, p.clip, name)
+            return b.op("QLinearConv", ins + [y_scale, y_zp, bias], f"{name}_qconv", **_conv_attrs(layer))
+        return b.op("QGemm", ins + [bias, y_scale, y_zp], f"{name}_qgemm", domain=MS)
 
     def float_requantize(self, low: Lowerer, v: Acc, s_out: float, r: int, name: str, zp: int) -> Codes:
         """round(sum_i t_i scale_i / s_out + bias / s_out) + zp, saturated to uint8, in float: every term in units of
@@ -231,13 +258,21 @@ class OrtFormat(IntegerFormat):
         return self._clip(low, q, s_out, r, zp, v.clip, name)
 
     def _qlinear_add(self, low: Lowerer, src: tuple, s_out: float, name: str, zp: int) -> str:
+        return self._qlinear_binary(low, "QLinearAdd", src, s_out, name, zp)
+
+    def _qlinear_binary(self, low: Lowerer, op: str, src: tuple, s_out: float, name: str, zp: int) -> str:
         b = low.b
         ins = []
         for k, c in enumerate(src):
             ins += [c.name, b.const(f"{name}_s{k}", np.array(c.scale, np.float32)),
                     b.const(f"{name}_z{k}", np.array(c.zp, np.uint8))]
         ins += [b.const(f"{name}_scale", np.array(s_out, np.float32)), b.const(f"{name}_zp", np.array(zp, np.uint8))]
-        return b.op("QLinearAdd", ins, f"{name}_qadd", domain=MS)
+        return b.op(op, ins, f"{name}_q{op[7:].lower()}", domain=MS)
+
+    def _qlinear_mul(self, low: Lowerer, p: CodesProduct, s_out: float, name: str, zp: int) -> str:
+        """round((a - za)(b - zb) * (sa sb / s_out)) + zp saturated to uint8: the int32 product times one float32
+        ratio, rounded half to even (MLAS), the int format's requantization of the same product."""
+        return self._qlinear_binary(low, "QLinearMul", (p.a, p.b), s_out, name, zp)
 
     def _qlinear_pool(self, low: Lowerer, p: Pooled, s_out: float, name: str, zp: int) -> str:
         b, c = low.b, p.codes

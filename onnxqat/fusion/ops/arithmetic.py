@@ -13,12 +13,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-from onnx import TensorProto
 
 from onnxqat.fusion.convert import acc_of_pooled, to_float
 from onnxqat.fusion.graph import NoIntegerForm, node_label
 from onnxqat.fusion.ops.unary import applied, product_table, same_codes, table_of_codes
-from onnxqat.fusion.values import Acc, Codes, Float, Plain, Pooled, Table, as_vector
+from onnxqat.fusion.values import Acc, Codes, CodesProduct, Float, Plain, Pooled, Table, as_vector
 
 if TYPE_CHECKING:
     from onnxqat.fusion.lowering import Lowerer
@@ -69,23 +68,15 @@ def table_of_constant_op(low: Lowerer, node: onnx.NodeProto, v) -> None:
 
 def product(low: Lowerer, node: onnx.NodeProto) -> None:
     """Mul of two activations: of the same codes (x * Sigmoid(x)), a table; of two codes (squeeze-excitation
-    gating with a quantized gate), the exact int32 product sum (u1 - z1)(u2 - z2) with scale s1 s2, requantized by
-    the quantizer after it."""
+    gating with a quantized gate), as the format writes it (the int32 product (u1 - z1)(u2 - z2) with scale s1 s2,
+    requantized by the quantizer after it, or a kernel that does both)."""
     a, b_ = (low.get(i, node) for i in node.input)
     if isinstance(a, (Codes, Table)) and isinstance(b_, (Codes, Table)) and same_codes(a, b_):
         low.val[node.output[0]] = product_table(a, b_)
         return
     if not (isinstance(a, Codes) and isinstance(b_, Codes)):
         raise NoIntegerForm(f"{node_label(node)}: Mul of these inputs (not two quantized tensors)", "Mul of these inputs")
-    b = low.b
-    terms = []
-    for k, c in enumerate((a, b_)):
-        t = b.cast(c.name, TensorProto.INT32, f"{node.output[0]}_i{k}")
-        if c.zp:
-            t = b.op("Sub", [t, b.const(f"{node.output[0]}_z{k}", np.array(c.zp, np.int32))], f"{node.output[0]}_c{k}")
-        terms.append(t)
-    p = b.op("Mul", terms, f"{node.output[0]}_prod")
-    low.val[node.output[0]] = Acc([(p, np.array([a.scale * b_.scale]), a.bound * b_.bound)], np.zeros(1), (), 1)
+    low.val[node.output[0]] = low.fmt.product(low, CodesProduct(a, b_, node.output[0]))
 
 
 def activation_matmul(low: Lowerer, node: onnx.NodeProto) -> None:
