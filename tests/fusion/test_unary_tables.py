@@ -10,13 +10,14 @@ import qat_models as qm
 from onnxqat.fusion.api import fuse
 
 
-def _between_quantizers(op_nodes, r: int = 15, signed: bool = True, seed: int = 0):
+def _between_quantizers(op_nodes, r: int = 15, signed: bool = True, seed: int = 0, out_step: float = 0.07,
+                        out_signed: bool = True):
     """conv -> BN -> LSQ (signed or not) -> <op_nodes on 'q'> -> LSQ -> Flatten -> Gemm."""
     b = qm.QatBuilder(seed)
     x = b.bn("bn1", b.conv("conv1", "input", 3, 6), 6)
     b._lsq("bn1_aquant", x, "q", np.array([0.19], np.float32), r, int(signed))
     y = op_nodes(b, "q")
-    b._lsq("f_aquant", y, "fq", np.array([0.07], np.float32), r, 1)
+    b._lsq("f_aquant", y, "fq", np.array([out_step], np.float32), r, int(out_signed))
     return b.model(["N", 3, 6, 6], b.gemm("fc", b.op("Flatten", ["fq"], "flat", axis=1), 6 * 36, 4), ["N", 4])
 
 
@@ -46,6 +47,19 @@ def test_table_is_integer_and_exact(case, fmt):
     else:  # the model's own float ops from a DequantizeLinear to a QuantizeLinear: onnxruntime's Gather is slow
         assert "Gather" not in ops and {"DequantizeLinear", "QuantizeLinear"} <= ops
     assert res.islands == [] and res.agreement.activations["fq"] == 1.0
+
+
+@pytest.mark.parametrize("out_step, clipped", [(1 / 14, False), (0.04, True)])
+def test_replayed_function_is_clipped_only_where_it_can_leave_the_code_range(out_step, clipped):
+    """ort format: Sigmoid of codes in [-1.52, 1.33] (0.19 x [-8, 7]) lies in (0.18, 0.79): a 4-bit quantizer with
+    step 1/14 maps every one of the 16 input codes into [0, 15] (no Clip after its QuantizeLinear: one node less per
+    activation at batch 1), with step 0.04 up to code 20 (the Clip stays). Codes identical either way."""
+    qat = _between_quantizers(CASES["Sigmoid"], out_step=out_step, out_signed=False)
+    res = fuse(qat, format="ort", verify_samples=64, strict=True)
+    q = next(n for n in res.model.graph.node if n.op_type == "QuantizeLinear" and n.output[0].startswith("fq"))
+    readers = [n.op_type for n in res.model.graph.node if q.output[0] in n.input]
+    assert ("Clip" in readers) == clipped, readers
+    assert res.agreement.activations["fq"] == 1.0 and res.agreement.max_code_diff == 0
 
 
 def test_table_read_as_float_is_the_fake_quant_value():

@@ -314,6 +314,8 @@ class OrtFormat(IntegerFormat):
         y = emit_replay(low, t, name)
         u = b.op("QuantizeLinear", [y, b.const(f"{name}_scale", np.array(q.step, np.float32)),
                                     b.const(f"{name}_zp", np.array(q.zp, np.uint8))], f"{name}_q")
+        if _within_codes(t.values, q):  # f of every input code lands inside the code range: no Clip
+            return u
         return self._clip(low, u, q.s, q.r, q.zp, (-np.inf, np.inf), name).name
 
     def table_floats(self, low: Lowerer, t, name: str) -> str:
@@ -336,6 +338,13 @@ class OrtFormat(IntegerFormat):
         if not any(t in self.float_tensors for t, _, _ in v.terms):
             return None
         return self.acc_to_float(low, v, name)
+
+
+def _within_codes(values: np.ndarray, q) -> bool:
+    """Whether round(v / step) + zp lies in the quantizer's [0, r] for all the float32 values a table's codes map to,
+    by a margin of 0.01 of a step (QuantizeLinear divides in float32; no rounding order can then cross a bound)."""
+    y = values.astype(np.float64) / float(np.float32(q.step)) + q.zp
+    return bool(np.all(np.isfinite(y)) and y.min() > -0.49 and y.max() < q.r + 0.49)
 
 
 def _wshape(layer: WeightedLayer) -> list:
