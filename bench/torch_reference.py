@@ -201,15 +201,16 @@ def cosine(lr: float, step: int, total: int) -> float:
 
 def train(mode: str, init: dict, *, epochs: int, seed: int, lr: float = 0.05, momentum: float = 0.9,
           decay: float = 5e-4, batch_size: int = 256, limit: int | None = None, threads: int = 1,
-          lr_policy: str = "cosine", log=print) -> tuple[LeNet, dict]:
+          lr_policy: str = "cosine", dropout_seed: int | None = None, log=print) -> tuple[LeNet, dict]:
     """Trains LeNet(mode) from `init` on Fashion-MNIST: SGD (torch.optim.SGD, momentum and L2 decay on conv/fc
     weights and fc biases; none on BatchNorm nor quantizer parameters), lr per update (cosine to 0 or constant).
-    Returns the model and {test_top1, seconds_per_epoch, cpu_seconds_per_epoch, images_per_s, ...}."""
+    The batches follow `seed` (onnxqat's loader), the dropout masks torch's generator seeded with dropout_seed
+    (default: seed). Returns the model and {test_top1, seconds_per_epoch, cpu_seconds_per_epoch, images_per_s, ...}."""
     from onnxqat.training.data import Batches, resolve_data
     from onnxqat.training.transforms import default_transforms
 
     torch.set_num_threads(max(1, threads))
-    torch.manual_seed(seed)
+    torch.manual_seed(seed if dropout_seed is None else dropout_seed)
     net = LeNet(mode)
     net.load(init)
     train_ds, test_ds = resolve_data("fashion-mnist")
@@ -289,6 +290,8 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--fp32-epochs", type=int, default=50)
     p.add_argument("--qat-epochs", type=int, default=25)
+    p.add_argument("--dropout-seed", type=int, default=None, help="seed of the dropout masks only (default: --seed, "
+                   "which also orders the batches): runs that differ in it measure the noise of dropout alone")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, help="write the results here")
@@ -304,7 +307,8 @@ def main(argv=None):
             from onnxqat.models.lenet import build_lenet
 
             init = {i.name: numpy_helper.to_array(i) for i in build_lenet(a.seed).graph.initializer}
-        out = train(a.mode, init, epochs=a.epochs, seed=a.seed, limit=a.limit, threads=a.threads)[1]
+        out = train(a.mode, init, epochs=a.epochs, seed=a.seed, limit=a.limit, threads=a.threads,
+                    dropout_seed=a.dropout_seed)[1]
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(out, indent=1))
