@@ -264,18 +264,29 @@ def onnx_arrays(path: str) -> dict:
     return {i.name: numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer}
 
 
-def schedule(seed: int, fp32_epochs: int, qat_epochs: int, limit: int | None, threads: int, log=print) -> dict:
+def schedule(seed: int, fp32_epochs: int, qat_epochs: int, limit: int | None, threads: int, log=print,
+             from_fp32: str | None = None) -> dict:
     """Issue 16's schedule on the torch side: FP32 from onnxqat's LeNet init (build_lenet(seed)), then from it
-    fine-tune, LSQ W4A4 and SAT W4A4 with the cosine restarted. Returns {row: test top-1}."""
+    fine-tune, LSQ W4A4 and SAT W4A4 with the cosine restarted. from_fp32: an FP32 model (onnxqat's, of the same
+    seed) replaces the FP32 phase, so only the fine-tune/QAT phases are compared. Returns {row: test top-1}."""
     from onnx import numpy_helper
 
     from onnxqat.models.lenet import build_lenet
 
-    init = {i.name: numpy_helper.to_array(i) for i in build_lenet(seed).graph.initializer}
     kw = dict(seed=seed, limit=limit, threads=threads, log=log)
-    fp32, m = train("fp32", init, epochs=fp32_epochs, **kw)
-    rows = {"fp32": m["test_top1"]}
-    trained = fp32.export()
+    if from_fp32:
+        trained = onnx_arrays(from_fp32)
+        net = LeNet("fp32")
+        net.load(trained)
+        from onnxqat.training.data import resolve_data
+        from onnxqat.training.transforms import default_transforms
+
+        rows = {"fp32": evaluate(net, resolve_data("fashion-mnist")[1], default_transforms())}
+    else:
+        init = {i.name: numpy_helper.to_array(i) for i in build_lenet(seed).graph.initializer}
+        fp32, m = train("fp32", init, epochs=fp32_epochs, **kw)
+        rows = {"fp32": m["test_top1"]}
+        trained = fp32.export()
     for key, mode in (("fp32_finetune", "fp32"), ("lsq4", "lsq4"), ("sat4", "sat4")):
         rows[key] = train(mode, trained, epochs=qat_epochs, **kw)[1]["test_top1"]
     return rows
@@ -284,6 +295,8 @@ def schedule(seed: int, fp32_epochs: int, qat_epochs: int, limit: int | None, th
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--schedule", action="store_true", help="issue 16's FP32 + fine-tune/LSQ/SAT schedule")
+    p.add_argument("--from-fp32", help="with --schedule: start the fine-tune/LSQ/SAT phases from this FP32 model "
+                   "(onnxqat's) instead of training one")
     p.add_argument("--mode", choices=MODES, default="fp32")
     p.add_argument("--init", help="ONNX model whose initializers start the run (default: onnxqat's LeNet, --seed)")
     p.add_argument("--seed", type=int, default=0)
@@ -297,7 +310,7 @@ def main(argv=None):
     p.add_argument("--json", type=Path, help="write the results here")
     a = p.parse_args(argv)
     if a.schedule:
-        out = schedule(a.seed, a.fp32_epochs, a.qat_epochs, a.limit, a.threads)
+        out = schedule(a.seed, a.fp32_epochs, a.qat_epochs, a.limit, a.threads, from_fp32=a.from_fp32)
     else:
         if a.init:
             init = onnx_arrays(a.init)
