@@ -3,6 +3,7 @@ the same network, quantizers and solver (bench/torch_reference.py), seed by seed
 
     python bench/accuracy_schedule.py [--seeds 0 1 2] [--sides onnxqat torch torch-same-start] [--fp32-epochs 50]
                                       [--qat-epochs 25] [--limit N] [--out DIR] [--torch-python PY]
+                                      [--init he|torch]
 
 Schedule (one seed each row): FP32 from scratch for --fp32-epochs; then from that model, --qat-epochs each with the
 cosine restarted: FP32 fine-tune, LSQ W4A4 (recipe lsq4, first/last weights 8-bit), SAT W4A4 (recipe sat4 inserted
@@ -10,7 +11,8 @@ on the FP32 model: no clamp phase). Solver: SGD momentum 0.9 in PyTorch's form (
 per-iteration cosine to 0, batch 256, weight decay 5e-4 on conv/fc weights and biases, none on BatchNorm
 (norm_decay 0) nor on quantizer parameters (quantizer_decay 0), pixels in [0, 1], no augmentation, no validation
 split (the figure is the last epoch's model on the 10,000 test images). Both sides start from the same weights
-(onnxqat's LeNet builder with the seed), read the same batches in the same order and initialise the activation
+(onnxqat's LeNet builder with the seed; --init torch: PyTorch's default Conv2d/Linear initialisation, which a
+PyTorch script that sets none starts from), read the same batches in the same order and initialise the activation
 quantizers from the same first 256 images; dropout masks differ. The torch-same-start side runs only the PyTorch
 fine-tune/LSQ/SAT phases, from onnxqat's FP32 model of the seed: the QAT implementations from the same weights,
 without the FP32 phase's seed-to-seed spread between them. The torch sides run in this interpreter when torch
@@ -57,7 +59,7 @@ def run_seed(args, seed: int, out: Path) -> dict:
         print(f"  seed {seed} {key:<14} test top-1 {r.test_top1:6.2f}%", flush=True)
         return r
 
-    fp32 = run("fp32", build_lenet(seed), args.fp32_epochs)
+    fp32 = run("fp32", build_lenet(seed, init=args.init), args.fp32_epochs)
     run("fp32_finetune", str(fp32.model_path), args.qat_epochs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -88,7 +90,7 @@ def torch_python(explicit: str | None) -> str | None:
 def run_torch_seed(args, seed: int, py: str, path: Path, from_fp32: Path | None = None) -> dict:
     cmd = [py, str(ROOT / "bench" / "torch_reference.py"), "--schedule", "--seed", str(seed),
            "--fp32-epochs", str(args.fp32_epochs), "--qat-epochs", str(args.qat_epochs),
-           "--threads", str(args.threads), "--json", str(path)]
+           "--threads", str(args.threads), "--lenet-init", args.init, "--json", str(path)]
     if from_fp32 is not None:
         cmd += ["--from-fp32", str(from_fp32)]
     if args.limit:
@@ -122,6 +124,8 @@ def main(argv=None):
                         "model's accuracy), so the two QAT implementations start from the same weights")
     p.add_argument("--fp32-epochs", type=int, default=50)
     p.add_argument("--qat-epochs", type=int, default=25)
+    p.add_argument("--init", choices=("he", "torch"), default="he",
+                   help="LeNet's initial weights: he (onnxqat's builder) or torch (PyTorch's default init)")
     p.add_argument("--limit", type=int, default=None, help="training samples (default: all 60000)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "accuracy_schedule")
@@ -142,7 +146,7 @@ def main(argv=None):
                 got = json.loads(path.read_text())
             if got is not None:
                 rows[side][s] = got
-    print(f"\nLeNet / Fashion-MNIST, FP32 {args.fp32_epochs} epochs then {args.qat_epochs} each"
+    print(f"\nLeNet ({args.init} init) / Fashion-MNIST, FP32 {args.fp32_epochs} epochs then {args.qat_epochs} each"
           + (f", {args.limit} training images" if args.limit else "") + ", test top-1 % (last epoch):")
     same = bool(rows["torch-same-start"])
     print("| mode | onnxqat mean (per seed) | PyTorch same run mean (per seed) | onnxqat - PyTorch | "

@@ -265,10 +265,11 @@ def onnx_arrays(path: str) -> dict:
 
 
 def schedule(seed: int, fp32_epochs: int, qat_epochs: int, limit: int | None, threads: int, log=print,
-             from_fp32: str | None = None) -> dict:
+             from_fp32: str | None = None, lenet_init: str = "he") -> dict:
     """Issue 16's schedule on the torch side: FP32 from onnxqat's LeNet init (build_lenet(seed)), then from it
     fine-tune, LSQ W4A4 and SAT W4A4 with the cosine restarted. from_fp32: an FP32 model (onnxqat's, of the same
-    seed) replaces the FP32 phase, so only the fine-tune/QAT phases are compared. Returns {row: test top-1}."""
+    seed) replaces the FP32 phase, so only the fine-tune/QAT phases are compared. lenet_init: build_lenet's init
+    ("he" or "torch"). Returns {row: test top-1}."""
     from onnx import numpy_helper
 
     from onnxqat.models.lenet import build_lenet
@@ -283,7 +284,7 @@ def schedule(seed: int, fp32_epochs: int, qat_epochs: int, limit: int | None, th
 
         rows = {"fp32": evaluate(net, resolve_data("fashion-mnist")[1], default_transforms())}
     else:
-        init = {i.name: numpy_helper.to_array(i) for i in build_lenet(seed).graph.initializer}
+        init = {i.name: numpy_helper.to_array(i) for i in build_lenet(seed, init=lenet_init).graph.initializer}
         fp32, m = train("fp32", init, epochs=fp32_epochs, **kw)
         rows = {"fp32": m["test_top1"]}
         trained = fp32.export()
@@ -299,6 +300,8 @@ def main(argv=None):
                    "(onnxqat's) instead of training one")
     p.add_argument("--mode", choices=MODES, default="fp32")
     p.add_argument("--init", help="ONNX model whose initializers start the run (default: onnxqat's LeNet, --seed)")
+    p.add_argument("--lenet-init", choices=("he", "torch"), default="he",
+                   help="without --init: onnxqat's LeNet builder init (he) or PyTorch's default init (torch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--fp32-epochs", type=int, default=50)
@@ -310,7 +313,8 @@ def main(argv=None):
     p.add_argument("--json", type=Path, help="write the results here")
     a = p.parse_args(argv)
     if a.schedule:
-        out = schedule(a.seed, a.fp32_epochs, a.qat_epochs, a.limit, a.threads, from_fp32=a.from_fp32)
+        out = schedule(a.seed, a.fp32_epochs, a.qat_epochs, a.limit, a.threads, from_fp32=a.from_fp32,
+                       lenet_init=a.lenet_init)
     else:
         if a.init:
             init = onnx_arrays(a.init)
@@ -319,7 +323,7 @@ def main(argv=None):
 
             from onnxqat.models.lenet import build_lenet
 
-            init = {i.name: numpy_helper.to_array(i) for i in build_lenet(a.seed).graph.initializer}
+            init = {i.name: numpy_helper.to_array(i) for i in build_lenet(a.seed, init=a.lenet_init).graph.initializer}
         out = train(a.mode, init, epochs=a.epochs, seed=a.seed, limit=a.limit, threads=a.threads,
                     dropout_seed=a.dropout_seed)[1]
     if a.json:
